@@ -1,0 +1,298 @@
+"""Paged KV cache: a page pool per layer, a host-side page allocator, and the per-step AttentionBatch.
+
+The allocator is plain Python over ints (free list, reference counts, copy-on-write of a shared
+partial last page); the only things that reach the device are the pools, which are allocated once,
+and the small metadata tensors of each step. `PagedKVCache.prepare` is the one place where a step
+reserves room for its new tokens: prefill, "append one continuous thought" and "decode one token"
+differ only in how many new tokens each sequence gets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+
+from .config import ModelConfig
+from .errors import OutOfPagesError
+
+
+@dataclass
+class AttentionBatch:
+    """Per-step metadata of a packed batch, built once per step and shared by every layer.
+
+    Tokens of all sequences are packed along one axis. New token i of sequence b sits at absolute
+    position `seq_lens_k[b] - q_len[b] + i` and attends to keys at positions <= its own.
+    """
+
+    cu_seqlens_q: torch.Tensor  # int32 [B+1]
+    seq_lens_k: torch.Tensor  # int32 [B]
+    block_table: torch.Tensor  # int32 [B, max_pages]
+    slot_mapping: torch.Tensor  # int64 [T]; -1 = do not store
+    positions: torch.Tensor  # int64 [T]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    q_lens: tuple[int, ...] = field(default=())  # host copies: no device sync to read them
+    k_lens: tuple[int, ...] = field(default=())
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.q_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.q_lens)
+
+    @classmethod
+    def packed(
+        cls, seq_lens: Sequence[int], device: torch.device | str = "cpu", start_positions: Sequence[int] | None = None
+    ) -> "AttentionBatch":
+        """Metadata for a forward without a cache: each sequence attends only to its own packed tokens."""
+        seq_lens = [int(n) for n in seq_lens]
+        starts = [0] * len(seq_lens) if start_positions is None else [int(s) for s in start_positions]
+        if any(n < 0 for n in seq_lens):
+            raise ValueError(f"sequence lengths must be >= 0, got {seq_lens}")
+        cu = [0]
+        positions: list[int] = []
+        for n, s in zip(seq_lens, starts):
+            cu.append(cu[-1] + n)
+            positions.extend(range(s, s + n))
+        total = cu[-1]
+        return cls(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=device),
+            seq_lens_k=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_table=torch.zeros((len(seq_lens), 0), dtype=torch.int32, device=device),
+            slot_mapping=torch.full((total,), -1, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device),
+            max_seqlen_q=max(seq_lens, default=0),
+            max_seqlen_k=max(seq_lens, default=0),
+            q_lens=tuple(seq_lens),
+            k_lens=tuple(seq_lens),
+        )
+
+    def last_token_indices(self) -> torch.Tensor:
+        """Packed index of each sequence's last new token (sequences with no new token excluded)."""
+        idx = [end - 1 for end, n in zip(_cumsum(self.q_lens)[1:], self.q_lens) if n > 0]
+        return torch.tensor(idx, dtype=torch.int64, device=self.positions.device)
+
+
+def _cumsum(values: Sequence[int]) -> list[int]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return out
+
+
+@dataclass
+class _Sequence:
+    pages: list[int]
+    length: int
+
+
+class PageAllocator:
+    """Host-side page bookkeeping: free list, reference counts, sequences as page lists.
+
+    Pages are shared only through `fork`; a sequence about to write into a shared partial last page
+    first gets a private copy (copy-on-write). Every method either succeeds or leaves the state as
+    it was.
+    """
+
+    def __init__(self, num_pages: int, page_size: int):
+        if num_pages <= 0 or page_size <= 0:
+            raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
+        self.num_pages = num_pages
+        self.page_size = page_size
+        self._free: list[int] = list(range(num_pages - 1, -1, -1))
+        self._refs: list[int] = [0] * num_pages
+        self._seqs: dict[Hashable, _Sequence] = {}
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def __contains__(self, seq_id: Hashable) -> bool:
+        return seq_id in self._seqs
+
+    def sequence_ids(self) -> list[Hashable]:
+        return list(self._seqs)
+
+    def length(self, seq_id: Hashable) -> int:
+        return self._get(seq_id).length
+
+    def pages(self, seq_id: Hashable) -> list[int]:
+        return list(self._get(seq_id).pages)
+
+    def ref_count(self, page: int) -> int:
+        return self._refs[page]
+
+    def pages_needed(self, seq_id: Hashable, num_new_tokens: int) -> int:
+        """Free pages that appending `num_new_tokens` to `seq_id` would take (copy-on-write included)."""
+        seq = self._get(seq_id)
+        if num_new_tokens <= 0:
+            return 0
+        new_len = seq.length + num_new_tokens
+        needed = -(-new_len // self.page_size) - len(seq.pages)
+        if seq.length % self.page_size and self._refs[seq.pages[-1]] > 1:
+            needed += 1
+        return needed
+
+    def add(self, seq_id: Hashable) -> None:
+        """Register an empty sequence."""
+        if seq_id in self._seqs:
+            raise KeyError(f"sequence {seq_id!r} already exists in the cache")
+        self._seqs[seq_id] = _Sequence(pages=[], length=0)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        """Make `child_id` share every page of `parent_id` (no copy until one of them writes)."""
+        parent = self._get(parent_id)
+        if child_id in self._seqs:
+            raise KeyError(f"sequence {child_id!r} already exists in the cache")
+        for page in parent.pages:
+            self._refs[page] += 1
+        self._seqs[child_id] = _Sequence(pages=list(parent.pages), length=parent.length)
+
+    def free(self, seq_id: Hashable) -> None:
+        """Drop a sequence; pages nobody else references go back to the free list."""
+        seq = self._seqs.pop(self._check(seq_id))
+        for page in reversed(seq.pages):
+            self._refs[page] -= 1
+            if self._refs[page] == 0:
+                self._free.append(page)
+
+    def append(self, seq_ids: Sequence[Hashable], counts: Sequence[int]) -> list[tuple[int, int]]:
+        """Reserve room for `counts[i]` more tokens of `seq_ids[i]`, all or nothing.
+
+        Returns the (source, destination) page copies that copy-on-write requires; the caller copies
+        the page contents before writing. Raises OutOfPagesError, changing nothing, when the free
+        list is too short.
+        """
+        if len(seq_ids) != len(counts):
+            raise ValueError(f"{len(seq_ids)} sequence ids but {len(counts)} token counts")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError(f"duplicate sequence ids in one step: {list(seq_ids)}")
+        if any(c < 0 for c in counts):
+            raise ValueError(f"new-token counts must be >= 0, got {list(counts)}")
+        needed = sum(self.pages_needed(s, c) for s, c in zip(seq_ids, counts))
+        if needed > len(self._free):
+            raise OutOfPagesError(
+                f"paged KV cache out of pages: this step needs {needed} free pages, "
+                f"{len(self._free)} of {self.num_pages} are free (page_size={self.page_size})"
+            )
+        copies: list[tuple[int, int]] = []
+        for seq_id, count in zip(seq_ids, counts):
+            if count == 0:
+                continue
+            seq = self._seqs[seq_id]
+            if seq.length % self.page_size and self._refs[seq.pages[-1]] > 1:
+                shared = seq.pages[-1]
+                private = self._take()
+                self._refs[shared] -= 1
+                seq.pages[-1] = private
+                copies.append((shared, private))
+            seq.length += count
+            while len(seq.pages) * self.page_size < seq.length:
+                seq.pages.append(self._take())
+        return copies
+
+    def _take(self) -> int:
+        page = self._free.pop()
+        self._refs[page] = 1
+        return page
+
+    def _check(self, seq_id: Hashable) -> Hashable:
+        if seq_id not in self._seqs:
+            raise KeyError(f"sequence {seq_id!r} is not in the cache")
+        return seq_id
+
+    def _get(self, seq_id: Hashable) -> _Sequence:
+        return self._seqs[self._check(seq_id)]
+
+
+class PagedKVCache:
+    """K/V page pools for every layer (one tensor `[2, layers, pages, page_size, kv_heads, head_dim]`)
+    plus the allocator that maps sequences onto pages."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_pages: int,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        self.config = config
+        self.page_size = page_size
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.kv = torch.zeros(
+            (2, config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim),
+            dtype=dtype,
+            device=self.device,
+        )
+
+    @property
+    def num_pages(self) -> int:
+        return self.allocator.num_pages
+
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free_pages
+
+    def k_pool(self, layer: int) -> torch.Tensor:
+        """K pages of one layer, `[num_pages, page_size, num_kv_heads, head_dim]`."""
+        return self.kv[0, layer]
+
+    def v_pool(self, layer: int) -> torch.Tensor:
+        """V pages of one layer, `[num_pages, page_size, num_kv_heads, head_dim]`."""
+        return self.kv[1, layer]
+
+    def add_sequence(self, seq_id: Hashable) -> None:
+        self.allocator.add(seq_id)
+
+    def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
+        self.allocator.fork(parent_id, child_id)
+
+    def free(self, seq_id: Hashable) -> None:
+        self.allocator.free(seq_id)
+
+    def seq_len(self, seq_id: Hashable) -> int:
+        return self.allocator.length(seq_id)
+
+    def prepare(self, seq_ids: Sequence[Hashable], num_new_tokens: Sequence[int]) -> AttentionBatch:
+        """Reserve room for one step's new tokens and build its AttentionBatch.
+
+        `seq_ids[b]` gets `num_new_tokens[b]` new tokens (0 allowed: that sequence is part of the
+        batch but nothing of it is computed or written). Raises OutOfPagesError before anything changes.
+        """
+        alloc = self.allocator
+        old_lens = [alloc.length(s) for s in seq_ids]
+        copies = alloc.append(seq_ids, num_new_tokens)
+        if copies:
+            src = torch.tensor([c[0] for c in copies], device=self.device)
+            dst = torch.tensor([c[1] for c in copies], device=self.device)
+            self.kv[:, :, dst] = self.kv[:, :, src]
+        page_size = self.page_size
+        page_lists = [alloc._seqs[s].pages for s in seq_ids]
+        cu, slots, positions, k_lens = [0], [], [], []
+        for pages, start, count in zip(page_lists, old_lens, num_new_tokens):
+            cu.append(cu[-1] + count)
+            k_lens.append(start + count)
+            for pos in range(start, start + count):
+                slots.append(pages[pos // page_size] * page_size + pos % page_size)
+            positions.extend(range(start, start + count))
+        width = max((len(p) for p in page_lists), default=0)
+        table = [p + [0] * (width - len(p)) for p in page_lists]
+        dev = self.device
+        q_lens = tuple(int(c) for c in num_new_tokens)
+        return AttentionBatch(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=dev),
+            block_table=torch.tensor(table, dtype=torch.int32, device=dev).reshape(len(seq_ids), width),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            max_seqlen_q=max(q_lens, default=0),
+            max_seqlen_k=max(k_lens, default=0),
+            q_lens=q_lens,
+            k_lens=tuple(k_lens),
+        )

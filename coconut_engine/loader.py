@@ -1,0 +1,262 @@
+"""Thin safetensors loader: a Hugging Face model directory <-> Decoder, without transformers.
+
+`load_model` builds the Decoder on the meta device, allocates it once on the target device, and
+fills it one tensor at a time through `safetensors.safe_open` (peak host memory: about one copy of
+the weights). Each HF tensor name maps to a slice of one engine parameter (q/k/v and gate/up are
+fused in the engine; GPT-2's Conv1D weights are transposed). `save_model` writes the HF layout back.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+from .errors import CheckpointError
+from .model import Decoder
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+# Buffers that older checkpoints carry and the engine recomputes.
+_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|rotary_emb\.inv_freq)$")
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one HF tensor lives in the engine: rows [start, stop) of a parameter, maybe transposed."""
+
+    param: str
+    start: int | None = None
+    stop: int | None = None
+    transposed: bool = False
+
+
+def checkpoint_layout(config: ModelConfig) -> dict[str, TensorSlot]:
+    """HF tensor name -> engine parameter slot, for every tensor a checkpoint of `config` holds."""
+    layout: dict[str, TensorSlot] = {}
+    if config.model_type == "gpt2":
+        layout["transformer.wte.weight"] = TensorSlot("embed_tokens.weight")
+        layout["transformer.wpe.weight"] = TensorSlot("embed_positions.weight")
+        for i in range(config.num_layers):
+            hf, me = f"transformer.h.{i}.", f"layers.{i}."
+            for part, dst, transposed in (
+                ("ln_1", "attn_norm", False), ("ln_2", "mlp_norm", False), ("attn.c_attn", "attn.qkv_proj", True),
+                ("attn.c_proj", "attn.o_proj", True), ("mlp.c_fc", "mlp.fc_in", True), ("mlp.c_proj", "mlp.fc_out", True),
+            ):
+                layout[f"{hf}{part}.weight"] = TensorSlot(f"{me}{dst}.weight", transposed=transposed)
+                layout[f"{hf}{part}.bias"] = TensorSlot(f"{me}{dst}.bias")
+        layout["transformer.ln_f.weight"] = TensorSlot("final_norm.weight")
+        layout["transformer.ln_f.bias"] = TensorSlot("final_norm.bias")
+    else:
+        layout["model.embed_tokens.weight"] = TensorSlot("embed_tokens.weight")
+        q, kv, inner = config.q_size, config.kv_size, config.intermediate_size
+        for i in range(config.num_layers):
+            hf, me = f"model.layers.{i}.", f"layers.{i}."
+            layout[f"{hf}input_layernorm.weight"] = TensorSlot(f"{me}attn_norm.weight")
+            layout[f"{hf}post_attention_layernorm.weight"] = TensorSlot(f"{me}mlp_norm.weight")
+            kinds = ("weight", "bias") if config.qkv_bias else ("weight",)
+            for kind in kinds:
+                qkv = f"{me}attn.qkv_proj.{kind}"
+                layout[f"{hf}self_attn.q_proj.{kind}"] = TensorSlot(qkv, 0, q)
+                layout[f"{hf}self_attn.k_proj.{kind}"] = TensorSlot(qkv, q, q + kv)
+                layout[f"{hf}self_attn.v_proj.{kind}"] = TensorSlot(qkv, q + kv, q + 2 * kv)
+            for kind in ("weight", "bias") if config.o_bias else ("weight",):
+                layout[f"{hf}self_attn.o_proj.{kind}"] = TensorSlot(f"{me}attn.o_proj.{kind}")
+            if config.qk_norm:
+                layout[f"{hf}self_attn.q_norm.weight"] = TensorSlot(f"{me}attn.q_norm.weight")
+                layout[f"{hf}self_attn.k_norm.weight"] = TensorSlot(f"{me}attn.k_norm.weight")
+            for kind in ("weight", "bias") if config.mlp_bias else ("weight",):
+                gate_up = f"{me}mlp.gate_up_proj.{kind}"
+                layout[f"{hf}mlp.gate_proj.{kind}"] = TensorSlot(gate_up, 0, inner)
+                layout[f"{hf}mlp.up_proj.{kind}"] = TensorSlot(gate_up, inner, 2 * inner)
+                layout[f"{hf}mlp.down_proj.{kind}"] = TensorSlot(f"{me}mlp.down_proj.{kind}")
+        layout["model.norm.weight"] = TensorSlot("final_norm.weight")
+    if not config.tie_word_embeddings:
+        layout["lm_head.weight"] = TensorSlot("lm_head.weight")
+    return layout
+
+
+def _canonical_name(name: str, config: ModelConfig) -> str:
+    """GPT-2 checkpoints come with or without the `transformer.` prefix; store it with."""
+    if config.model_type == "gpt2" and not name.startswith(("transformer.", "lm_head.")):
+        return "transformer." + name
+    return name
+
+
+def resolve_dtype(dtype, config: ModelConfig | None = None) -> torch.dtype:
+    """A floating torch dtype from a dtype, a name ("bf16", "float32", ...), "auto" or None (fp32)."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        name = (config.raw.get("dtype") or config.raw.get("torch_dtype") or "float32") if config else "float32"
+        return resolve_dtype(name)
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"dtype {dtype!r} is not supported (use one of {sorted(set(_DTYPES))})")
+        return _DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise CheckpointError(f"dtype {dtype} is not supported: weights load as float32, float16 or bfloat16")
+    return dtype
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a model directory (single file, or the shards named by the index)."""
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    index = path / INDEX_FILE
+    if not index.is_file():
+        raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {exc}") from exc
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = path / shard
+        if not shard_path.is_file():
+            tensor = next(name for name, file in weight_map.items() if file == shard)
+            raise CheckpointError(f"{index}: shard {shard} (holding tensor {tensor}) does not exist")
+        files.append(shard_path)
+    return files
+
+
+def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto") -> Decoder:
+    """Build a Decoder from a Hugging Face model directory (config.json + safetensors).
+
+    `dtype`: None (float32), "auto" (the config's dtype) or a floating dtype / name.
+    Every missing, unexpected or mis-shaped tensor and every unreadable file raises CheckpointError
+    naming the file and the tensor; nothing is left at its initial value.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: model directory does not exist")
+    if not any(path.iterdir()):
+        raise CheckpointError(f"{path}: model directory is empty")
+    config = ModelConfig.from_file(path)
+    dtype = resolve_dtype(dtype, config)
+    files = weight_files(path)
+    with torch.device("meta"):
+        model = Decoder(config, attention_backend=attention_backend)
+    model = model.to(dtype).to_empty(device=device)
+    model.reset_buffers()
+    params = dict(model.named_parameters())
+    layout = checkpoint_layout(config)
+    loaded: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for raw_name in f.keys():
+                    name = _canonical_name(raw_name, config)
+                    if _IGNORED.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                        continue
+                    slot = layout.get(name)
+                    if slot is None:
+                        raise CheckpointError(f"{file}: unexpected tensor {raw_name!r} for a {config.model_type} model")
+                    if name in loaded:
+                        raise CheckpointError(f"{file}: tensor {raw_name!r} also appears in {loaded[name]}")
+                    _copy_into(params[slot.param], slot, f.get_tensor(raw_name), file, raw_name)
+                    loaded[name] = file.name
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
+        except OSError as exc:
+            raise CheckpointError(f"{file}: cannot read ({exc})") from exc
+    missing = [name for name in layout if name not in loaded]
+    if missing:
+        where = files[0] if len(files) == 1 else path / INDEX_FILE
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    return model
+
+
+def _copy_into(param: torch.Tensor, slot: TensorSlot, tensor: torch.Tensor, file: Path, name: str) -> None:
+    if not tensor.is_floating_point():
+        raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a floating type")
+    if slot.transposed:
+        tensor = tensor.t()
+    target = param.data if slot.start is None else param.data[slot.start : slot.stop]
+    if tuple(tensor.shape) != tuple(target.shape):
+        want = tuple(reversed(target.shape)) if slot.transposed else tuple(target.shape)
+        got = tuple(reversed(tensor.shape)) if slot.transposed else tuple(tensor.shape)
+        raise CheckpointError(f"{file}: tensor {name!r} has shape {got}, expected {want}")
+    with torch.no_grad():
+        target.copy_(tensor)
+
+
+def state_dict_hf(model: Decoder) -> dict[str, torch.Tensor]:
+    """The Decoder's weights under their Hugging Face names (slices and transposes undone)."""
+    params = dict(model.named_parameters())
+    out = {}
+    for name, slot in checkpoint_layout(model.config).items():
+        tensor = params[slot.param].detach()
+        if slot.start is not None:
+            tensor = tensor[slot.start : slot.stop]
+        if slot.transposed:
+            tensor = tensor.t()
+        out[name] = tensor.contiguous().cpu()
+    return out
+
+
+def save_model(model: Decoder, path, shard_size: int | None = None) -> None:
+    """Write `model` as a Hugging Face directory (config.json + safetensors, sharded above `shard_size` bytes).
+
+    Each file is written under a temporary name and renamed into place.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = state_dict_hf(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard_size is not None and shards[-1] and size + nbytes > shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    for stale in (path / SINGLE_FILE, path / INDEX_FILE, *path.glob("model-*-of-*.safetensors")):
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _atomic(path / SINGLE_FILE, lambda tmp: save_file(shards[0], str(tmp), metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _atomic(path / file, lambda tmp, s=shard: save_file(s, str(tmp), metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic(path / INDEX_FILE, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    config = model.config.to_dict()
+    config["dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    _atomic(path / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+
+
+def _atomic(target: Path, write) -> None:
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, target)
+
+
+def load_tokenizer(path):
+    """The tokenizer of a model directory (its tokenizer.json, through transformers)."""
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: tokenizer.json not found")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

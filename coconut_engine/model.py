@@ -1,0 +1,206 @@
+"""Decoder: one decoder-only transformer whose blocks are configured by ModelConfig.
+
+GPT-2 (LayerNorm, learned positions, GELU MLP), Llama / Mistral (RMSNorm, RoPE, SwiGLU, GQA), Qwen2
+(+ q/k/v biases) and Qwen3 (+ per-head q/k RMSNorm) are the same module tree with different
+settings. The forward takes packed tokens (`[T]` ids or `[T, hidden]` embeddings) and one
+AttentionBatch for the step; every layer's attention goes through `attention.attention`, which
+writes to and reads from the paged cache when one is given.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention, resolve_backend
+from .cache import AttentionBatch
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, as the Llama family does."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(config: ModelConfig, dim: int) -> nn.Module:
+    if config.norm == "layernorm":
+        return nn.LayerNorm(dim, eps=config.norm_eps)
+    return RMSNorm(dim, config.norm_eps)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies of rotate-half RoPE, with linear or llama3 scaling applied."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen = old_len / scaling.low_freq_factor
+        high_wavelen = old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for the step's positions, computed once per forward and shared by all layers."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def reset_buffers(self) -> None:
+        self.inv_freq = rope_inv_freq(self.config).to(self.inv_freq.device)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, head_dim]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Fused q/k/v projection, optional q/k norm and RoPE, the attention call, output projection."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.config = config
+        self.layer = layer
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
+
+    def forward(self, x, batch: AttentionBatch, rope, backend: str, cache) -> torch.Tensor:
+        cfg = self.config
+        qkv = self.qkv_proj(x)
+        q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
+        q = q.view(-1, cfg.num_heads, cfg.head_dim)
+        k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        v = v.view(-1, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, batch, cfg.attention_scale, backend, cache, self.layer)
+        return self.o_proj(out.reshape(x.shape[0], cfg.q_size))
+
+
+class MLP(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (Llama family, gate and up projections fused)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden, inner = config.hidden_size, config.intermediate_size
+        if self.kind == "swiglu":
+            self.gate_up_proj = nn.Linear(hidden, 2 * inner, bias=config.mlp_bias)
+            self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        else:
+            self.fc_in = nn.Linear(hidden, inner, bias=config.mlp_bias)
+            self.fc_out = nn.Linear(inner, hidden, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
+        approximate = "tanh" if self.kind == "gelu_tanh" else "none"
+        return self.fc_out(F.gelu(self.fc_in(x), approximate=approximate))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = make_norm(config, config.hidden_size)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = make_norm(config, config.hidden_size)
+        self.mlp = MLP(config)
+
+    def forward(self, x, batch, rope, backend, cache):
+        x = x + self.attn(self.attn_norm(x), batch, rope, backend, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """A decoder-only LM over packed tokens; `forward` returns final-norm hidden states, `logits` the LM head."""
+
+    def __init__(self, config: ModelConfig, attention_backend: str = "auto"):
+        super().__init__()
+        self.config = config
+        self.attention_backend = attention_backend
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            self.rotary = Rotary(config)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.final_norm = make_norm(config, config.hidden_size)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def reset_buffers(self) -> None:
+        """Recompute non-persistent buffers (after `to_empty`)."""
+        if self.config.positions == "rope":
+            self.rotary.reset_buffers()
+
+    def forward(
+        self,
+        batch: AttentionBatch,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        cache=None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states `[T, hidden]` of the step's packed tokens.
+
+        Exactly one of `input_ids` (`[T]`) and `inputs_embeds` (`[T, hidden]`, e.g. continuous
+        thoughts) is given. With `cache`, each layer stores the new K/V at `batch.slot_mapping`
+        and attends over the sequence's pages.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Decoder.forward takes exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if x.shape[0] != batch.num_tokens:
+            raise ValueError(f"Decoder.forward: {x.shape[0]} tokens but the AttentionBatch has {batch.num_tokens}")
+        if self.config.positions == "learned":
+            x = x + self.embed_positions(batch.positions)
+            rope = None
+        else:
+            rope = self.rotary(batch.positions, x.dtype)
+        backend = resolve_backend(self.attention_backend, x.device)
+        for block in self.layers:
+            x = block(x, batch, rope, backend, cache)
+        return self.final_norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits of the given hidden states (only where they are needed)."""
+        return F.linear(hidden, self.lm_head_weight)

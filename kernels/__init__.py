@@ -1,0 +1,23 @@
+"""Triton kernels of coconut-engine (installed as `coconut_engine.kernels`).
+
+- `store_kv`: write new tokens' K/V into the page pools.
+- `paged_attention`: varlen causal GQA attention over the pages (extend and split-KV decode).
+- `reference`: the same operations in plain PyTorch: the test oracle and the CPU backend.
+
+Importing this package does not import Triton; the kernels load on first use.
+"""
+from . import reference
+
+__all__ = ["reference", "store_kv", "paged_attention"]
+
+
+def __getattr__(name):
+    if name == "store_kv":
+        from .store_kv import store_kv
+
+        return store_kv
+    if name == "paged_attention":
+        from .paged_attention import paged_attention
+
+        return paged_attention
+    raise AttributeError(name)

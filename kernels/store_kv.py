@@ -1,0 +1,42 @@
+"""Triton kernel: write new tokens' K and V into the page pools at their slots."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import interpreting
+
+
+@triton.jit
+def _store_kv_kernel(K, V, K_POOL, V_POOL, SLOTS, num_tokens, stride_k, stride_v,
+                     ROW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr):
+    # One program writes BLOCK_T tokens; a token's row is its kv_heads * head_dim values.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    col = tl.arange(0, BLOCK_R)
+    slot = tl.load(SLOTS + tok, mask=tok < num_tokens, other=-1)
+    mask = (slot >= 0)[:, None] & (col < ROW)[None, :]
+    tok64 = tok.to(tl.int64)[:, None]
+    dst = slot[:, None] * ROW + col[None, :]
+    k = tl.load(K + tok64 * stride_k + col[None, :], mask=mask)
+    tl.store(K_POOL + dst, k.to(K_POOL.dtype.element_ty), mask=mask)
+    v = tl.load(V + tok64 * stride_v + col[None, :], mask=mask)
+    tl.store(V_POOL + dst, v.to(V_POOL.dtype.element_ty), mask=mask)
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write `k`, `v` (`[T, kv_heads, head_dim]`, heads and dims contiguous) at `slot_mapping` (-1 = skip)."""
+    num_tokens = k.shape[0]
+    if num_tokens == 0:
+        return
+    row = k.shape[1] * k.shape[2]
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"store_kv: {name} must have contiguous [kv_heads, head_dim] rows, strides {t.stride()}")
+    for name, pool in (("k_pool", k_pool), ("v_pool", v_pool)):
+        if not pool.is_contiguous():
+            raise ValueError(f"store_kv: {name} must be contiguous")
+    block_t = 64 if interpreting() else 8
+    grid = (triton.cdiv(num_tokens, block_t),)
+    _store_kv_kernel[grid](k, v, k_pool, v_pool, slot_mapping, num_tokens, k.stride(0), v.stride(0),
+                           ROW=row, BLOCK_T=block_t, BLOCK_R=triton.next_power_of_2(row))
