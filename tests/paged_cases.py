@@ -1,0 +1,45 @@
+"""Random paged-attention problems: pools with permuted page ids, ragged prefixes and new tokens."""
+from __future__ import annotations
+
+import torch
+
+from coconut_engine.cache import AttentionBatch
+
+
+def make_case(group: int, head_dim: int, page_size: int, dtype: torch.dtype, prefix_lens, q_lens,
+              num_kv_heads: int = 2, spare_pages: int = 3, requires_grad: bool = False):
+    """q `[T, heads, D]`, K/V pools and the AttentionBatch of one step on top of existing prefixes.
+
+    Sequence b already holds `prefix_lens[b]` tokens and gets `q_lens[b]` new ones. Page ids are a
+    random permutation of the pool, and the pool has unused pages (filled with junk) as well.
+    """
+    k_lens = [p + q for p, q in zip(prefix_lens, q_lens)]
+    pages_per_seq = [-(-k // page_size) for k in k_lens]
+    num_pages = sum(pages_per_seq) + spare_pages
+    perm = torch.randperm(num_pages).tolist()
+    width = max(max(pages_per_seq), 1)
+    table = torch.zeros(len(k_lens), width, dtype=torch.int32)
+    slots, positions, cu = [], [], [0]
+    for b, n in enumerate(pages_per_seq):
+        pages, perm = perm[:n], perm[n:]
+        table[b, :n] = torch.tensor(pages, dtype=torch.int32)
+        for pos in range(prefix_lens[b], k_lens[b]):
+            slots.append(pages[pos // page_size] * page_size + pos % page_size)
+        positions.extend(range(prefix_lens[b], k_lens[b]))
+        cu.append(cu[-1] + q_lens[b])
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    k_pool = torch.randn(shape).to(dtype)
+    v_pool = torch.randn(shape).to(dtype)
+    q = torch.randn(cu[-1], num_kv_heads * group, head_dim).to(dtype)
+    batch = AttentionBatch(
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        seq_lens_k=torch.tensor(k_lens, dtype=torch.int32),
+        block_table=table,
+        slot_mapping=torch.tensor(slots, dtype=torch.int64),
+        positions=torch.tensor(positions, dtype=torch.int64),
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(k_lens),
+        q_lens=tuple(q_lens),
+        k_lens=tuple(k_lens),
+    )
+    return q, k_pool, v_pool, batch

@@ -1,0 +1,138 @@
+"""Page allocator and PagedKVCache: property tests against a dict-of-lists model, and unit cases."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from coconut_engine import ModelConfig, OutOfPagesError, PagedKVCache
+from coconut_engine.kernels import reference
+
+CONFIG = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 4, "intermediate_size": 8,
+                                "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                "vocab_size": 8})
+
+ops = st.lists(
+    st.tuples(st.sampled_from(["add", "extend", "fork", "free"]), st.integers(0, 7), st.integers(0, 7),
+              st.integers(1, 9)),
+    min_size=1, max_size=40,
+)
+
+
+def snapshot(alloc):
+    return (list(alloc._free), list(alloc._refs), {k: (list(s.pages), s.length) for k, s in alloc._seqs.items()})
+
+
+def check_invariants(cache, model):
+    alloc = cache.allocator
+    holders = [0] * alloc.num_pages
+    for seq_id in alloc.sequence_ids():
+        for page in alloc.pages(seq_id):
+            holders[page] += 1
+    assert holders == alloc._refs  # every reference is a live sequence's page, and vice versa
+    free = set(alloc._free)
+    assert len(free) == len(alloc._free)
+    assert all(holders[p] == 0 for p in free)  # a free page is referenced by nobody
+    assert len(free) + sum(1 for h in holders if h) == alloc.num_pages  # no page is lost
+    for seq_id, values in model.items():
+        assert cache.seq_len(seq_id) == len(values)
+        for layer in range(CONFIG.num_layers):
+            table = torch.tensor(alloc.pages(seq_id) or [0], dtype=torch.int32)
+            got = reference.gather_pages(cache.k_pool(layer), table, len(values))[:, 0, 0]
+            assert got.tolist() == [float(v + layer) for v in values]
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops, page_size=st.sampled_from([1, 2, 4]), num_pages=st.integers(3, 12))
+def test_random_operations_keep_contents_and_pages(ops, page_size, num_pages):
+    cache = PagedKVCache(CONFIG, num_pages=num_pages, page_size=page_size)
+    model: dict[int, list[int]] = {}
+    next_value = 0
+    for op, a, b, n in ops:
+        before = snapshot(cache.allocator)
+        if op == "add" and a not in model:
+            cache.add_sequence(a)
+            model[a] = []
+        elif op == "fork" and a in model and b not in model:
+            cache.fork(a, b)
+            model[b] = list(model[a])
+        elif op == "free" and a in model:
+            cache.free(a)
+            del model[a]
+        elif op == "extend" and a in model:
+            ids = [a] + ([b] if b in model and b != a else [])
+            counts = [n, 1][: len(ids)]
+            try:
+                batch = cache.prepare(ids, counts)
+            except OutOfPagesError:
+                assert snapshot(cache.allocator) == before  # all or nothing
+                continue
+            values = list(range(next_value, next_value + sum(counts)))
+            next_value += sum(counts)
+            for layer in range(CONFIG.num_layers):
+                kv = torch.tensor(values, dtype=torch.float32)[:, None, None].expand(-1, 1, 2) + layer
+                reference.store_kv(kv, kv, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
+            model[a] += values[:n]
+            if len(ids) == 2:
+                model[b] += values[n:]
+        check_invariants(cache, model)
+    for seq_id in list(model):
+        cache.free(seq_id)
+    assert cache.num_free_pages == num_pages
+
+
+def test_prepare_builds_step_metadata():
+    cache = PagedKVCache(CONFIG, num_pages=8, page_size=4)
+    for s in "abc":
+        cache.add_sequence(s)
+    cache.prepare(["a", "b", "c"], [5, 3, 0])
+    batch = cache.prepare(["a", "b", "c"], [1, 2, 0])
+    pages_a, pages_b = cache.allocator.pages("a"), cache.allocator.pages("b")
+    assert batch.cu_seqlens_q.tolist() == [0, 1, 3, 3]
+    assert batch.seq_lens_k.tolist() == [6, 5, 0]
+    assert batch.positions.tolist() == [5, 3, 4]
+    assert batch.slot_mapping.tolist() == [pages_a[1] * 4 + 1, pages_b[0] * 4 + 3, pages_b[1] * 4 + 0]
+    assert batch.block_table.shape == (3, 2)
+    assert (batch.max_seqlen_q, batch.max_seqlen_k) == (2, 6)
+    assert batch.last_token_indices().tolist() == [0, 2]
+
+
+def test_fork_shares_pages_and_copies_partial_page_on_write():
+    cache = PagedKVCache(CONFIG, num_pages=8, page_size=4)
+    cache.add_sequence(0)
+    cache.prepare([0], [6])
+    free_before = cache.num_free_pages
+    for child in (1, 2, 3):
+        cache.fork(0, child)
+    assert cache.num_free_pages == free_before  # forks share every page
+    shared_last = cache.allocator.pages(0)[-1]
+    assert cache.allocator.ref_count(shared_last) == 4
+    cache.kv[:, :, shared_last] = 7.0
+    cache.prepare([1], [1])  # copy-on-write of the shared partial page
+    own_last = cache.allocator.pages(1)[-1]
+    assert own_last != shared_last and cache.allocator.pages(1)[0] == cache.allocator.pages(0)[0]
+    assert torch.equal(cache.kv[:, :, own_last], cache.kv[:, :, shared_last])
+    assert cache.allocator.ref_count(shared_last) == 3
+
+
+def test_out_of_pages_is_a_clear_error_and_changes_nothing():
+    cache = PagedKVCache(CONFIG, num_pages=3, page_size=4)
+    cache.add_sequence("x")
+    cache.add_sequence("y")
+    cache.prepare(["x"], [5])
+    before = snapshot(cache.allocator)
+    with pytest.raises(OutOfPagesError, match="needs 2 free pages, 1 of 3 are free"):
+        cache.prepare(["x", "y"], [1, 5])
+    assert snapshot(cache.allocator) == before
+
+
+def test_bad_requests():
+    cache = PagedKVCache(CONFIG, num_pages=3, page_size=4)
+    cache.add_sequence(1)
+    with pytest.raises(KeyError, match="already exists"):
+        cache.add_sequence(1)
+    with pytest.raises(KeyError, match="not in the cache"):
+        cache.prepare([2], [1])
+    with pytest.raises(ValueError, match="duplicate"):
+        cache.prepare([1, 1], [1, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        cache.prepare([1], [-1])
