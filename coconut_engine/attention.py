@@ -12,11 +12,13 @@ reference paths). Backends:
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .cache import AttentionBatch
+from .cache import AttentionBatch, ContiguousKVCache
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -51,13 +53,75 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     return name
 
 
-def _kernels(backend: str):
+@dataclass(frozen=True)
+class KernelSet:
+    """The three operations of one backend, with the signatures of `kernels/reference.py`."""
+
+    store_kv: Callable
+    paged_attention: Callable
+    paged_attention_backward: Callable
+
+
+def kernel_set(backend: str) -> KernelSet:
     if backend == "triton":
         from .kernels.paged_attention import paged_attention
+        from .kernels.paged_attention_bwd import paged_attention_backward
         from .kernels.store_kv import store_kv
-    else:
-        from .kernels.reference import paged_attention, store_kv
-    return store_kv, paged_attention
+
+        return KernelSet(store_kv, paged_attention, paged_attention_backward)
+    from .kernels import reference
+
+    return KernelSet(reference.store_kv, reference.paged_attention_batched, reference.paged_attention_backward)
+
+
+class _StoreKV(torch.autograd.Function):
+    """Write a step's K/V into the pools; backward gathers their gradients from the gradient pages."""
+
+    @staticmethod
+    def forward(ctx, k, v, dependency, cache, layer: int, batch: AttentionBatch, ops: KernelSet):
+        ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
+        ctx.cache, ctx.layer, ctx.slots, ctx.generation = cache, layer, batch.slot_mapping, cache.generation
+        ctx.dtypes = (k.dtype, v.dtype)
+        return dependency.detach().clone()
+
+    @staticmethod
+    def backward(ctx, _):
+        cache = ctx.cache
+        _check_generation(cache, ctx.generation)
+        grad_k = cache.grad_k_pool(ctx.layer).flatten(0, 1)[ctx.slots].to(ctx.dtypes[0])
+        grad_v = cache.grad_v_pool(ctx.layer).flatten(0, 1)[ctx.slots].to(ctx.dtypes[1])
+        return grad_k, grad_v, None, None, None, None, None
+
+
+class _PagedAttention(torch.autograd.Function):
+    """Attention over the pages; saves only q, o and the log-sum-exp (never a copy of the cache)."""
+
+    @staticmethod
+    def forward(ctx, q, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet):
+        out, lse = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
+                                       return_lse=True)
+        ctx.save_for_backward(q, out, lse)
+        ctx.cache, ctx.layer, ctx.batch, ctx.scale, ctx.ops = cache, layer, batch, scale, ops
+        ctx.generation = cache.generation
+        return out, dependency.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_out, _):
+        q, out, lse = ctx.saved_tensors
+        cache, layer = ctx.cache, ctx.layer
+        _check_generation(cache, ctx.generation)
+        grad_q = ctx.ops.paged_attention_backward(
+            grad_out, q, out, lse, cache.k_pool(layer), cache.v_pool(layer),
+            cache.grad_k_pool(layer), cache.grad_v_pool(layer), ctx.batch, ctx.scale)
+        return grad_q, torch.zeros((), device=q.device), None, None, None, None, None
+
+
+def _check_generation(cache, generation: int) -> None:
+    if cache.generation != generation:
+        raise RuntimeError(
+            "the paged KV cache was reused (begin_training_step) before the backward of an earlier forward "
+            "ran: backpropagate each paged forward before starting the next one"
+        )
 
 
 def attention(
@@ -73,11 +137,16 @@ def attention(
     """Causal attention for one layer of one step; q `[T, heads, D]`, k/v `[T, kv_heads, D]`."""
     if cache is None:
         return varlen_attention(q, k, v, batch, scale)
-    store_kv, paged_attention = _kernels(backend)
-    k_pool, v_pool = cache.k_pool(layer), cache.v_pool(layer)
-    store_kv(k, v, k_pool, v_pool, batch.slot_mapping)
-    out = paged_attention(q.to(k_pool.dtype), k_pool, v_pool, batch, scale)
-    return out.to(q.dtype)
+    if isinstance(cache, ContiguousKVCache):
+        return cache.attend(q, k, v, batch, layer, scale)
+    ops = kernel_set(backend)
+    pool_dtype = cache.kv.dtype
+    if cache.tracks_gradients and torch.is_grad_enabled():
+        dependency = _StoreKV.apply(k, v, cache.dependency, cache, layer, batch, ops)
+        out, cache.dependency = _PagedAttention.apply(q.to(pool_dtype), dependency, cache, layer, batch, scale, ops)
+        return out.to(q.dtype)
+    ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
+    return ops.paged_attention(q.to(pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale).to(q.dtype)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:

@@ -34,6 +34,7 @@ class AttentionBatch:
     max_seqlen_k: int
     q_lens: tuple[int, ...] = field(default=())  # host copies: no device sync to read them
     k_lens: tuple[int, ...] = field(default=())
+    _token_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -69,6 +70,19 @@ class AttentionBatch:
             q_lens=tuple(seq_lens),
             k_lens=tuple(seq_lens),
         )
+
+    def token_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each packed token: its sequence index and its row among that sequence's new tokens.
+
+        Computed once per step and memoised (every layer uses the same batch).
+        """
+        if self._token_rows is None:
+            seq = [b for b, n in enumerate(self.q_lens) for _ in range(n)]
+            row = [i for n in self.q_lens for i in range(n)]
+            dev = self.positions.device
+            self._token_rows = (torch.tensor(seq, dtype=torch.int64, device=dev),
+                                torch.tensor(row, dtype=torch.int64, device=dev))
+        return self._token_rows
 
     def last_token_indices(self) -> torch.Tensor:
         """Packed index of each sequence's last new token (sequences with no new token excluded)."""
@@ -219,6 +233,7 @@ class PagedKVCache:
         page_size: int = 16,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        requires_grad: bool = False,
     ):
         self.config = config
         self.page_size = page_size
@@ -230,6 +245,35 @@ class PagedKVCache:
             dtype=dtype,
             device=self.device,
         )
+        # Training: fp32 gradient pages mirroring the pools, and the 0-d token that orders the
+        # backward of every store after the backward of every attention that read its slots.
+        self.grad_kv = torch.zeros(self.kv.shape, dtype=torch.float32, device=self.device) if requires_grad else None
+        self.dependency: torch.Tensor | None = None
+        self.generation = 0
+
+    @property
+    def tracks_gradients(self) -> bool:
+        return self.grad_kv is not None
+
+    def begin_training_step(self) -> None:
+        """Start a differentiable forward: drop every sequence, zero the gradient pages, new dependency token.
+
+        The previous step's graph must have been backpropagated (or dropped) by now: its backward
+        reads these pages, and raises if it runs after this call.
+        """
+        if not self.tracks_gradients:
+            raise RuntimeError("this PagedKVCache was created without requires_grad=True")
+        for seq_id in self.allocator.sequence_ids():
+            self.allocator.free(seq_id)
+        self.grad_kv.zero_()
+        self.generation += 1
+        self.dependency = torch.zeros((), device=self.device, requires_grad=True)
+
+    def grad_k_pool(self, layer: int) -> torch.Tensor:
+        return self.grad_kv[0, layer]
+
+    def grad_v_pool(self, layer: int) -> torch.Tensor:
+        return self.grad_kv[1, layer]
 
     @property
     def num_pages(self) -> int:
@@ -296,3 +340,44 @@ class PagedKVCache:
             q_lens=q_lens,
             k_lens=tuple(k_lens),
         )
+
+
+class ContiguousKVCache:
+    """Per-layer K/V as contiguous `[B, kv_heads, length, D]` tensors grown by concatenation.
+
+    This is how the official Coconut code caches (a Hugging Face cache sliced to the pass start and
+    extended by each pass), kept only for the `multipass` reference mode: autograd keeps every
+    concatenated copy alive, so its memory grows with each thought. `key_padding` `[B, length]`
+    marks which key positions are real tokens.
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.key_padding: torch.Tensor | None = None
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions of every layer (the official code slices the cache per pass)."""
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k is not None:
+                self.keys[layer], self.values[layer] = k[:, :, :length], v[:, :, :length]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, layer: int,
+               scale: float) -> torch.Tensor:
+        """Append this pass's K/V (every sequence has the same q_len) and attend, masking padding."""
+        num_seqs, q_len = batch.num_seqs, batch.max_seqlen_q
+        q = q.view(num_seqs, q_len, *q.shape[1:]).transpose(1, 2)
+        k = k.view(num_seqs, q_len, *k.shape[1:]).transpose(1, 2)
+        v = v.view(num_seqs, q_len, *v.shape[1:]).transpose(1, 2)
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        group = q.shape[1] // k.shape[1]
+        k_len = k.shape[2]
+        causal = torch.arange(k_len, device=q.device)[None, :] <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
+        visible = causal[None, None] & self.key_padding[:, None, None, :k_len]
+        scores = torch.matmul(q, k.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)  # padded rows stay finite
+        out = torch.matmul(torch.softmax(scores, dim=-1), v.repeat_interleave(group, dim=1))
+        return out.transpose(1, 2).reshape(num_seqs * q_len, *out.shape[1:2], out.shape[-1])

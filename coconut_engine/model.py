@@ -201,6 +201,32 @@ class Decoder(nn.Module):
             x = block(x, batch, rope, backend, cache)
         return self.final_norm(x)
 
+    def resize_vocab(self, vocab_size: int, init_from: int) -> None:
+        """Grow the vocabulary to `vocab_size`; new embedding (and untied LM-head) rows copy row `init_from`."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_vocab: cannot shrink the vocabulary from {old} to {vocab_size}")
+        if not 0 <= init_from < old:
+            raise ValueError(f"resize_vocab: init_from={init_from} is not a token id of the current vocabulary")
+        if vocab_size == old:
+            return
+
+        def grown(weight: torch.Tensor) -> nn.Parameter:
+            new = weight.detach().new_empty((vocab_size, weight.shape[1]))
+            new[:old] = weight.detach()
+            new[old:] = weight.detach()[init_from]
+            return nn.Parameter(new, requires_grad=weight.requires_grad)
+
+        self.embed_tokens.weight = grown(self.embed_tokens.weight)
+        self.embed_tokens.num_embeddings = vocab_size
+        if not self.config.tie_word_embeddings:
+            self.lm_head.weight = grown(self.lm_head.weight)
+            self.lm_head.out_features = vocab_size
+        self.config = self.config.with_vocab_size(vocab_size)
+        for module in self.modules():
+            if hasattr(module, "config") and module is not self:
+                module.config = self.config
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of the given hidden states (only where they are needed)."""
         return F.linear(hidden, self.lm_head_weight)

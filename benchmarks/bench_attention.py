@@ -1,0 +1,30 @@
+"""CPU microbenchmark (pytest-benchmark): the torch-reference paged attention vs SDPA on contiguous
+K/V for a decode batch.
+
+    .venv/bin/python -m pytest benchmarks/bench_attention.py --benchmark-only
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coconut_engine.bench import contiguous_kv, paged_problem
+from coconut_engine.kernels.reference import paged_attention
+
+SHAPE = dict(batch=16, context=512, q_len=1, heads=9, kv_heads=3, head_dim=64, page=16)  # SmolLM2-135M heads
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return paged_problem(**SHAPE, dtype=torch.float32, device=torch.device("cpu"))
+
+
+def test_decode_paged_torch_reference(benchmark, problem):
+    q, k_pool, v_pool, meta = problem
+    benchmark(paged_attention, q, k_pool, v_pool, meta, 0.125)
+
+
+def test_decode_sdpa_contiguous(benchmark, problem):
+    q, k_pool, v_pool, meta = problem
+    k, v = contiguous_kv(k_pool, v_pool, meta)
+    qd = q.view(SHAPE["batch"], 1, SHAPE["heads"], SHAPE["head_dim"]).transpose(1, 2)
+    benchmark(F.scaled_dot_product_attention, qd, k, v, scale=0.125, enable_gqa=True)

@@ -1,0 +1,263 @@
+"""CoconutModel: continuous-thought training forward over a Decoder, in four equivalent modes.
+
+A sample is `prompt (question + <bot>) | n thoughts | suffix (<eot> + steps + answer + eos)`. A thought's
+input embedding is the final-norm hidden state of the position before it. The loss is the mean
+next-token cross-entropy over the suffix tokens after its first one (question, markers and
+thoughts carry no labels, as in the official code); logits are computed only there.
+
+Modes (all the same function; `paged` is the engine's, the others are references):
+
+- `paged`: prefill every prompt once (packed); for t = 1..max n, one step appending a thought to every
+  sequence that still has one (`append_thought`); then all suffixes at once. KV lives in a paged
+  cache that trains through the store/attention autograd Functions.
+- `two_pass`: thoughts step by step on the paged cache, then one no-cache forward over the whole
+  sequences with the thought embeddings spliced in.
+- `multipass`: the official algorithm: prompts left-padded so first thoughts align, n+1 passes over a
+  contiguous cache grown by concatenation and sliced to each pass start.
+- `recompute`: no cache; each thought is a full forward over everything before it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import AttentionBatch, ContiguousKVCache, PagedKVCache
+from .model import Decoder
+
+MODES = ("paged", "two_pass", "multipass", "recompute")
+SPECIAL_TOKEN_TEXTS = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")  # official names: bot, thought, eot
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    """Token ids of the Coconut markers: `<bot>` opens the thoughts, `<thought>` is a thought's
+    placeholder (and its embedding in the pause-as-thought ablation), `<eot>` closes them."""
+
+    bot: int
+    thought: int
+    eot: int
+
+
+@dataclass
+class CoconutSample:
+    """One training sample; the loss covers `suffix[1:]`, each token predicted from the one before."""
+
+    prompt: list[int]
+    num_thoughts: int
+    suffix: list[int]
+
+    def __post_init__(self):
+        if not self.prompt:
+            raise ValueError("CoconutSample: the prompt is empty")
+        if self.num_thoughts < 0:
+            raise ValueError(f"CoconutSample: num_thoughts must be >= 0, got {self.num_thoughts}")
+        if len(self.suffix) < 2:
+            raise ValueError("CoconutSample: the suffix needs at least 2 tokens (the loss covers suffix[1:])")
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + self.num_thoughts + len(self.suffix)
+
+
+def add_special_tokens(decoder: Decoder, tokenizer, init_token: str = "<<") -> SpecialTokens:
+    """Add the three Coconut tokens to `tokenizer` (if missing) and grow `decoder`'s vocabulary.
+
+    New embedding rows (and LM-head rows when untied) start as a copy of `init_token`'s embedding,
+    as the official code does with "<<" (the first token of its encoding, or eos if it has none).
+    """
+    tokenizer.add_tokens([t for t in SPECIAL_TOKEN_TEXTS if t not in tokenizer.get_vocab()], special_tokens=True)
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKEN_TEXTS]
+    if max(ids) >= decoder.config.vocab_size:
+        init = tokenizer.encode(init_token, add_special_tokens=False) or [tokenizer.eos_token_id]
+        decoder.resize_vocab(max(len(tokenizer), max(ids) + 1), init_from=init[0])
+    return SpecialTokens(*ids)
+
+
+class CoconutModel(nn.Module):
+    """A Decoder plus the continuous-thought training forward (see the module docstring for modes)."""
+
+    def __init__(self, decoder: Decoder, tokens: SpecialTokens, page_size: int = 16):
+        super().__init__()
+        vocab = decoder.config.vocab_size
+        if any(not 0 <= t < vocab for t in (tokens.bot, tokens.thought, tokens.eot)):
+            raise ValueError(f"special token ids {tokens} are outside the model's vocabulary of {vocab}")
+        self.decoder = decoder
+        self.tokens = tokens
+        self.page_size = page_size
+        self._cache: PagedKVCache | None = None
+
+    def forward(self, samples: Sequence[CoconutSample], mode: str = "paged") -> torch.Tensor:
+        """Mean token cross-entropy of the batch's suffix labels."""
+        if mode not in MODES:
+            raise ValueError(f"mode {mode!r} is not one of {MODES}")
+        if not samples:
+            raise ValueError("CoconutModel.forward: empty batch")
+        if mode == "multipass":
+            hidden, rows, targets = self._multipass(samples)
+        elif mode == "recompute":
+            thoughts = self._thoughts_recompute(samples)
+            hidden, rows, targets = self._full_forward(samples, thoughts)
+        else:
+            cache = self._training_cache(samples)
+            hidden_prompt = self._prefill(samples, cache)
+            thoughts = self._thoughts_paged(samples, cache, hidden_prompt)
+            if mode == "two_pass":
+                hidden, rows, targets = self._full_forward(samples, thoughts)
+            else:
+                hidden, rows, targets = self._suffix_paged(samples, cache)
+        logits = self.decoder.logits(hidden[rows])
+        return F.cross_entropy(logits.float(), targets, reduction="mean")
+
+    # -- the paged path -------------------------------------------------------------------------
+
+    def _training_cache(self, samples: Sequence[CoconutSample]) -> PagedKVCache:
+        """The reusable training cache, grown when a batch needs more pages than it has."""
+        cfg = self.decoder.config
+        pages = sum(-(-s.length // self.page_size) for s in samples)
+        weight = self.decoder.embed_tokens.weight
+        dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
+        cache = self._cache
+        if cache is None or cache.num_pages < pages or cache.kv.dtype != dtype or cache.device != weight.device:
+            cache = PagedKVCache(cfg, num_pages=max(pages, int(1.25 * pages)), page_size=self.page_size,
+                                 dtype=dtype, device=weight.device, requires_grad=True)
+            self._cache = cache
+        cache.begin_training_step()
+        for i in range(len(samples)):
+            cache.add_sequence(i)
+        return cache
+
+    def _prefill(self, samples, cache: PagedKVCache) -> torch.Tensor:
+        """All prompts in one packed step; returns each prompt's last hidden state `[B, hidden]`."""
+        seqs = list(range(len(samples)))
+        batch = cache.prepare(seqs, [len(s.prompt) for s in samples])
+        ids = torch.tensor([t for s in samples for t in s.prompt], device=cache.device)
+        hidden = self.decoder(batch, input_ids=ids, cache=cache)
+        return hidden[batch.last_token_indices()]
+
+    def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor) -> torch.Tensor:
+        """One continuous-thought step: each sequence's last hidden state becomes its next input.
+
+        One decoder call for all of `seq_ids`; returns their new last hidden states.
+        """
+        batch = cache.prepare(seq_ids, [1] * len(seq_ids))
+        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache)
+
+    def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Run every thought step; returns each sample's thought input embeddings (not detached)."""
+        thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
+        for t in range(1, max(s.num_thoughts for s in samples) + 1):
+            active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
+            index = torch.tensor(active, device=last.device)
+            inputs = last[index]
+            for row, i in enumerate(active):
+                thoughts[i].append(inputs[row])
+            last = last.index_copy(0, index, self.append_thought(cache, active, inputs))
+        return thoughts
+
+    def _suffix_paged(self, samples, cache: PagedKVCache):
+        seqs = list(range(len(samples)))
+        batch = cache.prepare(seqs, [len(s.suffix) for s in samples])
+        ids = torch.tensor([t for s in samples for t in s.suffix], device=cache.device)
+        hidden = self.decoder(batch, input_ids=ids, cache=cache)
+        rows, targets, start = [], [], 0
+        for s in samples:
+            rows.extend(range(start, start + len(s.suffix) - 1))
+            targets.extend(s.suffix[1:])
+            start += len(s.suffix)
+        return hidden, torch.tensor(rows, device=ids.device), torch.tensor(targets, device=ids.device)
+
+    # -- the no-cache references ---------------------------------------------------------------
+
+    def _embed_sequences(self, samples, thoughts, with_suffix: bool = True) -> torch.Tensor:
+        """Packed input embeddings `prompt | thoughts | suffix` with the thought embeddings spliced in."""
+        embed = self.decoder.embed_tokens
+        device = embed.weight.device
+        parts = []
+        for s, th in zip(samples, thoughts):
+            parts.append(embed(torch.tensor(s.prompt, device=device)))
+            if th:
+                parts.append(torch.stack(th))
+            if with_suffix:
+                parts.append(embed(torch.tensor(s.suffix, device=device)))
+        return torch.cat(parts)
+
+    def _thoughts_recompute(self, samples) -> list[list[torch.Tensor]]:
+        thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
+        for t in range(1, max(s.num_thoughts for s in samples) + 1):
+            active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
+            sub = [samples[i] for i in active]
+            embeds = self._embed_sequences(sub, [thoughts[i] for i in active], with_suffix=False)
+            lens = [len(samples[i].prompt) + t - 1 for i in active]
+            batch = AttentionBatch.packed(lens, device=embeds.device)
+            hidden = self.decoder(batch, inputs_embeds=embeds)
+            for row, i in zip(batch.last_token_indices().tolist(), active):
+                thoughts[i].append(hidden[row])
+        return thoughts
+
+    def _full_forward(self, samples, thoughts):
+        """One no-cache forward over whole sequences; rows/targets of the suffix labels."""
+        embeds = self._embed_sequences(samples, thoughts)
+        batch = AttentionBatch.packed([s.length for s in samples], device=embeds.device)
+        hidden = self.decoder(batch, inputs_embeds=embeds)
+        rows, targets, start = [], [], 0
+        for s in samples:
+            suffix_start = start + len(s.prompt) + s.num_thoughts
+            rows.extend(range(suffix_start, suffix_start + len(s.suffix) - 1))
+            targets.extend(s.suffix[1:])
+            start += s.length
+        device = embeds.device
+        return hidden, torch.tensor(rows, device=device), torch.tensor(targets, device=device)
+
+    # -- the official multi-pass algorithm ----------------------------------------------------
+
+    def _multipass(self, samples):
+        """Left-pad so every first thought sits at column `align`; n+1 passes over a contiguous cache."""
+        device = self.decoder.embed_tokens.weight.device
+        max_n = max(s.num_thoughts for s in samples)
+        align = max((len(s.prompt) for s in samples if s.num_thoughts), default=0)
+        pads = [align - len(s.prompt) if s.num_thoughts else 0 for s in samples]
+        width = max(p + s.length for p, s in zip(pads, samples))
+        num = len(samples)
+        ids = torch.zeros(num, width, dtype=torch.long)
+        real = torch.zeros(num, width, dtype=torch.bool)
+        positions = torch.zeros(num, width, dtype=torch.long)
+        for b, (pad, s) in enumerate(zip(pads, samples)):
+            seq = s.prompt + [self.tokens.thought] * s.num_thoughts + s.suffix
+            ids[b, pad : pad + len(seq)] = torch.tensor(seq)
+            real[b, pad : pad + len(seq)] = True
+            positions[b, pad : pad + len(seq)] = torch.arange(len(seq))
+        ids, real, positions = ids.to(device), real.to(device), positions.to(device)
+        embeds = self.decoder.embed_tokens(ids)
+        ranges = [(0, width)] if max_n == 0 else (
+            [(0, align)] + [(align + k - 1, align + k) for k in range(1, max_n)] + [(align + max_n - 1, width)])
+        cache = ContiguousKVCache(self.decoder.config.num_layers)
+        cache.key_padding = real
+        passes = []
+        for k, (start, end) in enumerate(ranges):
+            cache.crop(start)
+            n = end - start
+            batch = AttentionBatch(
+                cu_seqlens_q=torch.arange(0, num * n + 1, n, dtype=torch.int32, device=device),
+                seq_lens_k=torch.full((num,), end, dtype=torch.int32, device=device),
+                block_table=torch.zeros((num, 0), dtype=torch.int32, device=device),
+                slot_mapping=torch.full((num * n,), -1, dtype=torch.int64, device=device),
+                positions=positions[:, start:end].reshape(-1), max_seqlen_q=n, max_seqlen_k=end,
+                q_lens=(n,) * num, k_lens=(end,) * num)
+            hidden = self.decoder(batch, inputs_embeds=embeds[:, start:end].reshape(num * n, -1), cache=cache)
+            passes.append(hidden.view(num, n, -1))
+            if k < len(ranges) - 1:  # fill thought k: the hidden state of the position before it
+                fill = [b for b, s in enumerate(samples) if s.num_thoughts > k]
+                b_idx = torch.tensor(fill, device=device)
+                col = align + k
+                embeds = embeds.index_put((b_idx, torch.full_like(b_idx, col)), passes[-1][b_idx, col - 1 - start])
+        hidden = torch.cat(passes, dim=1)
+        rows, targets = [], []
+        for b, (pad, s) in enumerate(zip(pads, samples)):
+            suffix_start = pad + len(s.prompt) + s.num_thoughts
+            rows.extend(b * width + c for c in range(suffix_start, suffix_start + len(s.suffix) - 1))
+            targets.extend(s.suffix[1:])
+        return hidden.reshape(num * width, -1), torch.tensor(rows, device=device), torch.tensor(targets, device=device)
