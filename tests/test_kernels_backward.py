@@ -1,0 +1,123 @@
+"""Attention backward (Triton under the interpreter, and the torch backend) vs autograd through the reference."""
+import pytest
+import torch
+
+from coconut_engine import ModelConfig, PagedKVCache
+from coconut_engine.attention import attention, varlen_attention
+from coconut_engine.cache import AttentionBatch
+from coconut_engine.kernels import reference
+from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward as triton_backward
+from paged_cases import make_case
+from test_kernels_forward import SHAPES, lengths
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def oracle_grads(q, k_pool, v_pool, batch, dout):
+    """Autograd through the loop reference (which gathers copies of the pages)."""
+    q, k_pool, v_pool = (t.detach().float().requires_grad_() for t in (q, k_pool, v_pool))
+    out = reference.paged_attention(q, k_pool, v_pool, batch, q.shape[-1] ** -0.5)
+    (out * dout).sum().backward()
+    return q.grad, k_pool.grad, v_pool.grad
+
+
+@pytest.mark.parametrize("backward", [triton_backward, reference.paged_attention_backward], ids=["triton", "torch"])
+@pytest.mark.parametrize("q_kind", ["extend", "decode"])
+@pytest.mark.parametrize("group,head_dim,page,dtype", [s for s in SHAPES if s[3] == torch.float32])
+def test_backward_matches_autograd(backward, q_kind, group, head_dim, page, dtype):
+    q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, lengths(page), q_lens)
+    scale = head_dim ** -0.5
+    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    dout = torch.randn_like(out)
+    grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    dq = backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale)
+    want_q, want_k, want_v = oracle_grads(q, k_pool, v_pool, batch, dout)
+    assert rel(dq, want_q) < 1e-4
+    assert rel(grad_k, want_k) < 1e-4
+    assert rel(grad_v, want_v) < 1e-4
+
+
+CONFIG = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 8,
+                                "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "vocab_size": 8})
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_steps_reading_earlier_stores_give_full_recompute_gradients(backend):
+    """Prefix, thoughts one by one (each thought's q/k/v derived from the previous output), suffix:
+    gradients through the store/attention Functions equal autograd over one full causal forward."""
+    torch.manual_seed(0)
+    heads, kv_heads, dim = CONFIG.num_heads, CONFIG.num_kv_heads, CONFIG.head_dim
+    prompt_lens, thoughts, suffix_lens = [5, 9, 1], [2, 0, 3], [4, 2, 6]
+    proj = torch.randn(heads * dim, (heads + 2 * kv_heads) * dim) * 0.05
+    prompt_x = [torch.randn(n, heads * dim, requires_grad=True) for n in prompt_lens]
+    suffix_x = [torch.randn(n, heads * dim, requires_grad=True) for n in suffix_lens]
+    scale = dim ** -0.5
+
+    def qkv(x):
+        q, k, v = (x @ proj).split((heads * dim, kv_heads * dim, kv_heads * dim), dim=-1)
+        return q.reshape(-1, heads, dim), k.reshape(-1, kv_heads, dim), v.reshape(-1, kv_heads, dim)
+
+    def run_paged():
+        cache = PagedKVCache(CONFIG, num_pages=16, page_size=4, requires_grad=True)
+        cache.begin_training_step()
+        for b in range(3):
+            cache.add_sequence(b)
+        outs = {b: [] for b in range(3)}
+        batch = cache.prepare([0, 1, 2], prompt_lens)
+        o = attention(*qkv(torch.cat(prompt_x)), batch, scale, backend, cache)
+        last = o.reshape(-1, heads * dim)[batch.last_token_indices()]
+        for b, chunk in enumerate(o.split(prompt_lens)):
+            outs[b].append(chunk)
+        for t in range(1, max(thoughts) + 1):
+            active = [b for b in range(3) if thoughts[b] >= t]
+            batch = cache.prepare(active, [1] * len(active))
+            rows = torch.tensor([b for b in range(3) if thoughts[b] >= t])
+            o = attention(*qkv(last[rows]), batch, scale, backend, cache)
+            for i, b in enumerate(active):
+                outs[b].append(o[i : i + 1])
+            last = last.index_copy(0, rows, o.reshape(-1, heads * dim))
+        batch = cache.prepare([0, 1, 2], suffix_lens)
+        o = attention(*qkv(torch.cat(suffix_x)), batch, scale, backend, cache)
+        for b, chunk in enumerate(o.split(suffix_lens)):
+            outs[b].append(chunk)
+        return outs
+
+    def run_full():
+        """No cache: thoughts recomputed from full forwards, then one forward over everything."""
+        xs = [list(p) for p in prompt_x]
+        for t in range(1, max(thoughts) + 1):
+            for b in range(3):
+                if thoughts[b] >= t:
+                    x = torch.stack(xs[b])
+                    o = varlen_attention(*qkv(x), AttentionBatch.packed([len(x)]), scale)
+                    xs[b].append(o.reshape(-1, heads * dim)[-1])
+        outs = {}
+        for b in range(3):
+            x = torch.cat([torch.stack(xs[b]), suffix_x[b]])
+            outs[b] = [varlen_attention(*qkv(x), AttentionBatch.packed([len(x)]), scale)]
+        return outs
+
+    weights = {b: torch.randn(prompt_lens[b] + thoughts[b] + suffix_lens[b], heads, dim) for b in range(3)}
+    grads = []
+    for run in (run_paged, run_full):
+        outs = run()
+        loss = sum((torch.cat(outs[b]) * weights[b]).sum() for b in range(3))
+        grads.append(torch.autograd.grad(loss, prompt_x + suffix_x))
+    for got, want in zip(*grads):
+        assert rel(got, want) < 1e-4
+
+
+def test_backward_after_cache_reuse_is_a_clear_error():
+    cache = PagedKVCache(CONFIG, num_pages=4, page_size=4, requires_grad=True)
+    cache.begin_training_step()
+    cache.add_sequence(0)
+    q = torch.randn(3, 4, 16, requires_grad=True)
+    k, v = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    out = attention(q, k, v, cache.prepare([0], [3]), 0.25, "torch", cache)
+    cache.begin_training_step()
+    with pytest.raises(RuntimeError, match="reused .* before the backward"):
+        out.sum().backward()
