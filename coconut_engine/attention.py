@@ -60,6 +60,7 @@ class KernelSet:
     store_kv: Callable
     paged_attention: Callable
     paged_attention_backward: Callable
+    backward_needs_lse: bool  # False: the backward recomputes the softmax, so the forward can skip the lse
 
 
 def kernel_set(backend: str) -> KernelSet:
@@ -68,10 +69,11 @@ def kernel_set(backend: str) -> KernelSet:
         from .kernels.paged_attention_bwd import paged_attention_backward
         from .kernels.store_kv import store_kv
 
-        return KernelSet(store_kv, paged_attention, paged_attention_backward)
+        return KernelSet(store_kv, paged_attention, paged_attention_backward, backward_needs_lse=True)
     from .kernels import reference
 
-    return KernelSet(reference.store_kv, reference.paged_attention_batched, reference.paged_attention_backward)
+    return KernelSet(reference.store_kv, reference.paged_attention_batched, reference.paged_attention_backward,
+                     backward_needs_lse=False)
 
 
 class _StoreKV(torch.autograd.Function):
@@ -80,6 +82,10 @@ class _StoreKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, dependency, cache, layer: int, batch: AttentionBatch, ops: KernelSet):
         ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
+        # Every slot an attention reads in this training step was written by a store of this step,
+        # so zeroing the written slots' gradient rows here keeps the gradient pages clean.
+        cache.grad_k_pool(layer).flatten(0, 1)[batch.slot_mapping] = 0
+        cache.grad_v_pool(layer).flatten(0, 1)[batch.slot_mapping] = 0
         ctx.cache, ctx.layer, ctx.slots, ctx.generation = cache, layer, batch.slot_mapping, cache.generation
         ctx.dtypes = (k.dtype, v.dtype)
         return dependency.detach().clone()
@@ -98,9 +104,13 @@ class _PagedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet):
-        out, lse = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
-                                       return_lse=True)
-        ctx.save_for_backward(q, out, lse)
+        if ops.backward_needs_lse:
+            out, lse = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
+                                           return_lse=True)
+        else:
+            out = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale)
+            lse = None
+        ctx.save_for_backward(q, out, lse)  # lse may be None
         ctx.cache, ctx.layer, ctx.batch, ctx.scale, ctx.ops = cache, layer, batch, scale, ops
         ctx.generation = cache.generation
         return out, dependency.detach().clone()

@@ -1,11 +1,18 @@
 """What `coconut-engine bench` runs: timings of the engine's parts, importable by benchmarks/.
 
-`kernels`: paged attention (Triton on CUDA, the PyTorch reference elsewhere) against
-`scaled_dot_product_attention` on contiguous K/V, with achieved bandwidth (decode) and TFLOP/s (extend).
+- `kernels`: paged attention (Triton on CUDA, the PyTorch reference elsewhere) against
+  `scaled_dot_product_attention` on contiguous K/V, with bandwidth (decode) and TFLOP/s (extend).
+- `train`: one forward + backward of a ProsQA-like batch per Coconut mode and curriculum stage, each
+  point in a fresh subprocess (peak RSS on CPU, the CUDA allocator's peak on GPU).
 """
 from __future__ import annotations
 
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -13,6 +20,24 @@ from typing import Callable
 import torch
 
 from .cache import AttentionBatch
+
+# Model shapes by name: HF-style config dicts (random weights; no download).
+SHAPES = {
+    "tiny": {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 1024},
+    "gpt2-6l": {"model_type": "gpt2", "n_embd": 512, "n_layer": 6, "n_head": 8, "vocab_size": 50257,
+                "n_positions": 1024},
+    "gpt2": {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
+             "n_positions": 1024},
+    "smollm2-135m": {"model_type": "llama", "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                     "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152,
+                     "max_position_embeddings": 8192, "rope_theta": 100000.0, "tie_word_embeddings": True,
+                     "rms_norm_eps": 1e-5},
+    "qwen2.5-0.5b": {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+                     "rms_norm_eps": 1e-6},
+}
+TRAIN_MODES = ("paged", "two_pass", "multipass", "recompute", "floor")
 
 
 @dataclass
@@ -135,4 +160,149 @@ def format_table(rows: list[Timing]) -> str:
     lines = ["| what | median ms | rate | note |", "|---|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r.name} | {r.median_ms:.3f} | {r.metric:.2f} {r.unit} | {r.note} |")
+    return "\n".join(lines)
+
+
+def build_random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                       attention_backend: str = "auto", seed: int = 0):
+    """A Decoder of a named shape with random weights (std 0.02, norms at 1)."""
+    from .config import ModelConfig
+    from .model import Decoder
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    torch.manual_seed(seed)
+    config = ModelConfig.from_dict(SHAPES[shape], source=f"shape {shape}")
+    with torch.device(device):
+        model = Decoder(config, attention_backend=attention_backend)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.normal_(0.0, 0.02)
+    return model.to(dtype)
+
+
+def prosqa_like_batch(vocab: int, stage: int, batch: int = 8, prompt_len: int = 250, num_steps: int = 4,
+                      step_len: int = 8, answer_len: int = 8, c_thought: int = 1, seed: int = 0):
+    """CoconutSamples shaped like ProsQA at a curriculum stage: ragged prompts (+-10%), `stage * c`
+    thoughts, the remaining steps, the answer and eos after <eot>. Token ids are random; the last
+    three ids of the vocabulary serve as <bot>, <thought>, <eot>."""
+    from .coconut import CoconutSample, SpecialTokens
+
+    tokens = SpecialTokens(bot=vocab - 3, thought=vocab - 2, eot=vocab - 1)
+    gen = torch.Generator().manual_seed(seed)
+
+    def ids(n):
+        return torch.randint(0, vocab - 3, (n,), generator=gen).tolist()
+
+    samples = []
+    for i in range(batch):
+        length = prompt_len + int((i / max(batch - 1, 1) - 0.5) * 0.2 * prompt_len)
+        steps = ids(step_len * max(0, num_steps - stage))
+        samples.append(CoconutSample(ids(length) + [tokens.bot], stage * c_thought,
+                                     [tokens.eot] + steps + ids(answer_len) + ids(1)))
+    return samples, tokens
+
+
+def floor_loss(decoder, samples) -> torch.Tensor:
+    """The floor: one plain packed forward + backward of the same sequences, thoughts as ordinary tokens."""
+    import torch.nn.functional as F
+
+    device = decoder.embed_tokens.weight.device
+    ids, rows, targets, start = [], [], [], 0
+    thought = samples[0].prompt[-1] + 1  # any valid id stands in for a thought
+    for s in samples:
+        seq = s.prompt + [thought] * s.num_thoughts + s.suffix
+        ids.extend(seq)
+        suffix_start = start + len(s.prompt) + s.num_thoughts
+        rows.extend(range(suffix_start, suffix_start + len(s.suffix) - 1))
+        targets.extend(s.suffix[1:])
+        start += len(seq)
+    batch = AttentionBatch.packed([s.length for s in samples], device=device)
+    hidden = decoder(batch, input_ids=torch.tensor(ids, device=device))
+    logits = decoder.logits(hidden[torch.tensor(rows, device=device)])
+    return F.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int = 3, device: str = "cpu",
+                    backend: str = "auto", prompt_len: int = 250, seed: int = 0) -> dict:
+    """Median forward+backward time and peak memory of one (mode, stage) point, in this process."""
+    from .coconut import CoconutModel
+
+    device = torch.device(device)
+    decoder = build_random_model(shape, device=device, attention_backend=backend, seed=seed)
+    samples, tokens = prosqa_like_batch(decoder.config.vocab_size, stage, batch=batch, prompt_len=prompt_len,
+                                        seed=seed)
+    model = CoconutModel(decoder, tokens)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
+
+    def step():
+        decoder.zero_grad(set_to_none=False)
+        with autocast if autocast is not None else torch.enable_grad():
+            loss = floor_loss(decoder, samples) if mode == "floor" else model(samples, mode=mode)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for p in decoder.parameters():  # gradients allocated up front: part of the baseline, not the step
+        p.grad = torch.zeros_like(p)
+    base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else current_rss_mb()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps + 1):  # the first run warms up
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tokens_per_step = sum(s.length for s in samples)
+    return {"shape": shape, "mode": mode, "stage": stage, "batch": batch, "device": device.type,
+            "median_ms": statistics.median(times[1:]), "tokens_per_s": tokens_per_step / (statistics.median(times[1:]) / 1e3),
+            "peak_mb": peak_mb, "step_mb": peak_mb - base_mb, "tokens": tokens_per_step}
+
+
+def run_train_point_subprocess(**kwargs) -> dict:
+    """`run_train_point` in a fresh Python process, so that peak RSS belongs to that point alone."""
+    code = ("import json,sys; from coconut_engine.bench import run_train_point; "
+            "print('RESULT ' + json.dumps(run_train_point(**json.loads(sys.argv[1]))))")
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark point {kwargs} failed:\n{proc.stderr[-3000:]}")
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batch: int = 8, reps: int = 3,
+                device: str = "cpu", backend: str = "auto", prompt_len: int = 250, progress=None) -> list[dict]:
+    """Every (stage, mode) point in its own subprocess; modes alternate within each stage."""
+    rows = []
+    for stage in stages:
+        for mode in modes:
+            rows.append(run_train_point_subprocess(shape=shape, mode=mode, stage=stage, batch=batch, reps=reps,
+                                                   device=device, backend=backend, prompt_len=prompt_len))
+            if progress is not None:
+                progress(rows[-1])
+    return rows
+
+
+def format_train_table(rows: list[dict]) -> str:
+    """Markdown: one row per stage, time and memory per mode."""
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    stages = sorted({r["stage"] for r in rows})
+    by = {(r["stage"], r["mode"]): r for r in rows}
+    head = "| stage | " + " | ".join(f"{m} ms" for m in modes) + " | " + " | ".join(f"{m} MB" for m in modes) + " |"
+    lines = [head, "|" + "---:|" * (1 + 2 * len(modes))]
+    for st in stages:
+        times = " | ".join(f"{by[(st, m)]['median_ms']:.0f}" if (st, m) in by else "" for m in modes)
+        mems = " | ".join(f"{by[(st, m)]['peak_mb']:.0f}" if (st, m) in by else "" for m in modes)
+        lines.append(f"| {st} | {times} | {mems} |")
     return "\n".join(lines)

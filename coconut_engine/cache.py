@@ -256,7 +256,9 @@ class PagedKVCache:
         return self.grad_kv is not None
 
     def begin_training_step(self) -> None:
-        """Start a differentiable forward: drop every sequence, zero the gradient pages, new dependency token.
+        """Start a differentiable forward: drop every sequence, new dependency token.
+
+        (Gradient rows are zeroed slot by slot as the step's stores write them.)
 
         The previous step's graph must have been backpropagated (or dropped) by now: its backward
         reads these pages, and raises if it runs after this call.
@@ -265,7 +267,6 @@ class PagedKVCache:
             raise RuntimeError("this PagedKVCache was created without requires_grad=True")
         for seq_id in self.allocator.sequence_ids():
             self.allocator.free(seq_id)
-        self.grad_kv.zero_()
         self.generation += 1
         self.dependency = torch.zeros((), device=self.device, requires_grad=True)
 

@@ -98,19 +98,30 @@ class CoconutModel(nn.Module):
             raise ValueError("CoconutModel.forward: empty batch")
         if mode == "multipass":
             hidden, rows, targets = self._multipass(samples)
-        elif mode == "recompute":
-            thoughts = self._thoughts_recompute(samples)
-            hidden, rows, targets = self._full_forward(samples, thoughts)
         else:
-            cache = self._training_cache(samples)
-            hidden_prompt = self._prefill(samples, cache)
-            thoughts = self._thoughts_paged(samples, cache, hidden_prompt)
-            if mode == "two_pass":
-                hidden, rows, targets = self._full_forward(samples, thoughts)
+            prompts, suffixes = self._token_embeddings(samples)
+            if mode == "recompute":
+                thoughts = self._thoughts_recompute(samples, prompts)
+                hidden, rows, targets = self._full_forward(samples, prompts, thoughts, suffixes)
             else:
-                hidden, rows, targets = self._suffix_paged(samples, cache)
+                cache = self._training_cache(samples)
+                last_hidden = self._prefill(samples, cache, prompts)
+                thoughts = self._thoughts_paged(samples, cache, last_hidden)
+                if mode == "two_pass":
+                    hidden, rows, targets = self._full_forward(samples, prompts, thoughts, suffixes)
+                else:
+                    hidden, rows, targets = self._suffix_paged(samples, cache, suffixes)
         logits = self.decoder.logits(hidden[rows])
         return F.cross_entropy(logits.float(), targets, reduction="mean")
+
+    def _token_embeddings(self, samples) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each sample's prompt and suffix embeddings, from one embedding call (one sparse-to-dense
+        embedding backward instead of one per step)."""
+        ids = [t for s in samples for t in s.prompt] + [t for s in samples for t in s.suffix]
+        embeds = self.decoder.embed_tokens(torch.tensor(ids, device=self.decoder.embed_tokens.weight.device))
+        lens = [len(s.prompt) for s in samples] + [len(s.suffix) for s in samples]
+        parts = list(embeds.split(lens))
+        return parts[: len(samples)], parts[len(samples):]
 
     # -- the paged path -------------------------------------------------------------------------
 
@@ -130,12 +141,10 @@ class CoconutModel(nn.Module):
             cache.add_sequence(i)
         return cache
 
-    def _prefill(self, samples, cache: PagedKVCache) -> torch.Tensor:
+    def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor]) -> torch.Tensor:
         """All prompts in one packed step; returns each prompt's last hidden state `[B, hidden]`."""
-        seqs = list(range(len(samples)))
-        batch = cache.prepare(seqs, [len(s.prompt) for s in samples])
-        ids = torch.tensor([t for s in samples for t in s.prompt], device=cache.device)
-        hidden = self.decoder(batch, input_ids=ids, cache=cache)
+        batch = cache.prepare(list(range(len(samples))), [len(s.prompt) for s in samples])
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(prompts), cache=cache)
         return hidden[batch.last_token_indices()]
 
     def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor) -> torch.Tensor:
@@ -158,39 +167,36 @@ class CoconutModel(nn.Module):
             last = last.index_copy(0, index, self.append_thought(cache, active, inputs))
         return thoughts
 
-    def _suffix_paged(self, samples, cache: PagedKVCache):
-        seqs = list(range(len(samples)))
-        batch = cache.prepare(seqs, [len(s.suffix) for s in samples])
-        ids = torch.tensor([t for s in samples for t in s.suffix], device=cache.device)
-        hidden = self.decoder(batch, input_ids=ids, cache=cache)
+    def _suffix_paged(self, samples, cache: PagedKVCache, suffixes: list[torch.Tensor]):
+        """All suffixes in one packed step; rows/targets of the suffix labels."""
+        batch = cache.prepare(list(range(len(samples))), [len(s.suffix) for s in samples])
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache)
         rows, targets, start = [], [], 0
         for s in samples:
             rows.extend(range(start, start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
             start += len(s.suffix)
-        return hidden, torch.tensor(rows, device=ids.device), torch.tensor(targets, device=ids.device)
+        return hidden, torch.tensor(rows, device=cache.device), torch.tensor(targets, device=cache.device)
 
     # -- the no-cache references ---------------------------------------------------------------
 
-    def _embed_sequences(self, samples, thoughts, with_suffix: bool = True) -> torch.Tensor:
+    @staticmethod
+    def _splice(prompts, thoughts, suffixes=None) -> torch.Tensor:
         """Packed input embeddings `prompt | thoughts | suffix` with the thought embeddings spliced in."""
-        embed = self.decoder.embed_tokens
-        device = embed.weight.device
         parts = []
-        for s, th in zip(samples, thoughts):
-            parts.append(embed(torch.tensor(s.prompt, device=device)))
+        for i, (prompt, th) in enumerate(zip(prompts, thoughts)):
+            parts.append(prompt)
             if th:
                 parts.append(torch.stack(th))
-            if with_suffix:
-                parts.append(embed(torch.tensor(s.suffix, device=device)))
+            if suffixes is not None:
+                parts.append(suffixes[i])
         return torch.cat(parts)
 
-    def _thoughts_recompute(self, samples) -> list[list[torch.Tensor]]:
+    def _thoughts_recompute(self, samples, prompts) -> list[list[torch.Tensor]]:
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
-            sub = [samples[i] for i in active]
-            embeds = self._embed_sequences(sub, [thoughts[i] for i in active], with_suffix=False)
+            embeds = self._splice([prompts[i] for i in active], [thoughts[i] for i in active])
             lens = [len(samples[i].prompt) + t - 1 for i in active]
             batch = AttentionBatch.packed(lens, device=embeds.device)
             hidden = self.decoder(batch, inputs_embeds=embeds)
@@ -198,9 +204,9 @@ class CoconutModel(nn.Module):
                 thoughts[i].append(hidden[row])
         return thoughts
 
-    def _full_forward(self, samples, thoughts):
+    def _full_forward(self, samples, prompts, thoughts, suffixes):
         """One no-cache forward over whole sequences; rows/targets of the suffix labels."""
-        embeds = self._embed_sequences(samples, thoughts)
+        embeds = self._splice(prompts, thoughts, suffixes)
         batch = AttentionBatch.packed([s.length for s in samples], device=embeds.device)
         hidden = self.decoder(batch, inputs_embeds=embeds)
         rows, targets, start = [], [], 0

@@ -83,17 +83,30 @@ def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
 
 
 def _visible(batch, device) -> torch.Tensor:
-    """Causal visibility `[B, 1, max_q, max_k]`: padded query row i of sequence b sees key j."""
+    """Causal visibility `[B, 1, max_q, max_k]`: padded query row i of sequence b sees key j.
+
+    Key 0 is visible to every row, so that padding rows (which nothing reads) are never fully
+    masked; real rows see key 0 anyway.
+    """
     q_lens = torch.tensor(batch.q_lens, device=device)
     k_lens = torch.tensor(batch.k_lens, device=device)
     i = torch.arange(batch.max_seqlen_q, device=device)
     j = torch.arange(batch.max_seqlen_k, device=device)
     q_pos = (k_lens - q_lens)[:, None] + i[None, :]
-    return ((j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None]))[:, None]
+    seen = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None])
+    return (seen | (j == 0))[:, None]
 
 
-def _scores(q_pad: torch.Tensor, k: torch.Tensor, group: int, scale: float) -> torch.Tensor:
-    return torch.matmul(q_pad.float(), k.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _pad_rows(x: torch.Tensor, batch) -> torch.Tensor:
+    """Packed rows `[T, ...]` -> `[B, max_q, ...]` (zeros past each sequence's new tokens)."""
+    seq_idx, row_idx = batch.token_rows()
+    out = x.new_zeros(batch.num_seqs, batch.max_seqlen_q, *x.shape[1:])
+    out[seq_idx, row_idx] = x
+    return out
 
 
 def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: bool = False, out=None):
@@ -106,26 +119,22 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
 
     if out is None:
         out = torch.empty_like(q)
-    num_heads = q.shape[1]
-    group = num_heads // k_pool.shape[2]
+    group = q.shape[1] // k_pool.shape[2]
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
     seq_idx, row_idx = batch.token_rows()
-    q_pad = q.new_zeros(batch.num_seqs, batch.max_seqlen_q, *q.shape[1:])
-    q_pad[seq_idx, row_idx] = q
-    q_pad = q_pad.transpose(1, 2)
+    q_pad = _pad_rows(q, batch).transpose(1, 2)
     k, v = _padded_kv(k_pool, batch), _padded_kv(v_pool, batch)
     visible = _visible(batch, q.device)
     if return_lse:
-        scores = _scores(q_pad, k, group, scale).masked_fill(~visible, float("-inf"))
+        scores = torch.matmul(q_pad.float(), _repeat_kv(k.float(), group).transpose(-1, -2)) * scale
+        scores = scores.masked_fill_(~visible, float("-inf"))
         lse_pad = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse_pad[..., None])
-        o_pad = torch.matmul(probs, v.float().repeat_interleave(group, dim=1))
+        probs = torch.exp_(scores.sub_(lse_pad[..., None]))
+        o_pad = torch.matmul(probs, _repeat_kv(v.float(), group))
         lse[:] = lse_pad.transpose(1, 2)[seq_idx, row_idx]
     else:
-        # rows past a sequence's q_len see all its keys, so no row is fully masked except q_len-0 rows
-        visible = visible | (torch.arange(batch.max_seqlen_k, device=q.device) == 0)
         o_pad = F.scaled_dot_product_attention(q_pad, k.to(q.dtype), v.to(q.dtype), attn_mask=visible, scale=scale,
                                                enable_gqa=group > 1)
     out[: batch.num_tokens] = o_pad.transpose(1, 2)[seq_idx, row_idx].to(out.dtype)
@@ -135,31 +144,31 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
 def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """Gradients of `paged_attention`: returns dq, and adds dK/dV into the gradient pools at the slots read.
 
-    Recomputes the probabilities from q and the saved log-sum-exp (nothing of the cache was saved).
+    Nothing of the cache was saved: K/V are gathered again and the probabilities recomputed (from
+    the saved log-sum-exp, or by a softmax when `lse` is None).
     """
     group = q.shape[1] // k_pool.shape[2]
     seq_idx, row_idx = batch.token_rows()
-
-    def pad(x):
-        x_pad = x.new_zeros(batch.num_seqs, batch.max_seqlen_q, *x.shape[1:])
-        x_pad[seq_idx, row_idx] = x
-        return x_pad.transpose(1, 2).float()
-
-    q_pad, do_pad = pad(q), pad(dout)
-    lse_pad = pad(lse)  # [B, heads, max_q]
+    q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
+    do_pad = _pad_rows(dout.float(), batch).transpose(1, 2)
+    delta = _pad_rows((dout.float() * out.float()).sum(-1), batch).transpose(1, 2)  # rowsum(dO * O)
     k, v = _padded_kv(k_pool, batch).float(), _padded_kv(v_pool, batch).float()
-    k_rep, v_rep = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    visible = _visible(batch, q.device)
-    probs = torch.exp(torch.matmul(q_pad, k_rep.transpose(-1, -2)) * scale - lse_pad[..., None])
-    probs = probs.masked_fill(~visible, 0.0)
-    delta = (pad(dout) * pad(out)).sum(-1)  # rowsum(dO * O)
+    k_rep, v_rep = _repeat_kv(k, group), _repeat_kv(v, group)
+    scores = torch.matmul(q_pad, k_rep.transpose(-1, -2)).mul_(scale).masked_fill_(~_visible(batch, q.device),
+                                                                                   float("-inf"))
+    if lse is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = scores.sub_(_pad_rows(lse, batch).transpose(1, 2)[..., None]).exp_()
     dv = torch.matmul(probs.transpose(-1, -2), do_pad)
-    ds = probs * (torch.matmul(do_pad, v_rep.transpose(-1, -2)) - delta[..., None])
-    dq = torch.matmul(ds, k_rep) * scale
-    dk = torch.matmul(ds.transpose(-1, -2), q_pad) * scale
+    ds = probs.mul_(torch.matmul(do_pad, v_rep.transpose(-1, -2)).sub_(delta[..., None]))
+    dq = torch.matmul(ds, k_rep).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q_pad).mul_(scale)
     b, h, n, d = dk.shape
-    dk = dk.view(b, h // group, group, n, d).sum(2).transpose(1, 2)  # [B, max_k, kv_heads, D]
-    dv = dv.view(b, h // group, group, n, d).sum(2).transpose(1, 2)
+    if group > 1:
+        dk = dk.view(b, h // group, group, n, d).sum(2)
+        dv = dv.view(b, h // group, group, n, d).sum(2)
+    dk, dv = dk.transpose(1, 2), dv.transpose(1, 2)  # [B, max_k, kv_heads, D]
     page_size = k_pool.shape[1]
     pos = torch.arange(batch.max_seqlen_k, device=q.device)
     slots = batch.block_table.long()[:, pos // page_size] * page_size + pos % page_size
