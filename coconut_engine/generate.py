@@ -1,0 +1,363 @@
+"""Batched generation with continuous thoughts on the paged KV cache.
+
+Every step is one Decoder call over a packed batch in which each running sequence contributes what
+it needs next: its prompt (admission), one continuous thought (its last hidden state fed back),
+`<eot>`, or its last sampled token. So prefill, thought steps and decoding share one code path and
+a batch may mix them (continuous batching). Requests that do not fit in the page pool wait in a
+queue and are admitted as finished sequences free their pages; results come back in request order.
+
+Sampling is seeded per request (from `seed` and the sample index, not the batch position), so a
+result does not depend on what else is in the batch. `n > 1` forks a request after its prompt and
+thoughts (which are deterministic), so the copies share those pages.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .cache import AttentionBatch, PagedKVCache
+from .coconut import SPECIAL_TOKEN_TEXTS, CoconutModel, SpecialTokens
+from .model import Decoder
+
+
+@dataclass
+class GenerationResult:
+    """One generated sample."""
+
+    text: str | None  # decoded new tokens (None without a tokenizer), cut before a stop string
+    token_ids: list[int]  # new tokens (after <eot> when there were thoughts)
+    finish_reason: str  # "eos" | "stop" | "length" | "error"
+    prompt_tokens: int
+    num_thoughts: int
+    error: str | None = None
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class _Seq:
+    """A running sample: what it feeds next, and what it has produced."""
+
+    key: tuple[int, int]  # (request index, sample index)
+    prompt_tokens: int
+    num_thoughts: int
+    thoughts_left: int
+    generator: torch.Generator
+    pending: list[int] = field(default_factory=list)  # token inputs of the next step
+    thought: torch.Tensor | None = None  # hidden-state input of the next step
+    out: list[int] = field(default_factory=list)
+    forks: int = 0  # copies to fork off once the shared part (prompt + thoughts) is computed
+
+
+@dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    num_thoughts: int
+    pages: int  # pages reserved for the request's whole life, all samples included
+
+
+@dataclass(frozen=True)
+class _Params:
+    """The sampling and stopping settings of one `generate` call."""
+
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    stop_ids: frozenset
+    stop_texts: tuple
+    seed: int
+    n: int
+
+
+class Generator:
+    """Serve many prompts at once on a paged KV cache (see the module docstring)."""
+
+    def __init__(self, model: Decoder | CoconutModel, tokenizer=None, max_pages: int = 1024, page_size: int = 16,
+                 special_tokens: SpecialTokens | None = None):
+        if isinstance(model, CoconutModel):
+            special_tokens = special_tokens or model.tokens
+            model = model.decoder
+        self.decoder = model
+        self.tokenizer = tokenizer
+        self.special_tokens = special_tokens or _special_tokens_from(tokenizer)
+        weight = model.embed_tokens.weight
+        self.device = weight.device
+        self.cache = PagedKVCache(model.config, num_pages=max_pages, page_size=page_size, dtype=weight.dtype,
+                                  device=self.device)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.peak_pages_in_use = 0  # high-water mark of the last generate call (shows page sharing)
+
+    @property
+    def page_size(self) -> int:
+        return self.cache.page_size
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str | Sequence[int]], num_thoughts: int | Sequence[int] = 0,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 stop: Sequence[int | str] | None = None, n: int = 1, seed: int = 0,
+                 thought_markers: bool | None = None, progress: bool = False) -> list[GenerationResult]:
+        """Generate for every prompt; returns `len(prompts) * n` results, request-major.
+
+        `num_thoughts`: one count for all prompts or one per prompt; with thoughts (or
+        `thought_markers=True`, as in Coconut stage 0) the prompt is followed by `<bot>`, the thoughts
+        and `<eot>`. `stop`: token ids and/or strings. A bad request gets an "error" result that
+        names it; the other requests still complete.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        counts = [num_thoughts] * len(prompts) if isinstance(num_thoughts, int) else list(num_thoughts)
+        if len(counts) != len(prompts):
+            raise ValueError(f"{len(counts)} thought counts for {len(prompts)} prompts")
+        stop_ids, stop_texts, stop_error = _split_stop(stop)
+        params = _Params(max_new_tokens, temperature, top_k, top_p, frozenset(stop_ids), tuple(stop_texts), seed, n)
+        results: dict[tuple[int, int], GenerationResult] = {}
+        queue: deque[_Request] = deque()
+        for i, (prompt, k) in enumerate(zip(prompts, counts)):
+            request, error = self._request(i, prompt, k, thought_markers, stop_error, params)
+            if error is not None:
+                for j in range(n):
+                    results[(i, j)] = GenerationResult(None, [], "error", 0, k if isinstance(k, int) else 0, error)
+            else:
+                queue.append(request)
+
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts) * n, desc="generate", unit="sample", initial=len(results))
+        running: list[_Seq] = []
+        reserved: dict[int, int] = {}  # request index -> pages held back for it
+        self.peak_pages_in_use = 0
+        while queue or running:
+            while queue and sum(reserved.values()) + queue[0].pages <= self.cache.num_pages:
+                request = queue.popleft()
+                reserved[request.index] = request.pages
+                running.append(self._admit(request, params))
+            finished = self._step(running, params)
+            self.peak_pages_in_use = max(self.peak_pages_in_use, self.cache.num_pages - self.cache.num_free_pages)
+            for seq, reason in finished:
+                running.remove(seq)
+                self.cache.free(seq.key)
+                results[seq.key] = self._result(seq, reason, params)
+                if all((seq.key[0], j) in results for j in range(n)):
+                    del reserved[seq.key[0]]
+                if bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [results[(i, j)] for i in range(len(prompts)) for j in range(n)]
+
+    # -- requests -----------------------------------------------------------------------------------
+
+    def _request(self, index: int, prompt, k, thought_markers, stop_error, params: _Params):
+        """Validate and tokenize one request; returns (request, None) or (None, error message)."""
+        if stop_error:
+            return None, f"request {index}: {stop_error}"
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            return None, f"request {index}: num_thoughts must be an integer >= 0, got {k!r}"
+        markers = (k > 0) if thought_markers is None else thought_markers
+        if markers and self.special_tokens is None:
+            return None, (f"request {index}: thoughts need the special tokens {SPECIAL_TOKEN_TEXTS}: pass a "
+                          "CoconutModel, special_tokens=, or a tokenizer that has them")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                return None, f"request {index}: a text prompt needs a tokenizer"
+            ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            return None, f"request {index}: the prompt is empty"
+        vocab = self.decoder.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            return None, f"request {index}: token ids {bad[:5]} are outside the vocabulary of {vocab}"
+        if markers:  # <bot>; with no thoughts <eot> follows at once, else after the last thought
+            ids = ids + [self.special_tokens.bot] + ([self.special_tokens.eot] if k == 0 else [])
+        length = len(ids) + k + (1 if markers and k else 0) + params.max_new_tokens
+        pages = -(-length // self.page_size) * params.n  # conservative: every copy owns all its pages
+        if pages > self.cache.num_pages:
+            return None, (f"request {index}: needs up to {pages} pages ({len(ids)} prompt tokens + {k} thoughts + "
+                          f"{params.max_new_tokens} new tokens, n={params.n}) but the pool has {self.cache.num_pages}")
+        return _Request(index, ids, k, pages), None
+
+    def _admit(self, request: _Request, params: _Params) -> _Seq:
+        key = (request.index, 0)
+        self.cache.add_sequence(key)
+        return _Seq(key=key, prompt_tokens=len(request.prompt), num_thoughts=request.num_thoughts,
+                    thoughts_left=request.num_thoughts, generator=_sample_generator(params.seed, 0),
+                    pending=list(request.prompt), forks=params.n - 1)
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _step(self, running: list[_Seq], params: _Params) -> list[tuple[_Seq, str]]:
+        """One Decoder call for every running sequence; returns the sequences that finished."""
+        counts = [1 if s.thought is not None else len(s.pending) for s in running]
+        batch = self.cache.prepare([s.key for s in running], counts)
+        last = self.decoder(batch, inputs_embeds=self._step_inputs(running, counts, batch),
+                            cache=self.cache)[batch.last_token_indices()]
+        to_sample: list[tuple[_Seq, int]] = []
+        for row, s in enumerate(running):
+            was_thought = s.thought is not None
+            s.pending, s.thought = [], None
+            s.thoughts_left -= was_thought
+            if s.thoughts_left > 0:
+                s.thought = last[row]  # the continuous thought: last hidden state -> next input
+            elif was_thought:
+                s.pending = [self.special_tokens.eot]
+            else:
+                to_sample.append((s, row))
+        for s, row in list(to_sample):  # fork n-1 copies once the shared prompt + thoughts are cached
+            for j in range(1, s.forks + 1):
+                child = _Seq(key=(s.key[0], j), prompt_tokens=s.prompt_tokens, num_thoughts=s.num_thoughts,
+                             thoughts_left=0, generator=_sample_generator(params.seed, j))
+                self.cache.fork(s.key, child.key)
+                running.append(child)
+                to_sample.append((child, row))
+            s.forks = 0
+        if not to_sample:
+            return []
+        rows = sorted({row for _, row in to_sample})
+        logits = self.decoder.logits(last[torch.tensor(rows, device=self.device)]).float()
+        finished = []
+        for s, row in to_sample:
+            token = _sample(logits[rows.index(row)], params, s.generator)
+            s.out.append(token)
+            reason = self._finish_reason(s, token, params)
+            if reason:
+                finished.append((s, reason))
+            else:
+                s.pending = [token]
+        return finished
+
+    def _step_inputs(self, running: list[_Seq], counts: list[int], batch: AttentionBatch) -> torch.Tensor:
+        """Packed input embeddings: token embeddings, with each thought's hidden state in its row."""
+        token_rows, token_ids, thought_rows, thoughts = [], [], [], []
+        start = 0
+        for s, count in zip(running, counts):
+            if s.thought is None:
+                token_rows.extend(range(start, start + count))
+                token_ids.extend(s.pending)
+            else:
+                thought_rows.append(start)
+                thoughts.append(s.thought)
+            start += count
+        weight = self.decoder.embed_tokens.weight
+        if not thoughts:
+            return self.decoder.embed_tokens(torch.tensor(token_ids, device=self.device))
+        embeds = torch.empty(batch.num_tokens, weight.shape[1], dtype=weight.dtype, device=self.device)
+        if token_rows:
+            embeds[torch.tensor(token_rows, device=self.device)] = self.decoder.embed_tokens(
+                torch.tensor(token_ids, device=self.device))
+        embeds[torch.tensor(thought_rows, device=self.device)] = torch.stack(thoughts)
+        return embeds
+
+    def _finish_reason(self, s: _Seq, token: int, params: _Params) -> str | None:
+        if token in self.eos_ids:
+            return "eos"
+        if token in params.stop_ids:
+            return "stop"
+        if params.stop_texts and self.tokenizer is not None:
+            text = self.tokenizer.decode(s.out)
+            if any(t in text for t in params.stop_texts):
+                return "stop"
+        if len(s.out) >= params.max_new_tokens:
+            return "length"
+        return None
+
+    def _result(self, seq: _Seq, reason: str, params: _Params) -> GenerationResult:
+        text = None
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode([t for t in seq.out if t not in self.eos_ids])
+            for stop_text in params.stop_texts:
+                cut = text.find(stop_text)
+                text = text[:cut] if cut >= 0 else text
+        return GenerationResult(text, list(seq.out), reason, seq.prompt_tokens, seq.num_thoughts)
+
+
+def _sample_generator(seed: int, sample_index: int) -> torch.Generator:
+    """The random stream of sample `sample_index` of a request: independent of the batch around it."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((seed * 1_000_003 + sample_index * 7919) % (2**63))
+    return gen
+
+
+def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -> int:
+    """Greedy at temperature 0; otherwise temperature, top-k and nucleus filtering, then a seeded draw."""
+    if params.temperature <= 0:
+        return int(torch.argmax(logits))
+    top_k, top_p = params.top_k, params.top_p
+    logits = logits.cpu() / params.temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = sorted_probs[keep]
+        probs = filtered / filtered.sum()
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _split_stop(stop) -> tuple[set[int], list[str], str | None]:
+    ids, texts = set(), []
+    for item in stop or ():
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            return set(), [], f"stop entries must be token ids (int) or strings, got {type(item).__name__} {item!r}"
+        (ids.add(item) if isinstance(item, int) else texts.append(item))
+    return ids, texts, None
+
+
+def _eos_ids(decoder: Decoder, tokenizer) -> set[int]:
+    eos = decoder.config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _special_tokens_from(tokenizer) -> SpecialTokens | None:
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    if all(t in vocab for t in SPECIAL_TOKEN_TEXTS):
+        return SpecialTokens(*(vocab[t] for t in SPECIAL_TOKEN_TEXTS))
+    return None
+
+
+@torch.no_grad()
+def generate_no_cache(decoder: Decoder, prompt: Sequence[int], num_thoughts: int, max_new_tokens: int,
+                      tokens: SpecialTokens | None = None, eos_ids: Sequence[int] = (),
+                      thought_markers: bool | None = None) -> list[int]:
+    """The official style, one question at a time and no KV cache: every thought and every new token
+    re-runs the whole sequence. Greedy. The slow reference for tests and benchmarks."""
+    embed = decoder.embed_tokens
+    device = embed.weight.device
+    markers = (num_thoughts > 0) if thought_markers is None else thought_markers
+    inputs = list(embed(torch.tensor(list(prompt) + ([tokens.bot] if markers else []), device=device)))
+
+    def last_hidden():
+        return decoder(AttentionBatch.packed([len(inputs)], device=device), inputs_embeds=torch.stack(inputs))[-1]
+
+    for _ in range(num_thoughts):
+        inputs.append(last_hidden())
+    if markers:
+        inputs.append(embed(torch.tensor(tokens.eot, device=device)))
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(torch.argmax(decoder.logits(last_hidden())))
+        out.append(token)
+        if token in eos_ids:
+            break
+        inputs.append(embed(torch.tensor(token, device=device)))
+    return out
