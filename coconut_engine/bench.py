@@ -306,3 +306,85 @@ def format_train_table(rows: list[dict]) -> str:
         mems = " | ".join(f"{by[(st, m)]['peak_mb']:.0f}" if (st, m) in by else "" for m in modes)
         lines.append(f"| {st} | {times} | {mems} |")
     return "\n".join(lines)
+
+
+def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int = 128, new_tokens: int = 64,
+                   thoughts: int = 6, thought_new_tokens: int = 32, official_questions: int = 2,
+                   device: str = "cpu", backend: str = "auto", reps: int = 3, progress=None) -> list[dict]:
+    """Generation throughput: the engine vs transformers' batched `generate` (plain decoding), and vs
+    the official style (one question at a time, no KV cache) with continuous thoughts.
+
+    The official style is linear in the number of questions, so it runs `official_questions` of
+    them and reports the per-question rate for the batch.
+    """
+    import tempfile
+
+    import transformers
+
+    from .coconut import SpecialTokens
+    from .generate import Generator, generate_no_cache
+    from .loader import save_model
+
+    device = torch.device(device)
+    decoder = build_random_model(shape, device=device, attention_backend=backend).eval()
+    vocab = decoder.config.vocab_size
+    tokens = SpecialTokens(bot=vocab - 3, thought=vocab - 2, eot=vocab - 1)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, vocab - 3, (batch, prompt_len), generator=gen)
+    engine = Generator(decoder, max_pages=batch * (-(-(prompt_len + new_tokens + thoughts + 2) // 16)) + 8,
+                       page_size=16, special_tokens=tokens)
+    rows = []
+
+    def record(name, seconds, generated, note=""):
+        rows.append({"name": name, "seconds": seconds, "tokens_per_s": generated / seconds, "generated": generated,
+                     "note": note})
+        if progress is not None:
+            progress(rows[-1])
+
+    def alternate(fns: dict, reps: int):
+        """Median seconds of each callable, run alternately (after one warm-up each)."""
+        times = {name: [] for name in fns}
+        outs = {name: fn() for name, fn in fns.items()}
+        for _ in range(reps):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+        return {name: statistics.median(t) for name, t in times.items()}, outs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(decoder, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
+    ids = prompts.to(device)
+
+    def hf_generate():
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    seconds, outs = alternate({"engine": lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens),
+                               "transformers": hf_generate}, reps)
+    record(f"engine plain B={batch} prompt={prompt_len} new={new_tokens}", seconds["engine"],
+           sum(len(r.token_ids) for r in outs["engine"]))
+    record(f"transformers generate B={batch} prompt={prompt_len} new={new_tokens}", seconds["transformers"],
+           batch * new_tokens)
+    del hf
+
+    def timed(fn):
+        fn()  # warm-up
+        t0 = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - t0, out
+
+    seconds, out = timed(lambda: engine.generate(prompts.tolist(), num_thoughts=thoughts,
+                                                 max_new_tokens=thought_new_tokens))
+    record(f"engine thoughts B={batch} k={thoughts} new={thought_new_tokens}", seconds,
+           sum(len(r.token_ids) for r in out))
+    t0 = time.perf_counter()
+    generated = 0
+    for q in prompts[:official_questions].tolist():
+        generated += len(generate_no_cache(decoder, q, thoughts, thought_new_tokens, tokens))
+    per_question = (time.perf_counter() - t0) / official_questions
+    record(f"official style (batch 1, no cache) k={thoughts} new={thought_new_tokens}", per_question * batch,
+           generated / official_questions * batch, note=f"measured on {official_questions} questions, x{batch}")
+    return rows

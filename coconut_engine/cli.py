@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
@@ -39,6 +41,61 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_jsonl_prompts(path: Path) -> tuple[list[str], list[int | None]]:
+    """Prompts of a JSONL file: each line an object with "prompt" (used as is) or "question" (the
+    official Coconut format: followed by a newline), and optionally "num_thoughts"."""
+    prompts, thoughts = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"{path}:{line_no}: not valid JSON ({exc})")
+            if not isinstance(record, dict) or not ("prompt" in record or "question" in record):
+                raise SystemExit(f"{path}:{line_no}: expected an object with a 'prompt' or 'question' field")
+            prompts.append(record["prompt"] if "prompt" in record else record["question"] + "\n")
+            thoughts.append(record.get("num_thoughts"))
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts")
+    return prompts, thoughts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate (with continuous thoughts) for prompts given as arguments or in a JSONL file."""
+    import torch
+
+    from .generate import Generator
+    from .loader import load_model, load_tokenizer
+
+    if bool(args.prompts) == bool(args.input):
+        raise SystemExit("give prompts as arguments or --input FILE, not both (and not neither)")
+    prompts, per_prompt = _read_jsonl_prompts(args.input) if args.input else (args.prompts, [None] * len(args.prompts))
+    thoughts = [args.num_thoughts if k is None else int(k) for k in per_prompt]
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, dtype=args.dtype, device=device, attention_backend=args.backend)
+    generator = Generator(model, load_tokenizer(args.model), max_pages=args.max_pages, page_size=args.page_size)
+    results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 stop=args.stop, n=args.n, seed=args.seed, progress=bool(args.input))
+    rows = []
+    for i, result in enumerate(results):
+        prompt_index = i // args.n
+        rows.append({"index": prompt_index, "sample": i % args.n, "prompt": prompts[prompt_index], "text": result.text,
+                     "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                     "prompt_tokens": result.prompt_tokens, "num_thoughts": result.num_thoughts,
+                     "generated_tokens": result.generated_tokens, "error": result.error})
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} results to {args.output}", file=sys.stderr)
+    else:
+        for r in rows:
+            print(r["text"] if r["error"] is None else f"ERROR: {r['error']}")
+    return 1 if any(r["error"] for r in rows) else 0
+
+
 _TINY = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256),
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -56,6 +113,26 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--thoughts", type=int, default=3)
     smoke.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     smoke.set_defaults(func=cmd_smoke)
+
+    gen = sub.add_parser("generate", help=cmd_generate.__doc__)
+    gen.add_argument("prompts", nargs="*", help="prompt texts")
+    gen.add_argument("--model", required=True, type=Path, help="HF model directory (config, safetensors, tokenizer)")
+    gen.add_argument("--input", type=Path, help="JSONL with 'prompt' or 'question' (+ optional 'num_thoughts')")
+    gen.add_argument("--output", type=Path, help="JSONL results (default: print texts)")
+    gen.add_argument("--num-thoughts", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt (they share the prompt's pages)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    gen.add_argument("--max-pages", type=int, default=2048)
+    gen.add_argument("--page-size", type=int, default=16)
+    gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default float32)")
+    gen.add_argument("--device", default=None)
+    gen.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    gen.set_defaults(func=cmd_generate)
     return parser
 
 

@@ -77,8 +77,8 @@ def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
     """Every sequence's K or V gathered through the block table, `[B, kv_heads, max_k, D]` (junk past k_len)."""
     page_size = pool.shape[1]
     num_pages = -(-batch.max_seqlen_k // page_size)
-    table = batch.block_table[:, :num_pages].long()
-    rows = pool[table].reshape(table.shape[0], num_pages * page_size, *pool.shape[2:])
+    table = batch.block_table[:, :num_pages].reshape(-1)
+    rows = pool.flatten(1).index_select(0, table).view(batch.num_seqs, num_pages * page_size, *pool.shape[2:])
     return rows[:, : batch.max_seqlen_k].transpose(1, 2)
 
 
