@@ -34,7 +34,14 @@ class AttentionBatch:
     max_seqlen_k: int
     q_lens: tuple[int, ...] = field(default=())  # host copies: no device sync to read them
     k_lens: tuple[int, ...] = field(default=())
-    _token_rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _memo: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def memo(self, key: str, build):
+        """A per-step value derived from this batch (masks, index tensors), built by the first layer
+        that asks and reused by the others."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def num_seqs(self) -> int:
@@ -76,13 +83,13 @@ class AttentionBatch:
 
         Computed once per step and memoised (every layer uses the same batch).
         """
-        if self._token_rows is None:
+        def build():
             seq = [b for b, n in enumerate(self.q_lens) for _ in range(n)]
             row = [i for n in self.q_lens for i in range(n)]
             dev = self.positions.device
-            self._token_rows = (torch.tensor(seq, dtype=torch.int64, device=dev),
-                                torch.tensor(row, dtype=torch.int64, device=dev))
-        return self._token_rows
+            return (torch.tensor(seq, dtype=torch.int64, device=dev), torch.tensor(row, dtype=torch.int64, device=dev))
+
+        return self.memo("token_rows", build)
 
     def last_token_indices(self) -> torch.Tensor:
         """Packed index of each sequence's last new token (sequences with no new token excluded)."""

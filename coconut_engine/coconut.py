@@ -90,12 +90,15 @@ class CoconutModel(nn.Module):
         self.page_size = page_size
         self._cache: PagedKVCache | None = None
 
-    def forward(self, samples: Sequence[CoconutSample], mode: str = "paged") -> torch.Tensor:
-        """Mean token cross-entropy of the batch's suffix labels."""
+    def forward(self, samples: Sequence[CoconutSample], mode: str = "paged", reduction: str = "mean") -> torch.Tensor:
+        """Token cross-entropy of the batch's suffix labels: their mean, or their sum (`reduction="sum"`,
+        for a trainer that divides by the label count of a larger batch)."""
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if not samples:
             raise ValueError("CoconutModel.forward: empty batch")
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if mode == "multipass":
             hidden, rows, targets = self._multipass(samples)
         else:
@@ -112,7 +115,7 @@ class CoconutModel(nn.Module):
                 else:
                     hidden, rows, targets = self._suffix_paged(samples, cache, suffixes)
         logits = self.decoder.logits(hidden[rows])
-        return F.cross_entropy(logits.float(), targets, reduction="mean")
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
 
     def _token_embeddings(self, samples) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each sample's prompt and suffix embeddings, from one embedding call (one sparse-to-dense

@@ -98,7 +98,7 @@ class Generator:
     def page_size(self) -> int:
         return self.cache.page_size
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, prompts: Sequence[str | Sequence[int]], num_thoughts: int | Sequence[int] = 0,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  stop: Sequence[int | str] | None = None, n: int = 1, seed: int = 0,
@@ -227,9 +227,11 @@ class Generator:
             return []
         rows = sorted({row for _, row in to_sample})
         logits = self.decoder.logits(last[torch.tensor(rows, device=self.device)]).float()
+        greedy = logits.argmax(dim=-1).tolist() if params.temperature <= 0 else None
         finished = []
         for s, row in to_sample:
-            token = _sample(logits[rows.index(row)], params, s.generator)
+            index = rows.index(row)
+            token = greedy[index] if greedy is not None else _sample(logits[index], params, s.generator)
             s.out.append(token)
             reason = self._finish_reason(s, token, params)
             if reason:

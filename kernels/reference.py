@@ -86,15 +86,18 @@ def _visible(batch, device) -> torch.Tensor:
     """Causal visibility `[B, 1, max_q, max_k]`: padded query row i of sequence b sees key j.
 
     Key 0 is visible to every row, so that padding rows (which nothing reads) are never fully
-    masked; real rows see key 0 anyway.
+    masked; real rows see key 0 anyway. Built once per step.
     """
-    q_lens = torch.tensor(batch.q_lens, device=device)
-    k_lens = torch.tensor(batch.k_lens, device=device)
-    i = torch.arange(batch.max_seqlen_q, device=device)
-    j = torch.arange(batch.max_seqlen_k, device=device)
-    q_pos = (k_lens - q_lens)[:, None] + i[None, :]
-    seen = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None])
-    return (seen | (j == 0))[:, None]
+    def build():
+        q_lens = torch.tensor(batch.q_lens, device=device)
+        k_lens = torch.tensor(batch.k_lens, device=device)
+        i = torch.arange(batch.max_seqlen_q, device=device)
+        j = torch.arange(batch.max_seqlen_k, device=device)
+        q_pos = (k_lens - q_lens)[:, None] + i[None, :]
+        seen = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None])
+        return (seen | (j == 0))[:, None]
+
+    return batch.memo("visible", build)
 
 
 def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""A ProsQA-style task generator: reachability questions over a random DAG of made-up concepts.
+
+Per question: a random DAG over concepts, people attached to concepts, a root person from whom a
+target concept is reachable by a chain of `num_steps` facts, and a distractor concept that is not
+reachable from the root. The question lists every fact in random order and asks
+"Is X a A or B?"; the steps are the chain from the root to the target; the answer "X is a A.".
+Output records are in the official format, with the graph (`idx_to_symbol`, `edges`, `root`,
+`target`, `neg_target`) as in ProsQA.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+_ONSETS = ["b", "br", "d", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "sk", "st", "t", "tr",
+           "v", "w", "y", "z", "zh", "ch", "dr", "fl", "gl", "pl", "scr", "sp", "th", "qu"]
+_RHYMES = ["umpus", "impus", "orpus", "empus", "ompus", "erpus", "ampus", "ipus", "opus"]
+_PEOPLE = ["Alex", "Tom", "Sally", "Davis", "Max", "Sam", "Polly", "Jack", "Fae", "Rex", "Wren", "Stella", "Sam",
+           "Bob", "Eve", "Ivy", "Leo", "Mia", "Nora", "Owen"]
+
+
+@dataclass(frozen=True)
+class ProsQAConfig:
+    """Difficulty knobs. `official_like()` approximates ProsQA's own statistics."""
+
+    num_concepts: int = 8
+    num_people: int = 2
+    min_steps: int = 2
+    max_steps: int = 3
+    extra_edges: int = 4
+    person_facts: int = 1  # extra "X is a C." facts per person besides the root's chain start
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps:
+            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if self.num_concepts < self.max_steps + 2:
+            raise ValueError(f"num_concepts={self.num_concepts} cannot hold a {self.max_steps}-step chain and a distractor")
+        if self.num_people < 1:
+            raise ValueError("num_people must be >= 1")
+
+    @classmethod
+    def official_like(cls) -> "ProsQAConfig":
+        return cls(num_concepts=18, num_people=4, min_steps=3, max_steps=5, extra_edges=28, person_facts=1)
+
+
+def _concept_names(rng: random.Random, count: int) -> list[str]:
+    names: set[str] = set()
+    while len(names) < count:
+        names.add(rng.choice(_ONSETS) + rng.choice(_RHYMES))
+    return sorted(names, key=lambda _: rng.random())
+
+
+def _distances(edges: dict[int, set[int]], start: int) -> dict[int, int]:
+    dist = {start: 0}
+    queue = deque([start])
+    while queue:
+        node = queue.popleft()
+        for nxt in edges.get(node, ()):
+            if nxt not in dist:
+                dist[nxt] = dist[node] + 1
+                queue.append(nxt)
+    return dist
+
+
+def _one_question(rng: random.Random, cfg: ProsQAConfig) -> dict:
+    people = rng.sample(sorted(set(_PEOPLE)), cfg.num_people)
+    concepts = _concept_names(rng, cfg.num_concepts)
+    symbols = people + concepts
+    person_ids = list(range(len(people)))
+    concept_ids = list(range(len(people), len(symbols)))
+    order = {c: i for i, c in enumerate(rng.sample(concept_ids, len(concept_ids)))}  # topological order
+    by_order = sorted(concept_ids, key=order.get)
+    steps = rng.randint(cfg.min_steps, cfg.max_steps)
+    root = rng.choice(person_ids)
+
+    # The chain root -> c1 -> ... -> c_steps, taken in topological order; the distractor lies outside it.
+    positions = sorted(rng.sample(range(len(by_order) - 1), steps))
+    chain = [by_order[p] for p in positions]
+    target = chain[-1]
+    edges: dict[int, set[int]] = {root: {chain[0]}}
+    for a, b in zip(chain, chain[1:]):
+        edges.setdefault(a, set()).add(b)
+    outside = [c for c in concept_ids if c not in chain]
+    neg_target = rng.choice(outside)
+    # another person reaches the distractor, so it looks like a plausible answer
+    others = [p for p in person_ids if p != root]
+    if others:
+        edges.setdefault(rng.choice(others), set()).add(neg_target)
+
+    def acceptable() -> bool:
+        dist = _distances(edges, root)
+        return neg_target not in dist and dist.get(target) == steps
+
+    candidates = [(a, b) for a in concept_ids for b in concept_ids if order[a] < order[b]]
+    candidates += [(p, c) for p in person_ids for c in concept_ids]
+    rng.shuffle(candidates)
+    budget = {"edges": cfg.extra_edges, "people": cfg.person_facts * len(people)}
+    for a, b in candidates:
+        kind = "people" if a in person_ids else "edges"
+        if budget[kind] <= 0 or b in edges.get(a, ()):
+            continue
+        edges.setdefault(a, set()).add(b)
+        if acceptable():
+            budget[kind] -= 1
+        else:
+            edges[a].discard(b)
+        if budget["edges"] <= 0 and budget["people"] <= 0:
+            break
+
+    edge_list = sorted((a, b) for a, bs in edges.items() for b in bs)
+    facts = [_fact(symbols, a, b, a in person_ids) for a, b in edge_list]
+    rng.shuffle(facts)
+    person = symbols[root]
+    options = [symbols[target], symbols[neg_target]]
+    rng.shuffle(options)
+    path = [root] + chain
+    step_texts = [_fact(symbols, a, b, a in person_ids) for a, b in zip(path, path[1:])]
+    return {
+        "question": " ".join(facts) + f" Is {person} a {options[0]} or {options[1]}?",
+        "steps": step_texts,
+        "answer": f"{person} is a {symbols[target]}.",
+        "idx_to_symbol": symbols,
+        "edges": [list(e) for e in edge_list],
+        "root": root,
+        "target": target,
+        "neg_target": neg_target,
+    }
+
+
+def _fact(symbols: list[str], a: int, b: int, is_person: bool) -> str:
+    return f"{symbols[a]} is a {symbols[b]}." if is_person else f"Every {symbols[a]} is a {symbols[b]}."
+
+
+def generate_prosqa(num_questions: int, config: ProsQAConfig | None = None, seed: int = 0) -> list[dict]:
+    """`num_questions` records in the official format (deterministic for a seed)."""
+    rng = random.Random(seed)
+    cfg = config or ProsQAConfig()
+    return [_one_question(rng, cfg) for _ in range(num_questions)]
+
+
+def prosqa_statistics(records: list[dict]) -> dict[str, float]:
+    """Mean steps, nodes, edges and question words of a ProsQA-format record list."""
+    return {
+        "steps": statistics.mean(len(r["steps"]) for r in records),
+        "nodes": statistics.mean(len(r["idx_to_symbol"]) for r in records),
+        "edges": statistics.mean(len(r["edges"]) for r in records),
+        "question_words": statistics.mean(len(r["question"].split()) for r in records),
+    }
