@@ -133,7 +133,7 @@ class Generator:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(prompts) * n, desc="generate", unit="sample", initial=len(results))
+            bar = tqdm(total=len(prompts) * n, desc="generate", unit="sample", initial=len(results), disable=None)
         running: list[_Seq] = []
         reserved: dict[int, int] = {}  # request index -> pages held back for it
         self.peak_pages_in_use = 0

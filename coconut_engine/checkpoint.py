@@ -1,0 +1,96 @@
+"""Training checkpoints: written whole or not at all, found again after a crash.
+
+A checkpoint is a directory `checkpoint-NNNN` (NNNN = epochs completed) holding the model in the
+Hugging Face layout (so transformers loads it), the tokenizer, `coconut.json` (special token ids
+and curriculum settings: what `coconut-engine eval` needs), `optimizer.pt` (tensors only, loaded
+with weights_only=True) and `trainer_state.json`, written last. It is assembled in a temporary
+directory and renamed into place, so a kill while writing leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .coconut import SpecialTokens
+from .errors import CheckpointError
+from .loader import load_model, load_tokenizer, save_model
+
+STATE_FILE = "trainer_state.json"
+COCONUT_FILE = "coconut.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def checkpoint_dirs(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first (temporary and half-written ones are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name[len("checkpoint-"):].isdigit()
+             and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len("checkpoint-"):]))
+
+
+def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, tokens: SpecialTokens, coconut_info: dict,
+                    optimizer: torch.optim.Optimizer | None, state: dict, keep_last: int = 2,
+                    before_rename=None) -> Path:
+    """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{epochs_done:04d}"
+    tmp = root / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(decoder, tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / COCONUT_FILE).write_text(json.dumps({"special_tokens": asdict(tokens), **coconut_info}, indent=2))
+    if optimizer is not None:
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if before_rename is not None:  # a test hook: simulate a crash after writing, before publishing
+        before_rename(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_coconut_info(path: str | Path) -> tuple[SpecialTokens, dict]:
+    """Special tokens and curriculum settings of a checkpoint (or a model directory trained elsewhere)."""
+    path = Path(path) / COCONUT_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path} not found: the model directory has no Coconut special tokens "
+                              "(train it with coconut-engine, or add coconut.json with 'special_tokens')")
+    try:
+        info = json.loads(path.read_text())
+        tokens = SpecialTokens(**info.pop("special_tokens"))
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: malformed ({exc})") from exc
+    return tokens, info
+
+
+def load_checkpoint(path: str | Path, device="cpu", attention_backend: str = "auto"):
+    """(decoder, tokenizer, special tokens, coconut info, trainer state) of one checkpoint."""
+    path = Path(path)
+    decoder = load_model(path, device=device, attention_backend=attention_backend)
+    tokenizer = load_tokenizer(path)
+    tokens, info = read_coconut_info(path)
+    vocab = decoder.config.vocab_size
+    for name, token_id in asdict(tokens).items():
+        if not 0 <= token_id < vocab:
+            raise CheckpointError(f"{path / COCONUT_FILE}: special token {name}={token_id} is outside the "
+                                  f"model's vocabulary of {vocab}")
+    state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+    return decoder, tokenizer, tokens, info, state
+
+
+def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    file = Path(path) / OPTIMIZER_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: cannot resume the optimizer")
+    optimizer.load_state_dict(torch.load(file, weights_only=True, map_location="cpu"))

@@ -1,0 +1,478 @@
+"""The multi-stage Coconut trainer: curriculum, evaluation, checkpoints that resume, DDP via torchrun.
+
+`TrainConfig` uses the official key names where they exist. `batch_size` is the global number of
+samples per optimizer step: under torchrun each rank takes every world_size-th sample of the batch,
+the loss is the summed token cross-entropy divided by the label count of the whole batch, and the
+gradients are summed across ranks, so N processes compute exactly what one process does with the
+combined batch. `gradient_accumulation_steps` splits each rank's share into micro-batches (memory),
+without changing the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import checkpoint_dirs, load_checkpoint, load_optimizer_state, save_checkpoint
+from .coconut import CoconutModel, SpecialTokens, add_special_tokens
+from .data import (DATA_MODES, Record, StageRules, TokenizedRecord, batches, build_sample, eval_prompt,
+                   extract_answer, load_records, tokenize_record)
+from .errors import CoconutEngineError
+from .generate import Generator
+
+
+class TrainingError(CoconutEngineError, RuntimeError):
+    """Training cannot go on (diverged loss, bad configuration, incompatible checkpoint)."""
+
+
+# Built-in model shapes for `model: builtin:NAME` (GPT-2 architecture, vocabulary from the tokenizer).
+BUILTIN_MODELS = {
+    "gpt2-tiny": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 1024},
+    "gpt2-small": {"n_embd": 256, "n_layer": 6, "n_head": 8, "n_positions": 1024},
+    "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; official Coconut key names where they exist."""
+
+    name: str = "coconut"
+    save_dir: str = "runs/default"
+    model: str = "builtin:gpt2-tiny"  # a Hugging Face model directory, or builtin:NAME
+    tokenizer: str | None = None  # default: the model directory's; builtin models train one on the data
+    train_path: str | None = None  # official JSON; default: generate the built-in task
+    val_path: str | None = None
+    task_train_size: int = 2000
+    task_val_size: int = 200
+    task_seed: int = 0
+    task_config: dict | None = None  # ProsQAConfig fields for the built-in task
+    mode: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
+    c_thought: int = 1
+    epochs_per_stage: int = 5
+    max_latent_stage: int = 6
+    pad_latent_to_max: bool = False
+    uniform_prob: float = 0.0
+    reset_optimizer: bool = True
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    batch_size: int = 128
+    gradient_accumulation_steps: int = 1
+    max_batch_tokens: int | None = None
+    num_epochs: int = 25
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    seed: int = 0
+    forward_mode: str = "paged"
+    eval_max_new_tokens: int = 64
+    max_eval_questions: int | None = None
+    resume: bool = False
+    keep_checkpoints: int = 2
+    device: str | None = None
+    attention_backend: str = "auto"
+    page_size: int = 16
+    progress: bool = True
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(cond: bool, message: str):
+            if not cond:
+                raise TrainingError(f"config: {message}")
+
+        need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
+        need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
+        need(self.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
+        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1")
+        need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
+             f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
+        need((self.train_path is None) == (self.val_path is None),
+             "give both train_path and val_path, or neither (to generate the built-in task)")
+        need(not (self.mode in ("cot", "no_cot") and self.pad_latent_to_max),
+             f"pad_latent_to_max has no meaning in mode {self.mode} (no thoughts)")
+        try:
+            self.rules()
+        except ValueError as exc:
+            raise TrainingError(f"config: {exc}") from exc
+
+    def rules(self) -> StageRules:
+        return StageRules(self.c_thought, self.max_latent_stage, self.pad_latent_to_max, self.uniform_prob, self.mode)
+
+    def stage_of(self, epoch: int) -> int:
+        """The curriculum stage of an epoch (0 forever in cot / no_cot)."""
+        return 0 if self.mode in ("cot", "no_cot") else epoch // self.epochs_per_stage
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise TrainingError(f"{source}: unknown key(s) {unknown}; known keys: {', '.join(known)}")
+        return cls(**{k: _coerce(v, known[k].type, k, source) for k, v in values.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
+        import yaml
+
+        path = Path(path)
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise TrainingError(f"{path}: cannot read the config ({exc})") from exc
+        if not isinstance(values, dict):
+            raise TrainingError(f"{path}: expected a mapping of keys to values")
+        return cls.from_dict({**values, **(overrides or {})}, source=str(path))
+
+
+def _coerce(value, annotation, key: str, source: str):
+    """CLI overrides arrive as strings: turn them into the field's type."""
+    if not isinstance(value, str) or "str" in str(annotation):
+        return value
+    kind = str(annotation)
+    try:
+        if value.lower() in ("none", "null") and "None" in kind:
+            return None
+        if kind.startswith("bool"):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1", "yes")
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("dict"):
+            return json.loads(value)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise TrainingError(f"{source}: {key}={value!r} is not a valid {kind}") from exc
+    return value
+
+
+@dataclass
+class DistEnv:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_environment(cls) -> "DistEnv":
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                   int(os.environ.get("LOCAL_RANK", 0)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], stage: int, rules: StageRules,
+             max_new_tokens: int = 64, page_size: int = 16, progress: bool = False) -> dict:
+    """Answer exact-match accuracy of batched generation at a stage (the official extraction)."""
+    tokenized = [tokenize_record(r, tokenizer) for r in records]
+    prompts, thoughts = [], []
+    markers = rules.markers and rules.mode != "pause_as_thought"
+    for rec in tokenized:
+        prompt, k, _ = eval_prompt(rec, stage, rules, tokens)
+        prompts.append(prompt)
+        thoughts.append(k)
+    longest = max(len(p) + k for p, k in zip(prompts, thoughts)) + 2 + max_new_tokens
+    pages = min(4096, max(len(prompts) * -(-longest // page_size), -(-longest // page_size)))
+    generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens)
+    results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
+                                 thought_markers=markers, progress=progress)
+    correct = [extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
+    return {
+        "accuracy": sum(correct) / len(correct),
+        "tokens_per_answer": sum(r.generated_tokens for r in results) / len(results),
+        "thoughts_per_answer": sum(thoughts) / len(thoughts),
+        "generations": [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok}
+                        for rec, r, ok in zip(records, results, correct)],
+    }
+
+
+@torch.no_grad()
+def validation_loss(model: CoconutModel, samples, batch_size: int, mode: str) -> float:
+    total, count = 0.0, 0
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        total += float(model(chunk, mode=mode, reduction="sum"))
+        count += sum(len(s.suffix) - 1 for s in chunk)
+    return total / max(count, 1)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+class Trainer:
+    """One training run (see the module docstring); `run()` trains, evaluates and checkpoints."""
+
+    def __init__(self, config: TrainConfig):
+        self.cfg = config
+        self.env = DistEnv.from_environment()
+        self.out = Path(config.save_dir)
+        self.device = torch.device(config.device or (f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu"))
+        if self.env.world_size > 1 and not torch.distributed.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            torch.distributed.init_process_group(backend)
+        self.rules = config.rules()
+        self.history: list[dict] = []
+        self.epochs_done = 0
+        self.global_step = 0
+        self._setup()
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        train_path, val_path = self._data_paths()
+        self.train_records = load_records(train_path)
+        self.val_records = load_records(val_path)
+        if cfg.max_eval_questions:
+            self.val_records = self.val_records[: cfg.max_eval_questions]
+        latest = checkpoint_dirs(self.out)[-1] if cfg.resume and checkpoint_dirs(self.out) else None
+        if cfg.resume and latest is None and self.env.is_main:
+            print(f"resume: no complete checkpoint under {self.out}; starting from the beginning")
+        if latest is not None:
+            decoder, tokenizer, tokens, info, state = load_checkpoint(latest, device=self.device,
+                                                                      attention_backend=cfg.attention_backend)
+            if info.get("mode") != cfg.mode:
+                raise TrainingError(f"{latest}: trained in mode {info.get('mode')!r}, config says {cfg.mode!r}")
+            self.epochs_done = state["epochs_done"]
+            self.global_step = state["global_step"]
+            self.history = state["history"]
+            self.resumed_from = latest
+        else:
+            decoder, tokenizer, tokens = self._fresh_model()
+            self.resumed_from = None
+        if self.env.world_size > 1:  # every rank starts from rank 0's weights
+            for p in decoder.parameters():
+                torch.distributed.broadcast(p.data, src=0)
+        self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
+        self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size)
+        self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
+        self.val_tok = [tokenize_record(r, tokenizer) for r in self.val_records]
+        self.optimizer = self._new_optimizer()
+        if latest is not None and not self._resets_optimizer_at(self.epochs_done):
+            load_optimizer_state(latest, self.optimizer)
+
+    def _data_paths(self) -> tuple[Path, Path]:
+        cfg = self.cfg
+        if cfg.train_path is not None:
+            return Path(cfg.train_path), Path(cfg.val_path)
+        from .tasks import ProsQAConfig, generate_prosqa
+
+        data = self.out / "data"
+        train, val = data / "train.json", data / "val.json"
+        if self.env.is_main and not (train.is_file() and val.is_file()):
+            task = ProsQAConfig(**(cfg.task_config or {}))
+            data.mkdir(parents=True, exist_ok=True)
+            records = generate_prosqa(cfg.task_train_size + cfg.task_val_size, task, seed=cfg.task_seed)
+            _atomic_json(val, records[: cfg.task_val_size])
+            _atomic_json(train, records[cfg.task_val_size:])
+        self.env.barrier()
+        return train, val
+
+    def _fresh_model(self):
+        cfg = self.cfg
+        from .loader import load_model, load_tokenizer
+
+        if cfg.model.startswith("builtin:"):
+            name = cfg.model[len("builtin:"):]
+            if name not in BUILTIN_MODELS:
+                raise TrainingError(f"config: unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
+            tokenizer = self._task_tokenizer() if cfg.tokenizer is None else load_tokenizer(cfg.tokenizer)
+            from .config import ModelConfig
+            from .model import Decoder
+
+            spec = {"model_type": "gpt2", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+                    "bos_token_id": tokenizer.eos_token_id, **BUILTIN_MODELS[name]}
+            torch.manual_seed(cfg.seed)
+            with torch.device(self.device):
+                decoder = Decoder(ModelConfig.from_dict(spec, source=f"builtin:{name}"),
+                                  attention_backend=cfg.attention_backend)
+            _init_weights(decoder)
+        else:
+            decoder = load_model(cfg.model, device=self.device, attention_backend=cfg.attention_backend)
+            tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        tokens = add_special_tokens(decoder, tokenizer)
+        return decoder, tokenizer, tokens
+
+    def _task_tokenizer(self):
+        from .loader import load_tokenizer
+        from .tasks import train_task_tokenizer
+
+        path = self.out / "tokenizer"
+        if self.env.is_main and not (path / "tokenizer.json").is_file():
+            texts = [r.question + "\n" + "\n".join(r.steps) + "\n### " + r.answer for r in self.train_records]
+            train_task_tokenizer(texts, path, vocab_size=1024)
+        self.env.barrier()
+        return load_tokenizer(path)
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.decoder.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def _resets_optimizer_at(self, epoch: int) -> bool:
+        return self.cfg.reset_optimizer and epoch > 0 and self.cfg.stage_of(epoch) != self.cfg.stage_of(epoch - 1)
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def epoch_samples(self, epoch: int):
+        """The epoch's samples in training order (deterministic: a resumed run sees the same)."""
+        rng = random.Random(f"{self.cfg.seed}-{epoch}")
+        stage = self.cfg.stage_of(epoch)
+        samples = [build_sample(rec, stage, self.rules, self.tokens, rng) for rec in self.train_tok]
+        rng.shuffle(samples)
+        return samples
+
+    def run(self) -> list[dict]:
+        """Train the remaining epochs; returns the per-epoch metrics."""
+        cfg = self.cfg
+        for epoch in range(self.epochs_done, cfg.num_epochs):
+            if self._resets_optimizer_at(epoch):
+                self.optimizer = self._new_optimizer()
+            started = time.perf_counter()
+            train_loss = self._train_epoch(epoch)
+            metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
+                       "train_seconds": time.perf_counter() - started}
+            if self.env.is_main:
+                metrics.update(self._evaluate(epoch))
+                self.history.append(metrics)
+                self._save(epoch + 1)
+                self._log(metrics)
+            self.epochs_done = epoch + 1
+            self.env.barrier()
+        return self.history
+
+    def _train_epoch(self, epoch: int) -> float:
+        cfg, env = self.cfg, self.env
+        samples = self.epoch_samples(epoch)
+        steps = math.ceil(len(samples) / cfg.batch_size)
+        bar = None
+        if cfg.progress and env.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {cfg.stage_of(epoch)}",
+                       unit="step", leave=False, disable=None)
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and self.device.type == "cuda"
+                    else torch.autocast("cpu", enabled=False))
+        epoch_loss, epoch_labels = 0.0, 0
+        self.decoder.train()
+        for (batch,) in batches(samples, cfg.batch_size):
+            share = batch[env.rank :: env.world_size]
+            labels = sum(len(s.suffix) - 1 for s in batch)
+            loss_sum = torch.zeros((), device=self.device)
+            for micro in _split(share, cfg.gradient_accumulation_steps, cfg.max_batch_tokens):
+                with autocast:
+                    loss = self.model(micro, mode=cfg.forward_mode, reduction="sum")
+                (loss / labels).backward()
+                loss_sum += loss.detach().float()
+            if env.world_size > 1:
+                for p in self.decoder.parameters():
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad)
+                torch.distributed.all_reduce(loss_sum)
+            batch_loss = float(loss_sum) / labels
+            if not math.isfinite(batch_loss):
+                last = checkpoint_dirs(self.out)
+                raise TrainingError(
+                    f"loss is {batch_loss} at epoch {epoch + 1}, step {self.global_step + 1}: training stopped; "
+                    f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
+            torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.global_step += 1
+            epoch_loss += float(loss_sum)
+            epoch_labels += labels
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{batch_loss:.3f}")
+        if bar is not None:
+            bar.close()
+        return epoch_loss / max(epoch_labels, 1)
+
+    def _evaluate(self, epoch: int) -> dict:
+        stage = self.cfg.stage_of(epoch)
+        self.decoder.eval()
+        val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok]
+        result = evaluate(self.decoder, self.tokenizer, self.tokens, self.val_records, stage, self.rules,
+                          self.cfg.eval_max_new_tokens, self.cfg.page_size)
+        self.last_generations = result.pop("generations")
+        result["val_loss"] = validation_loss(self.model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
+        self.decoder.train()
+        return result
+
+    def coconut_info(self, stage: int) -> dict:
+        r = self.rules
+        return {"mode": r.mode, "c_thought": r.c_thought, "max_latent_stage": r.max_latent_stage,
+                "pad_latent_to_max": r.pad_latent_to_max, "stage": stage}
+
+    def _save(self, epochs_done: int) -> None:
+        state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
+                 "config": dataclasses.asdict(self.cfg)}
+        save_checkpoint(self.out, epochs_done, self.decoder, self.tokenizer, self.tokens,
+                        self.coconut_info(self.cfg.stage_of(epochs_done - 1)), self.optimizer, state,
+                        keep_last=self.cfg.keep_checkpoints)
+        with open(self.out / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(m) + "\n" for m in self.history)
+        from .plots import plot_history
+
+        plot_history(self.history, self.out / "training.png", title=self.cfg.name)
+
+    def _log(self, m: dict) -> None:
+        if self.cfg.progress:
+            print(f"[{self.cfg.name}] epoch {m['epoch']} stage {m['stage']}: train loss {m['train_loss']:.4f}, "
+                  f"val loss {m['val_loss']:.4f}, accuracy {m['accuracy']:.3f}, "
+                  f"{m['tokens_per_answer']:.1f} tokens/answer ({m['train_seconds']:.0f}s)", flush=True)
+
+
+def _split(samples: list, parts: int, max_tokens: int | None) -> list[list]:
+    """A rank's share of a batch as micro-batches: `parts` even chunks, each within the token budget."""
+    if not samples:
+        return []
+    size = math.ceil(len(samples) / parts)
+    chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
+    if max_tokens is None:
+        return chunks
+    return [micro for chunk in chunks for micro in next(batches(chunk, len(chunk), max_tokens))]
+
+
+def _init_weights(decoder) -> None:
+    """GPT-2 initialisation: normal(0, 0.02) weights, zero biases, unit norms."""
+    with torch.no_grad():
+        for name, p in decoder.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def _atomic_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(value))
+    os.replace(tmp, path)
+
+
+def train(config: TrainConfig) -> list[dict]:
+    """Run a training job; returns the per-epoch metrics (rank 0)."""
+    return Trainer(config).run()
