@@ -1,4 +1,4 @@
-"""`coconut-engine` command line: smoke | generate | bench (train and eval arrive with the trainer)."""
+"""`coconut-engine` command line: train | eval | generate | bench | smoke."""
 from __future__ import annotations
 
 import argparse
@@ -96,6 +96,68 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 1 if any(r["error"] for r in rows) else 0
 
 
+def _overrides(pairs: list[str]) -> dict:
+    """`--key value` pairs (dashes in keys become underscores) -> {key: "value"}."""
+    out, i = {}, 0
+    while i < len(pairs):
+        key = pairs[i]
+        if not key.startswith("--") or i + 1 >= len(pairs) or pairs[i + 1].startswith("--"):
+            raise SystemExit(f"expected '--key value' pairs, got {pairs[i:i + 2]}")
+        out[key[2:].replace("-", "_")] = pairs[i + 1]
+        i += 2
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    """Train: with no arguments, the main job (built-in task, Coconut vs baselines); otherwise one run
+    from --config FILE and/or --key value overrides (official Coconut key names)."""
+    from .errors import CoconutEngineError
+    from .trainer import TrainConfig, train
+
+    overrides = _overrides(extra)
+    try:
+        if args.config is None and not overrides:
+            from .main_job import run_main_job
+
+            run_main_job()
+            return 0
+        config = (TrainConfig.from_yaml(args.config, overrides) if args.config
+                  else TrainConfig.from_dict(overrides, source="command line"))
+        history = train(config)
+    except CoconutEngineError as exc:
+        raise SystemExit(f"error: {exc}")
+    if history:
+        last = history[-1]
+        print(f"done: epoch {last['epoch']} stage {last['stage']} accuracy {last['accuracy']:.3f}; "
+              f"checkpoints in {config.save_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Answer accuracy of a trained checkpoint on an official-format JSON file."""
+    from .checkpoint import load_checkpoint
+    from .data import StageRules, load_records
+    from .errors import CoconutEngineError
+    from .trainer import evaluate
+
+    try:
+        decoder, tokenizer, tokens, info, _ = load_checkpoint(args.model, device=args.device or "cpu",
+                                                              attention_backend=args.backend)
+        rules = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0, info["mode"])
+        stage = info["stage"] if args.stage is None else args.stage
+        records = load_records(args.data)
+        result = evaluate(decoder, tokenizer, tokens, records, stage, rules, args.max_new_tokens, progress=True)
+    except (CoconutEngineError, KeyError) as exc:
+        raise SystemExit(f"error: {exc}")
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(g) + "\n" for g in result["generations"])
+    print(json.dumps({"accuracy": result["accuracy"], "tokens_per_answer": result["tokens_per_answer"],
+                      "thoughts_per_answer": result["thoughts_per_answer"], "stage": stage,
+                      "questions": len(records)}))
+    return 0
+
+
 _TINY = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256),
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -113,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--thoughts", type=int, default=3)
     smoke.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     smoke.set_defaults(func=cmd_smoke)
+
+    tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    tr.add_argument("--config", type=Path, help="YAML config (official Coconut keys)")
+    tr.set_defaults(func=cmd_train, takes_extra=True)
+
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__)
+    ev.add_argument("--model", required=True, type=Path, help="a checkpoint directory written by the trainer")
+    ev.add_argument("--data", required=True, type=Path, help="official-format JSON")
+    ev.add_argument("--stage", type=int, default=None, help="curriculum stage (default: the checkpoint's)")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--output", type=Path, help="write the generations as JSONL")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__)
     gen.add_argument("prompts", nargs="*", help="prompt texts")
@@ -137,7 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "takes_extra", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

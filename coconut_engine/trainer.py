@@ -34,6 +34,7 @@ class TrainingError(CoconutEngineError, RuntimeError):
 
 # Built-in model shapes for `model: builtin:NAME` (GPT-2 architecture, vocabulary from the tokenizer).
 BUILTIN_MODELS = {
+    "gpt2-micro": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 1024},
     "gpt2-tiny": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 1024},
     "gpt2-small": {"n_embd": 256, "n_layer": 6, "n_head": 8, "n_positions": 1024},
     "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
@@ -57,6 +58,7 @@ class TrainConfig:
     mode: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
     c_thought: int = 1
     epochs_per_stage: int = 5
+    stage0_epochs: int | None = None  # epochs of stage 0 (chain of thought); default epochs_per_stage
     max_latent_stage: int = 6
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0
@@ -91,6 +93,9 @@ class TrainConfig:
         need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
         need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
         need(self.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
+        need(self.stage0_epochs is None or self.stage0_epochs >= 0, "stage0_epochs must be >= 0")
+        need(not (self.stage0_epochs is not None and self.mode in ("cot", "no_cot")),
+             f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
@@ -111,7 +116,10 @@ class TrainConfig:
 
     def stage_of(self, epoch: int) -> int:
         """The curriculum stage of an epoch (0 forever in cot / no_cot)."""
-        return 0 if self.mode in ("cot", "no_cot") else epoch // self.epochs_per_stage
+        first = self.epochs_per_stage if self.stage0_epochs is None else self.stage0_epochs
+        if self.mode in ("cot", "no_cot") or epoch < first:
+            return 0
+        return 1 + (epoch - first) // self.epochs_per_stage
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> "TrainConfig":

@@ -31,6 +31,7 @@ class ProsQAConfig:
     max_steps: int = 3
     extra_edges: int = 4
     person_facts: int = 1  # extra "X is a C." facts per person besides the root's chain start
+    concept_pool: int | None = None  # draw concept names from this many fixed names (None: ~300)
 
     def __post_init__(self):
         if not 1 <= self.min_steps <= self.max_steps:
@@ -39,17 +40,20 @@ class ProsQAConfig:
             raise ValueError(f"num_concepts={self.num_concepts} cannot hold a {self.max_steps}-step chain and a distractor")
         if self.num_people < 1:
             raise ValueError("num_people must be >= 1")
+        if self.concept_pool is not None and not self.num_concepts <= self.concept_pool <= len(_ALL_NAMES):
+            raise ValueError(f"concept_pool must be in [num_concepts, {len(_ALL_NAMES)}], got {self.concept_pool}")
 
     @classmethod
     def official_like(cls) -> "ProsQAConfig":
         return cls(num_concepts=18, num_people=4, min_steps=3, max_steps=5, extra_edges=28, person_facts=1)
 
 
-def _concept_names(rng: random.Random, count: int) -> list[str]:
-    names: set[str] = set()
-    while len(names) < count:
-        names.add(rng.choice(_ONSETS) + rng.choice(_RHYMES))
-    return sorted(names, key=lambda _: rng.random())
+_ALL_NAMES = sorted({onset + rhyme for onset in _ONSETS for rhyme in _RHYMES})
+random.Random(1234).shuffle(_ALL_NAMES)
+
+
+def _concept_names(rng: random.Random, count: int, pool: int | None) -> list[str]:
+    return rng.sample(_ALL_NAMES[: pool or len(_ALL_NAMES)], count)
 
 
 def _distances(edges: dict[int, set[int]], start: int) -> dict[int, int]:
@@ -66,7 +70,7 @@ def _distances(edges: dict[int, set[int]], start: int) -> dict[int, int]:
 
 def _one_question(rng: random.Random, cfg: ProsQAConfig) -> dict:
     people = rng.sample(sorted(set(_PEOPLE)), cfg.num_people)
-    concepts = _concept_names(rng, cfg.num_concepts)
+    concepts = _concept_names(rng, cfg.num_concepts, cfg.concept_pool)
     symbols = people + concepts
     person_ids = list(range(len(people)))
     concept_ids = list(range(len(people), len(symbols)))

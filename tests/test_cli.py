@@ -1,0 +1,61 @@
+"""The command line: generate (arguments and JSONL), the main job at a tiny scale, smoke."""
+import json
+import os
+import subprocess
+import sys
+
+import transformers
+
+from coconut_engine.main_job import run_main_job
+from test_tokenizer import build_gpt2_tokenizer_dir
+
+
+def cli(*args, timeout=300):
+    env = dict(os.environ, COCONUT_ATTENTION_BACKEND="torch")
+    return subprocess.run([sys.executable, "-m", "coconut_engine.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_generate_from_arguments_and_jsonl(tmp_path):
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50257, n_positions=128)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "m")
+    build_gpt2_tokenizer_dir(tmp_path / "m")
+    proc = cli("generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "5", "Every wumpus is", "Tom is")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) >= 2
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "Is Tom a wumpus?"}) + "\n" + json.dumps({"prompt": "Hi"}) + "\n")
+    out = tmp_path / "a.jsonl"
+    proc = cli("generate", "--model", str(tmp_path / "m"), "--max-new-tokens", "4", "--n", "2", "--temperature", "1",
+               "--input", str(questions), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert rows[0]["prompt"] == "Is Tom a wumpus?\n" and all(r["generated_tokens"] == 4 for r in rows)
+    proc = cli("generate", "--model", str(tmp_path / "m"), "--num-thoughts", "2", "hello")
+    assert proc.returncode == 1 and "thoughts need the special tokens" in proc.stdout
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    proc = cli("generate", "--model", str(tmp_path / "m"), "--input", str(bad))
+    assert proc.returncode != 0 and "bad.jsonl:1: not valid JSON" in proc.stderr
+
+
+def test_train_rejects_unknown_keys(tmp_path):
+    proc = cli("train", "--learning-rate", "1e-3", "--save_dir", str(tmp_path))
+    assert proc.returncode != 0 and "unknown key(s) ['learning_rate']" in proc.stderr
+
+
+def test_main_job_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")  # "auto" would pick the Triton interpreter here
+    result = run_main_job(tmp_path, scale=0.01, progress=False)
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["no-CoT", "CoT (stage 0)", "Coconut stage 1", "Coconut stage 2", "Coconut stage 3"]
+    assert [r["thoughts"] for r in result["rows"]] == [0, 0, 1, 2, 3]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
+    assert "| Coconut stage 3 | 3.0 |" in capsys.readouterr().out
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "coconut" / "training.png").is_file()
+
+
+def test_smoke_command():
+    proc = cli("smoke", "--family", "llama", "--backend", "torch")
+    assert proc.returncode == 0 and "logits shape (3, 256)" in proc.stdout

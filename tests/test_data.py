@@ -1,0 +1,168 @@
+"""Official data format, tokenization and the curriculum stage builder (table-driven), task generator."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from coconut_engine.coconut import SpecialTokens
+from coconut_engine.data import (DataError, Record, StageRules, batches, build_sample, eval_prompt, extract_answer,
+                                 load_records, tokenize_record)
+from coconut_engine.tasks import ProsQAConfig, generate_prosqa, prosqa_statistics
+
+PROSQA_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "prosqa_valid.json"
+TOKENS = SpecialTokens(bot=1001, thought=1002, eot=1003)
+EOS = 1000
+
+
+class WordTokenizer:
+    """One id per character: enough to check the official tokenization layout exactly."""
+
+    eos_token_id = EOS
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 997 for c in text]
+
+
+def records_real_and_generated():
+    records = [Record(r["question"], tuple(r["steps"]), r["answer"]) for r in generate_prosqa(3, seed=5)]
+    if PROSQA_VALID.is_file():
+        records += load_records(PROSQA_VALID)[:3]
+    return records
+
+
+def test_tokenization_follows_the_official_layout():
+    rec = Record("Is Tom a wumpus?", ("Tom is a yumpus.", "Every yumpus is a wumpus."), "Tom is a wumpus.")
+    tok = tokenize_record(rec, WordTokenizer())
+    enc = WordTokenizer().encode
+    assert list(tok.question) == enc("Is Tom a wumpus?\n")
+    assert [list(s) for s in tok.steps] == [enc("Tom is a yumpus.\n"), enc("Every yumpus is a wumpus.\n")]
+    assert list(tok.answer) == enc("### Tom is a wumpus.") + [EOS]
+
+
+# (mode, stage, c, max_latent_stage, pad) -> (steps skipped, thoughts, markers)
+CASES = [
+    ("coconut", 0, 1, 6, False, lambda n: (0, 0, True)),
+    ("coconut", 2, 1, 6, False, lambda n: (2, 2, True)),
+    ("coconut", 2, 2, 6, False, lambda n: (2, 4, True)),
+    ("coconut", 5, 1, 6, False, lambda n: (5, 5, True)),  # stage <= max: n thoughts even past the steps
+    ("coconut", 7, 1, 6, False, lambda n: (n, min(n, 6), True)),  # past max: all steps, min(steps, max)
+    ("coconut", 7, 1, 6, True, lambda n: (n, 6, True)),  # past max, padded to max
+    ("coconut", 9, 2, 3, True, lambda n: (n, 6, True)),
+    ("coconut", 9, 2, 3, False, lambda n: (n, 2 * min(n, 3), True)),
+    ("cot", 4, 1, 6, False, lambda n: (0, 0, False)),
+    ("no_cot", 4, 1, 6, False, lambda n: (n, 0, False)),
+    ("no_thoughts", 2, 1, 6, False, lambda n: (2, 0, True)),
+    ("pause_as_thought", 2, 1, 6, False, lambda n: (2, 2, True)),
+]
+
+
+@pytest.mark.parametrize("mode,stage,c,max_stage,pad,expect", CASES)
+def test_stage_builder_rules(mode, stage, c, max_stage, pad, expect):
+    rules = StageRules(c_thought=c, max_latent_stage=max_stage, pad_latent_to_max=pad, mode=mode)
+    for record in records_real_and_generated():
+        rec = tokenize_record(record, WordTokenizer())
+        skip, thoughts, markers = expect(len(rec.steps))
+        sample = build_sample(rec, stage, rules, TOKENS)
+        rest = [t for s in rec.steps[min(skip, len(rec.steps)):] for t in s] + list(rec.answer)
+        question = list(rec.question)
+        if not markers:
+            assert sample.prompt + sample.suffix == question + rest and sample.num_thoughts == 0
+            assert sample.suffix[1:] == rest  # labels start right after the question
+        elif mode == "pause_as_thought":
+            assert sample.prompt == question + [TOKENS.bot] + [TOKENS.thought] * thoughts
+            assert sample.num_thoughts == 0 and sample.suffix == [TOKENS.eot] + rest
+        else:
+            assert sample.prompt == question + [TOKENS.bot]
+            assert sample.num_thoughts == thoughts
+            assert sample.suffix == [TOKENS.eot] + rest
+
+
+def test_uniform_prob_draws_stages_with_a_fixed_seed():
+    rules = StageRules(uniform_prob=1.0, max_latent_stage=6)
+    rec = tokenize_record(records_real_and_generated()[0], WordTokenizer())
+    draws = [build_sample(rec, 0, rules, TOKENS, random.Random(i)).num_thoughts for i in range(40)]
+    again = [build_sample(rec, 0, rules, TOKENS, random.Random(i)).num_thoughts for i in range(40)]
+    assert draws == again
+    assert set(draws) == set(range(len(rec.steps) + 1))  # uniform over 0..steps
+    half = StageRules(uniform_prob=0.5, max_latent_stage=6)
+    mixed = [build_sample(rec, 1, half, TOKENS, random.Random(i)).num_thoughts for i in range(60)]
+    assert mixed.count(1) > 10 and len(set(mixed)) > 2
+
+
+def test_eval_prompt():
+    rec = tokenize_record(records_real_and_generated()[0], WordTokenizer())
+    assert eval_prompt(rec, 2, StageRules(), TOKENS) == (list(rec.question), 2, True)
+    assert eval_prompt(rec, 2, StageRules(mode="no_cot"), TOKENS) == (list(rec.question), 0, False)
+    prompt, k, markers = eval_prompt(rec, 2, StageRules(mode="pause_as_thought"), TOKENS)
+    assert prompt[-4:] == [TOKENS.bot, TOKENS.thought, TOKENS.thought, TOKENS.eot] and (k, markers) == (0, False)
+    assert extract_answer("Tom is a x.\n### Tom is a wumpus, ok.") == "Tom is a wumpus ok."
+
+
+@pytest.mark.parametrize("content,message", [
+    ("", "not valid JSON"), ("[]", "holds no records"), ('{"a": 1}', "expected a JSON list"),
+    ('[{"question": "q", "steps": [], "answer": "a"}, {"question": "q", "steps": "x", "answer": "a"}]',
+     "record 1: 'steps' must be a list"),
+    ('[{"question": "q", "steps": []}]', "record 0 has no 'answer'"),
+    ('[3]', "record 0 is a int"),
+])
+def test_malformed_files(tmp_path, content, message):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_records(path)
+    with pytest.raises(DataError, match="file not found"):
+        load_records(tmp_path / "missing.json")
+
+
+def test_contradicting_rules():
+    with pytest.raises(DataError, match="uniform_prob=0.5 has no meaning in mode cot"):
+        StageRules(uniform_prob=0.5, mode="cot")
+    with pytest.raises(DataError, match="mode 'latent'"):
+        StageRules(mode="latent")
+    with pytest.raises(DataError, match="c_thought must be >= 1"):
+        StageRules(c_thought=0)
+
+
+def test_token_budget_batches():
+    from coconut_engine.coconut import CoconutSample
+
+    samples = [CoconutSample([1] * n, 0, [2, 3]) for n in (5, 9, 3, 20, 4)]
+    out = list(batches(samples, 4, max_batch_tokens=16))
+    assert [[[s.length for s in micro] for micro in batch] for batch in out] == [[[7], [11, 5], [22]], [[6]]]
+    assert [[len(micro) for micro in batch] for batch in batches(samples, 4)] == [[4], [1]]
+
+
+def test_generator_is_deterministic_and_consistent():
+    a, b = generate_prosqa(20, seed=3), generate_prosqa(20, seed=3)
+    assert a == b and a != generate_prosqa(20, seed=4)
+    for r in a:
+        symbols, root, target = r["idx_to_symbol"], r["root"], r["target"]
+        edges = {}
+        for x, y in r["edges"]:
+            edges.setdefault(x, set()).add(y)
+        seen, frontier = {root}, [root]
+        dist = {root: 0}
+        while frontier:
+            nxt = []
+            for x in frontier:
+                for y in edges.get(x, ()):
+                    if y not in seen:
+                        seen.add(y)
+                        dist[y] = dist[x] + 1
+                        nxt.append(y)
+            frontier = nxt
+        assert r["neg_target"] not in seen  # the distractor is unreachable
+        assert dist[target] == len(r["steps"])  # the steps are a shortest chain
+        assert r["answer"] == f"{symbols[root]} is a {symbols[target]}."
+        assert r["question"].endswith("?") and symbols[r["neg_target"]] in r["question"].split("Is ")[-1]
+
+
+@pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="../shared/data/prosqa_valid.json is absent")
+def test_official_like_statistics_match_the_real_validation_split():
+    real = prosqa_statistics(json.loads(PROSQA_VALID.read_text()))
+    ours = prosqa_statistics(generate_prosqa(300, ProsQAConfig.official_like(), seed=0))
+    assert abs(ours["steps"] - real["steps"]) < 0.5
+    assert abs(ours["nodes"] - real["nodes"]) / real["nodes"] < 0.15
+    assert abs(ours["edges"] - real["edges"]) / real["edges"] < 0.25
+    assert abs(ours["question_words"] - real["question_words"]) / real["question_words"] < 0.3
