@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from .baselines import OfficialCoconutHF
 from .cache import AttentionBatch
 
 # Model shapes by name: HF-style config dicts (random weights; no download).
@@ -37,7 +38,7 @@ SHAPES = {
                      "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": True,
                      "rms_norm_eps": 1e-6},
 }
-TRAIN_MODES = ("paged", "two_pass", "multipass", "recompute", "floor")
+TRAIN_MODES = ("paged", "two_pass", "multipass", "recompute", "transformers", "floor")
 
 
 @dataclass
@@ -239,12 +240,20 @@ def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int
     samples, tokens = prosqa_like_batch(decoder.config.vocab_size, stage, batch=batch, prompt_len=prompt_len,
                                         seed=seed)
     model = CoconutModel(decoder, tokens)
+    if mode == "transformers":  # the official algorithm on transformers, same weights
+        decoder = _as_transformers(decoder, device)
+        model = OfficialCoconutHF(decoder, tokens)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
     def step():
         decoder.zero_grad(set_to_none=False)
         with autocast if autocast is not None else torch.enable_grad():
-            loss = floor_loss(decoder, samples) if mode == "floor" else model(samples, mode=mode)
+            if mode == "floor":
+                loss = floor_loss(decoder, samples)
+            elif mode == "transformers":
+                loss = model(samples)
+            else:
+                loss = model(samples, mode=mode)
         loss.backward()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -269,12 +278,53 @@ def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int
             "peak_mb": peak_mb, "step_mb": peak_mb - base_mb, "tokens": tokens_per_step}
 
 
+def _as_transformers(decoder, device):
+    """The same weights as a transformers model (SDPA attention, eval mode: no dropout, like the engine)."""
+    import tempfile
+
+    import transformers
+
+    from .loader import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(decoder, tmp)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
+    return hf.to(device).eval()
+
+
+def _point_worker(conn, kwargs: dict) -> None:
+    try:
+        conn.send(("ok", run_train_point(**kwargs)))
+    except BaseException:  # the parent re-raises it with the point's settings
+        import traceback
+
+        conn.send(("error", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
 def run_train_point_subprocess(**kwargs) -> dict:
-    """`run_train_point` in a fresh Python process, so that peak RSS belongs to that point alone."""
+    """`run_train_point` in a fresh child process, so that its peak memory belongs to that point alone.
+
+    On Linux the child is forked from this process (fast: torch is already imported; every point
+    starts from the same resident baseline, which `step_mb` subtracts); elsewhere a new interpreter.
+    """
+    import multiprocessing
+
+    if sys.platform == "linux" and not torch.cuda.is_initialized():
+        ctx = multiprocessing.get_context("fork")
+        receive, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_point_worker, args=(send, kwargs))
+        proc.start()
+        send.close()
+        status, payload = receive.recv()
+        proc.join()
+        if status != "ok":
+            raise RuntimeError(f"benchmark point {kwargs} failed:\n{payload}")
+        return payload
     code = ("import json,sys; from coconut_engine.bench import run_train_point; "
             "print('RESULT ' + json.dumps(run_train_point(**json.loads(sys.argv[1]))))")
-    env = dict(os.environ)
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark point {kwargs} failed:\n{proc.stderr[-3000:]}")
     line = next(l for l in proc.stdout.splitlines() if l.startswith("RESULT "))
@@ -284,6 +334,8 @@ def run_train_point_subprocess(**kwargs) -> dict:
 def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batch: int = 8, reps: int = 3,
                 device: str = "cpu", backend: str = "auto", prompt_len: int = 250, progress=None) -> list[dict]:
     """Every (stage, mode) point in its own subprocess; modes alternate within each stage."""
+    if "transformers" in modes:
+        import transformers  # noqa: F401  (imported once here, not in every forked point)
     rows = []
     for stage in stages:
         for mode in modes:

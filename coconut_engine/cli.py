@@ -158,6 +158,54 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stages(text: str) -> list[int]:
+    """"0-6" or "0,2,6" -> stage list."""
+    if "-" in text:
+        lo, hi = text.split("-", 1)
+        return list(range(int(lo), int(hi) + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmarks: train (modes by stage), generate (vs transformers and the official style), kernels."""
+    import torch
+
+    from . import bench
+    from .plots import plot_bench
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = f"{args.what}-{args.shape}-{device}"
+    if args.what == "train":
+        modes = args.modes.split(",") if args.modes else list(bench.TRAIN_MODES)
+        unknown = sorted(set(modes) - set(bench.TRAIN_MODES))
+        if unknown:
+            raise SystemExit(f"unknown mode(s) {unknown}; known: {', '.join(bench.TRAIN_MODES)}")
+
+        def show(row):
+            print(f"stage {row['stage']} {row['mode']:<12} {row['median_ms']:9.1f} ms  {row['peak_mb']:8.1f} MB peak "
+                  f"{row['step_mb']:8.1f} MB step", flush=True)
+
+        rows = bench.bench_train(args.shape, _stages(args.stages), modes, batch=args.batch, reps=args.reps,
+                                 device=device, backend=args.backend, prompt_len=args.prompt_len, progress=show)
+        table = bench.format_train_table(rows)
+        plot_bench(rows, out / f"{stamp}.png", title=f"bench train --shape {args.shape} ({device})")
+    elif args.what == "generate":
+        rows = bench.bench_generate(args.shape, batch=args.batch, device=device, backend=args.backend, reps=args.reps,
+                                    progress=lambda r: print(f"{r['name']}: {r['tokens_per_s']:.1f} tok/s", flush=True))
+        table = "\n".join(["| what | seconds | tokens/s |", "|---|---:|---:|"] +
+                          [f"| {r['name']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in rows])
+    else:
+        timings = bench.bench_kernels(device=device)
+        rows = [t.as_dict() for t in timings]
+        table = bench.format_table(timings)
+    (out / f"{stamp}.json").write_text(json.dumps(rows, indent=2))
+    print(table)
+    print(f"results: {out / stamp}.json")
+    return 0
+
+
 _TINY = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=256),
     "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -189,6 +237,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     ev.set_defaults(func=cmd_eval)
+
+    be = sub.add_parser("bench", help=cmd_bench.__doc__)
+    be.add_argument("what", choices=["train", "generate", "kernels"])
+    be.add_argument("--shape", default="tiny", help="model shape: tiny, gpt2-6l, gpt2, smollm2-135m, qwen2.5-0.5b")
+    be.add_argument("--stages", default="0-6", help="curriculum stages, e.g. 0-6 or 0,3,6 (train)")
+    be.add_argument("--modes", default=None, help="comma-separated train modes (default: all)")
+    be.add_argument("--batch", type=int, default=8)
+    be.add_argument("--prompt-len", type=int, default=250)
+    be.add_argument("--reps", type=int, default=3)
+    be.add_argument("--device", default=None)
+    be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    be.add_argument("--out", default="runs/bench")
+    be.set_defaults(func=cmd_bench)
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__)
     gen.add_argument("prompts", nargs="*", help="prompt texts")

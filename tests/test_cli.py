@@ -59,3 +59,16 @@ def test_main_job_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, monkeypatch)
 def test_smoke_command():
     proc = cli("smoke", "--family", "llama", "--backend", "torch")
     assert proc.returncode == 0 and "logits shape (3, 256)" in proc.stdout
+
+
+def test_bench_train_smoke(tmp_path):
+    """`coconut-engine bench train --shape tiny` runs every mode and writes its JSON and chart (no timing checks)."""
+    proc = cli("bench", "train", "--shape", "tiny", "--stages", "0,2", "--reps", "1", "--batch", "3",
+               "--prompt-len", "24", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "train-tiny-cpu.json").read_text())
+    assert sorted({(r["stage"], r["mode"]) for r in rows}) == sorted(
+        (s, m) for s in (0, 2) for m in ("paged", "two_pass", "multipass", "recompute", "transformers", "floor"))
+    assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    assert (tmp_path / "train-tiny-cpu.png").stat().st_size > 0
+    assert "| stage | paged ms |" in proc.stdout
