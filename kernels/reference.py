@@ -138,10 +138,27 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
         o_pad = torch.matmul(probs, _repeat_kv(v.float(), group))
         lse[:] = lse_pad.transpose(1, 2)[seq_idx, row_idx]
     else:
-        o_pad = F.scaled_dot_product_attention(q_pad, k.to(q.dtype), v.to(q.dtype), attn_mask=visible, scale=scale,
-                                               enable_gqa=group > 1)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        same_lengths = len(set(batch.q_lens)) == 1 and len(set(batch.k_lens)) == 1
+        if same_lengths and batch.max_seqlen_q in (1, batch.max_seqlen_k):
+            # decode over equal lengths sees every key; a prefill from empty is plain causal: no mask
+            o_pad = F.scaled_dot_product_attention(q_pad, k, v, is_causal=batch.max_seqlen_q > 1, scale=scale,
+                                                   enable_gqa=group > 1)
+        elif batch.max_seqlen_q == 1:
+            o_pad = _decode_attention(q_pad, k, v, visible, group, scale)
+        else:
+            o_pad = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=visible, scale=scale, enable_gqa=group > 1)
     out[: batch.num_tokens] = o_pad.transpose(1, 2)[seq_idx, row_idx].to(out.dtype)
     return (out, lse) if return_lse else out
+
+
+def _decode_attention(q_pad, k, v, visible, group: int, scale: float) -> torch.Tensor:
+    """One query per sequence over ragged keys: grouped einsums (a boolean mask slows SDPA down on CPU)."""
+    b, h, _, d = q_pad.shape
+    qg = q_pad.view(b, h // group, group, d)
+    scores = torch.einsum("bkgd,bkld->bkgl", qg, k) * scale
+    probs = scores.masked_fill_(~visible.view(b, 1, 1, -1), float("-inf")).softmax(dim=-1)
+    return torch.einsum("bkgl,bkld->bkgd", probs, v).reshape(b, h, 1, d)
 
 
 def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):

@@ -1,0 +1,98 @@
+"""GPU checks of the Triton kernels (bf16, fp16, and fp32 with exact dots); skipped without CUDA.
+
+Run by benchmarks/gpu_check.sh on a GPU machine.
+"""
+import pytest
+import torch
+
+from coconut_engine.kernels import reference
+from paged_cases import make_case
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run benchmarks/gpu_check.sh)")
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def to_cuda(case):
+    q, k_pool, v_pool, batch = case
+    for name in ("cu_seqlens_q", "seq_lens_k", "block_table", "slot_mapping", "positions"):
+        setattr(batch, name, getattr(batch, name).cuda())
+    return q.cuda(), k_pool.cuda(), v_pool.cuda(), batch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (2, 128, 16), (7, 64, 8), (4, 80, 64), (8, 128, 128)])
+@pytest.mark.parametrize("kind", ["extend", "decode"])
+def test_forward_on_gpu(dtype, group, head_dim, page, kind):
+    from coconut_engine.kernels.paged_attention import paged_attention
+
+    prefix = [1, page - 1, page, page + 1, 700, 0, 3000]
+    q_lens = [3, 1, 0, page + 2, 17, 64, 1] if kind == "extend" else [1, 1, 0, 1, 1, 1, 1]
+    q, k_pool, v_pool, batch = to_cuda(make_case(group, head_dim, page, dtype, prefix, q_lens))
+    scale = head_dim ** -0.5
+    out, lse = paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True, ieee=dtype == torch.float32)
+    ref, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype], rtol=1e-2 if dtype == torch.bfloat16 else 0)
+    torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=1e-2 if dtype == torch.bfloat16 else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_on_gpu(dtype):
+    from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward
+
+    q, k_pool, v_pool, batch = to_cuda(make_case(4, 128, 16, dtype, [5, 300, 0, 17], [7, 1, 40, 16]))
+    scale = 128 ** -0.5
+    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    dout = torch.randn_like(out)
+    grad_k = torch.zeros(k_pool.shape, dtype=torch.float32, device="cuda")
+    grad_v = torch.zeros_like(grad_k)
+    dq = paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale,
+                                  ieee=dtype == torch.float32)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k_pool, v_pool))
+    (reference.paged_attention(qr, kr, vr, batch, scale) * dout.float()).sum().backward()
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in ((dq.float(), qr.grad), (grad_k, kr.grad), (grad_v, vr.grad)):
+        assert ((got - want).norm() / want.norm()).item() < limit
+
+
+def test_pool_beyond_32_bit_offsets():
+    """Pages whose element offsets exceed 2**31: store and attend at the top of a ~4.3 GB pool."""
+    from coconut_engine.cache import AttentionBatch
+    from coconut_engine.kernels.paged_attention import paged_attention
+    from coconut_engine.kernels.store_kv import store_kv
+
+    page, kv_heads, dim = 16, 8, 128
+    num_pages = (2**31) // (page * kv_heads * dim) + 64
+    k_pool = torch.zeros(num_pages, page, kv_heads, dim, dtype=torch.bfloat16, device="cuda")
+    v_pool = torch.zeros_like(k_pool)
+    pages = torch.arange(num_pages - 40, num_pages, device="cuda", dtype=torch.int32)
+    length = 40 * page - 3
+    pos = torch.arange(length, device="cuda")
+    slots = pages[pos // page].long() * page + pos % page
+    k = torch.randn(length, kv_heads, dim, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    store_kv(k, v, k_pool, v_pool, slots)
+    assert torch.equal(k_pool.view(-1, kv_heads, dim)[slots], k)
+    q = torch.randn(1, kv_heads * 4, dim, device="cuda", dtype=torch.bfloat16)
+    batch = AttentionBatch(torch.tensor([0, 1], dtype=torch.int32, device="cuda"),
+                           torch.tensor([length], dtype=torch.int32, device="cuda"), pages[None], slots[-1:],
+                           pos[-1:], 1, length, (1,), (length,))
+    out = paged_attention(q, k_pool, v_pool, batch, dim ** -0.5)
+    ref, _ = reference.attend_one(q, k, v, 4, dim ** -0.5)
+    torch.testing.assert_close(out.float(), ref, atol=1.5e-2, rtol=1e-2)
+
+
+def test_model_paged_steps_match_a_full_forward_in_bf16(tmp_path):
+    from coconut_engine.loader import load_model
+    from test_model_cache import run_on_cache
+    from tiny_models import build_hf_model
+
+    build_hf_model("llama", tmp_path)
+    model = load_model(tmp_path, device="cuda", attention_backend="triton")
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        rows_triton, _ = run_on_cache(model, page_size=16)
+        model.attention_backend = "torch"
+        rows_torch, _ = run_on_cache(model, page_size=16)
+    for s in rows_triton:
+        torch.testing.assert_close(torch.stack(rows_triton[s]).float(), torch.stack(rows_torch[s]).float(),
+                                   atol=5e-2, rtol=5e-2)
