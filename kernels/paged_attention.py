@@ -21,6 +21,50 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """tl.dot with exact fp32 products when IEEE (for comparisons), the fast default otherwise."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _query_rows(tile, q_len, k_len, kv_head, GROUP: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The rows of a query tile: (token index in the sequence, query head, valid, absolute position).
+
+    Row r is token `tile * TOKENS + r // GROUP` with head `kv_head * GROUP + r % GROUP`, so the
+    query heads that share a kv head fill the tile together.
+    """
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * TOKENS + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < TOKENS * GROUP) & (tok < q_len)
+    return tok, head, row_ok, k_len - q_len + tok
+
+
+@triton.jit
+def _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
+                  stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                  PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr):
+    """K and V rows of key positions `k_pos` of one sequence, read through its block table.
+
+    Returns (k, v, page, offset in page); the tile size is independent of the page size.
+    """
+    page = tl.load(table + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+    in_page = k_pos % PAGE_SIZE
+    mask = k_ok[:, None] & dim_ok[None, :]
+    k = tl.load(K_POOL + page[:, None] * stride_kp + in_page[:, None] * stride_ks + kv_head * stride_kh
+                + dims[None, :], mask=mask, other=0.0)
+    v = tl.load(V_POOL + page[:, None] * stride_vp + in_page[:, None] * stride_vs + kv_head * stride_vh
+                + dims[None, :], mask=mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v, page, in_page
+
+
+@triton.jit
 def _paged_attention_fwd_kernel(
     Q, K_POOL, V_POOL, O, LSE,
     CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
@@ -40,17 +84,11 @@ def _paged_attention_fwd_kernel(
 
     q_begin = tl.load(CU_SEQLENS_Q + seq)
     q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_begin
-    tok_start = tile * TOKENS
-    if tok_start < q_len:
+    if tile * TOKENS < q_len:
         k_len = tl.load(SEQ_LENS_K + seq)
-        rows = tl.arange(0, BLOCK_M)
-        tok = tok_start + rows // GROUP
-        head = kv_head * GROUP + rows % GROUP
-        row_ok = (rows < TOKENS * GROUP) & (tok < q_len)
-        q_pos = k_len - q_len + tok
+        tok, head, row_ok, q_pos = _query_rows(tile, q_len, k_len, kv_head, GROUP, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
-
         q_row = (q_begin + tok).to(tl.int64)
         q = tl.load(Q + q_row[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
@@ -58,7 +96,7 @@ def _paged_attention_fwd_kernel(
             q = q.to(tl.float32)
 
         # Keys this tile can see: up to its last query's position; this split's share of them.
-        last_tok = tl.minimum(tok_start + TOKENS, q_len) - 1
+        last_tok = tl.minimum(tile * TOKENS + TOKENS, q_len) - 1
         kv_end = k_len - q_len + last_tok + 1
         kv_lo = split * split_size
         kv_hi = tl.minimum(kv_end, kv_lo + split_size)
@@ -70,20 +108,10 @@ def _paged_attention_fwd_kernel(
         for start in range(kv_lo, kv_hi, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_ok = k_pos < kv_hi
-            page = tl.load(table + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-            in_page = k_pos % PAGE_SIZE
-            kv_mask = k_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K_POOL + page[:, None] * stride_kp + in_page[:, None] * stride_ks
-                        + kv_head * stride_kh + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_POOL + page[:, None] * stride_vp + in_page[:, None] * stride_vs
-                        + kv_head * stride_vh + dims[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k))
+            k, v, _, _ = _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
+                                       stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                                       PAGE_SIZE, UPCAST)
+            s = _dot(q, tl.trans(k), IEEE)
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
             s = tl.where(visible, s * scale_log2, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -91,11 +119,7 @@ def _paged_attention_fwd_kernel(
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)

@@ -15,14 +15,7 @@ import triton
 import triton.language as tl
 
 from ._launch import interpreting
-from .paged_attention import _LOG2E, _tiles
-
-
-@triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+from .paged_attention import _LOG2E, _dot, _load_kv_tile, _query_rows, _tiles
 
 
 @triton.jit
@@ -42,52 +35,47 @@ def _bwd_dq_kernel(
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     q_begin = tl.load(CU_SEQLENS_Q + seq)
     q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_begin
-    tok_start = tile * TOKENS
-    if tok_start < q_len:
+    if tile * TOKENS < q_len:
         k_len = tl.load(SEQ_LENS_K + seq)
-        rows = tl.arange(0, BLOCK_M)
-        tok = tok_start + rows // GROUP
-        head = kv_head * GROUP + rows % GROUP
-        row_ok = (rows < TOKENS * GROUP) & (tok < q_len)
-        q_pos = k_len - q_len + tok
+        tok, head, row_ok, q_pos = _query_rows(tile, q_len, k_len, kv_head, GROUP, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
-        row_mask = row_ok[:, None] & dim_ok[None, :]
-        t = (q_begin + tok).to(tl.int64)
-        q = tl.load(Q + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=row_mask, other=0.0)
-        do = tl.load(DO + t[:, None] * stride_dot + head[:, None] * stride_doh + dims[None, :], mask=row_mask, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2 = tl.load(LSE + t * stride_lt + head, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + t * stride_lt + head, mask=row_ok, other=0.0)
-
-        last_tok = tl.minimum(tok_start + TOKENS, q_len) - 1
+        q, do, lse2, delta, t = _load_query_grads(Q, DO, LSE, DELTA, q_begin, tok, head, row_ok, dims, dim_ok,
+                                                  stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, UPCAST)
+        last_tok = tl.minimum(tile * TOKENS + TOKENS, q_len) - 1
         kv_end = k_len - q_len + last_tok + 1
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         table = BLOCK_TABLE + seq.to(tl.int64) * stride_bt
         for start in range(0, kv_end, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_ok = k_pos < kv_end
-            page = tl.load(table + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-            in_page = k_pos % PAGE_SIZE
-            kv_mask = k_ok[:, None] & dim_ok[None, :]
-            k = tl.load(K_POOL + page[:, None] * stride_kp + in_page[:, None] * stride_ks + kv_head * stride_kh
-                        + dims[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(V_POOL + page[:, None] * stride_vp + in_page[:, None] * stride_vs + kv_head * stride_vh
-                        + dims[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k, v, _, _ = _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
+                                       stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+                                       PAGE_SIZE, UPCAST)
             s = _dot(q, tl.trans(k), IEEE) * scale_log2
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), IEEE)
-            ds = p * (dp - delta[:, None])
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * scale
         tl.store(DQ + t[:, None] * stride_dqt + head[:, None] * stride_dqh + dims[None, :],
-                 dq.to(DQ.dtype.element_ty), mask=row_mask)
+                 dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _load_query_grads(Q, DO, LSE, DELTA, q_begin, tok, head, row_ok, dims, dim_ok,
+                      stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, UPCAST: tl.constexpr):
+    """q, dO, the log-sum-exp (log2 units) and delta of a tile's rows, and their packed token index."""
+    row_mask = row_ok[:, None] & dim_ok[None, :]
+    t = (q_begin + tok).to(tl.int64)
+    q = tl.load(Q + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=row_mask, other=0.0)
+    do = tl.load(DO + t[:, None] * stride_dot + head[:, None] * stride_doh + dims[None, :], mask=row_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(LSE + t * stride_lt + head, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + t * stride_lt + head, mask=row_ok, other=0.0)
+    return q, do, lse2, delta, t
 
 
 @triton.jit
@@ -110,47 +98,28 @@ def _bwd_dkdv_kernel(
     q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_begin
     k_len = tl.load(SEQ_LENS_K + seq)
     if (q_len > 0) & (k_start < k_len):
-        prefix = k_len - q_len
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
         k_pos = k_start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < k_len
-        page = tl.load(BLOCK_TABLE + seq.to(tl.int64) * stride_bt + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
-        in_page = k_pos % PAGE_SIZE
-        kv_mask = k_ok[:, None] & dim_ok[None, :]
-        k = tl.load(K_POOL + page[:, None] * stride_kp + in_page[:, None] * stride_ks + kv_head * stride_kh
-                    + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V_POOL + page[:, None] * stride_vp + in_page[:, None] * stride_vs + kv_head * stride_vh
-                    + dims[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v, page, in_page = _load_kv_tile(K_POOL, V_POOL, BLOCK_TABLE + seq.to(tl.int64) * stride_bt, k_pos, k_ok,
+                                            kv_head, dims, dim_ok, stride_kp, stride_ks, stride_kh,
+                                            stride_vp, stride_vs, stride_vh, PAGE_SIZE, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        rows = tl.arange(0, BLOCK_M)
-        first_tok = tl.maximum(k_start - prefix, 0)  # earlier queries cannot see this key tile
-        for tok_start in range(first_tok, q_len, TOKENS):
-            tok = tok_start + rows // GROUP
-            head = kv_head * GROUP + rows % GROUP
-            row_ok = (rows < TOKENS * GROUP) & (tok < q_len)
-            row_mask = row_ok[:, None] & dim_ok[None, :]
-            t = (q_begin + tok).to(tl.int64)
-            q = tl.load(Q + t[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :], mask=row_mask, other=0.0)
-            do = tl.load(DO + t[:, None] * stride_dot + head[:, None] * stride_doh + dims[None, :], mask=row_mask,
-                         other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
-            lse2 = tl.load(LSE + t * stride_lt + head, mask=row_ok, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + t * stride_lt + head, mask=row_ok, other=0.0)
+        first_tile = tl.maximum(k_start - (k_len - q_len), 0) // TOKENS  # earlier queries cannot see this tile
+        for tile in range(first_tile, tl.cdiv(q_len, TOKENS)):
+            tok, head, row_ok, q_pos = _query_rows(tile, q_len, k_len, kv_head, GROUP, BLOCK_M)
+            q, do, lse2, delta, _ = _load_query_grads(Q, DO, LSE, DELTA, q_begin, tok, head, row_ok, dims, dim_ok,
+                                                      stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, UPCAST)
             s = _dot(q, tl.trans(k), IEEE) * scale_log2
-            visible = (k_pos[None, :] <= (prefix + tok)[:, None]) & k_ok[None, :] & row_ok[:, None]
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            dp = _dot(do, tl.trans(v), IEEE)
-            ds = p * (dp - delta[:, None])
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         dk = dk * scale
+        kv_mask = k_ok[:, None] & dim_ok[None, :]
         gk = DK_POOL + page[:, None] * stride_gkp + in_page[:, None] * stride_gks + kv_head * stride_gkh + dims[None, :]
         gv = DV_POOL + page[:, None] * stride_gvp + in_page[:, None] * stride_gvs + kv_head * stride_gvh + dims[None, :]
         tl.store(gk, tl.load(gk, mask=kv_mask, other=0.0) + dk, mask=kv_mask)
