@@ -126,6 +126,8 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
+    if not return_lse and _fresh(batch) and len(set(batch.q_lens)) > 1:
+        return _fresh_prefill(q, k_pool, v_pool, batch, scale, out)
     seq_idx, row_idx = batch.token_rows()
     q_pad = _pad_rows(q, batch).transpose(1, 2)
     k, v = _padded_kv(k_pool, batch), _padded_kv(v_pool, batch)
@@ -152,6 +154,57 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
     return (out, lse) if return_lse else out
 
 
+def _fresh(batch) -> bool:
+    """A prefill from empty: every sequence's keys are exactly this step's new tokens."""
+    return all(q == k for q, k in zip(batch.q_lens, batch.k_lens))
+
+
+def _step_rows(pool: torch.Tensor, batch) -> torch.Tensor:
+    """This step's new K or V rows, packed like q (read back from the pool at the step's slots)."""
+    return pool.reshape(-1, *pool.shape[2:])[batch.slot_mapping]
+
+
+def _fresh_prefill(q, k_pool, v_pool, batch, scale: float, out) -> torch.Tensor:
+    """A ragged prefill from empty: plain causal SDPA per sequence over its own rows (no padding, no mask)."""
+    import torch.nn.functional as F
+
+    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    start = 0
+    for n in batch.q_lens:
+        if n:
+            rows = slice(start, start + n)
+            o = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k[rows].transpose(0, 1), v[rows].transpose(0, 1),
+                                               is_causal=True, scale=scale, enable_gqa=group > 1)
+            out[rows] = o.transpose(0, 1).to(out.dtype)
+            start += n
+    return out
+
+
+def _fresh_prefill_backward(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float) -> torch.Tensor:
+    """Backward of `_fresh_prefill`: re-run each sequence's causal SDPA under autograd (flash backward),
+    then add dK/dV into the gradient pages at the step's slots."""
+    import torch.nn.functional as F
+
+    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    start = 0
+    with torch.enable_grad():
+        for n in batch.q_lens:
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            q_b, k_b, v_b = (t[rows].detach().transpose(0, 1).requires_grad_() for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=group > 1)
+            g_q, g_k, g_v = torch.autograd.grad(o, (q_b, k_b, v_b), dout[rows].transpose(0, 1).to(o.dtype))
+            dq[rows], dk[rows], dv[rows] = g_q.transpose(0, 1), g_k.transpose(0, 1), g_v.transpose(0, 1)
+            start += n
+    grad_k_pool.view(-1, *grad_k_pool.shape[2:]).index_add_(0, batch.slot_mapping, dk.to(grad_k_pool.dtype))
+    grad_v_pool.view(-1, *grad_v_pool.shape[2:]).index_add_(0, batch.slot_mapping, dv.to(grad_v_pool.dtype))
+    return dq
+
+
 def _decode_attention(q_pad, k, v, visible, group: int, scale: float) -> torch.Tensor:
     """One query per sequence over ragged keys: grouped einsums (a boolean mask slows SDPA down on CPU)."""
     b, h, _, d = q_pad.shape
@@ -167,6 +220,8 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     Nothing of the cache was saved: K/V are gathered again and the probabilities recomputed (from
     the saved log-sum-exp, or by a softmax when `lse` is None).
     """
+    if lse is None and _fresh(batch):
+        return _fresh_prefill_backward(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     group = q.shape[1] // k_pool.shape[2]
     seq_idx, row_idx = batch.token_rows()
     q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
