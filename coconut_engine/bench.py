@@ -125,8 +125,8 @@ def bench_kernels(device: str | torch.device = "cpu", dtype: torch.dtype | None 
     if on_gpu:
         from .kernels.paged_attention import paged_attention
     else:
-        from .kernels.reference import paged_attention
-    impl = "triton" if on_gpu else "torch-reference"
+        from .kernels.reference import paged_attention_batched as paged_attention
+    impl = "triton" if on_gpu else "torch backend"
     scale = head_dim ** -0.5
     rows: list[Timing] = []
 

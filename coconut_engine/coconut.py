@@ -136,8 +136,9 @@ class CoconutModel(nn.Module):
         dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
         cache = self._cache
         if cache is None or cache.num_pages < pages or cache.kv.dtype != dtype or cache.device != weight.device:
-            cache = PagedKVCache(cfg, num_pages=max(pages, int(1.25 * pages)), page_size=self.page_size,
-                                 dtype=dtype, device=weight.device, requires_grad=True)
+            grown = pages if cache is None else max(pages, int(1.25 * cache.num_pages))  # grow geometrically
+            cache = PagedKVCache(cfg, num_pages=grown, page_size=self.page_size, dtype=dtype, device=weight.device,
+                                 requires_grad=True)
             self._cache = cache
         cache.begin_training_step()
         for i in range(len(samples)):
