@@ -126,7 +126,7 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
-    if not return_lse and _fresh(batch) and len(set(batch.q_lens)) > 1:
+    if not return_lse and _fresh(batch) and len(set(batch.q_lens)) > 1 and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS:
         return _fresh_prefill(q, k_pool, v_pool, batch, scale, out)
     seq_idx, row_idx = batch.token_rows()
     q_pad = _pad_rows(q, batch).transpose(1, 2)
@@ -152,6 +152,11 @@ def paged_attention_batched(q, k_pool, v_pool, batch, scale: float, return_lse: 
             o_pad = F.scaled_dot_product_attention(q_pad, k, v, attn_mask=visible, scale=scale, enable_gqa=group > 1)
     out[: batch.num_tokens] = o_pad.transpose(1, 2)[seq_idx, row_idx].to(out.dtype)
     return (out, lse) if return_lse else out
+
+
+# A prefill from empty this long runs per sequence (flash SDPA, no padding); shorter ones are cheaper
+# padded in one call (a per-sequence loop costs more in call overhead than the padding wastes).
+FRESH_PREFILL_MIN_TOKENS = 128
 
 
 def _fresh(batch) -> bool:
@@ -220,7 +225,7 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     Nothing of the cache was saved: K/V are gathered again and the probabilities recomputed (from
     the saved log-sum-exp, or by a softmax when `lse` is None).
     """
-    if lse is None and _fresh(batch):
+    if lse is None and _fresh(batch) and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS:
         return _fresh_prefill_backward(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     group = q.shape[1] // k_pool.shape[2]
     seq_idx, row_idx = batch.token_rows()

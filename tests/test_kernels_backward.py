@@ -121,3 +121,27 @@ def test_backward_after_cache_reuse_is_a_clear_error():
     cache.begin_training_step()
     with pytest.raises(RuntimeError, match="reused .* before the backward"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_torch_backend_long_fresh_prefill(group, monkeypatch):
+    """A ragged prefill from empty past FRESH_PREFILL_MIN_TOKENS takes the per-sequence SDPA path,
+    forward and backward (the backward without a log-sum-exp, as the torch backend trains)."""
+    lens = [reference.FRESH_PREFILL_MIN_TOKENS + 3, 40, reference.FRESH_PREFILL_MIN_TOKENS + 70]
+    q, k_pool, v_pool, batch = make_case(group, 32, 16, torch.float32, [0, 0, 0], lens)
+    # the pools hold exactly what this step stored at its slots
+    for pool in (k_pool, v_pool):
+        pool.view(-1, *pool.shape[2:])[batch.slot_mapping] = torch.randn(sum(lens), *pool.shape[2:])
+    calls = []
+    for name in ("_fresh_prefill", "_fresh_prefill_backward"):
+        original = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    scale = 32 ** -0.5
+    out = reference.paged_attention_batched(q, k_pool, v_pool, batch, scale)
+    torch.testing.assert_close(out, reference.paged_attention(q, k_pool, v_pool, batch, scale), atol=1e-5, rtol=0)
+    dout = torch.randn_like(out)
+    grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    dq = reference.paged_attention_backward(dout, q, out, None, k_pool, v_pool, grad_k, grad_v, batch, scale)
+    want_q, want_k, want_v = oracle_grads(q, k_pool, v_pool, batch, dout)
+    assert rel(dq, want_q) < 1e-4 and rel(grad_k, want_k) < 1e-4 and rel(grad_v, want_v) < 1e-4
+    assert calls == ["_fresh_prefill", "_fresh_prefill_backward"]
