@@ -84,10 +84,11 @@ class AttentionBatch:
         Computed once per step and memoised (every layer uses the same batch).
         """
         def build():
-            seq = [b for b, n in enumerate(self.q_lens) for _ in range(n)]
-            row = [i for n in self.q_lens for i in range(n)]
+            counts = torch.tensor(self.q_lens, dtype=torch.int64)
+            seq = torch.repeat_interleave(torch.arange(len(self.q_lens)), counts)
+            row = torch.arange(int(counts.sum())) - (torch.cumsum(counts, 0) - counts)[seq]
             dev = self.positions.device
-            return (torch.tensor(seq, dtype=torch.int64, device=dev), torch.tensor(row, dtype=torch.int64, device=dev))
+            return seq.to(dev), row.to(dev)
 
         return self.memo("token_rows", build)
 
@@ -324,29 +325,29 @@ class PagedKVCache:
             src = torch.tensor([c[0] for c in copies], device=self.device)
             dst = torch.tensor([c[1] for c in copies], device=self.device)
             self.kv[:, :, dst] = self.kv[:, :, src]
-        page_size = self.page_size
         page_lists = [alloc._seqs[s].pages for s in seq_ids]
-        cu, slots, positions, k_lens = [0], [], [], []
-        for pages, start, count in zip(page_lists, old_lens, num_new_tokens):
-            cu.append(cu[-1] + count)
-            k_lens.append(start + count)
-            for pos in range(start, start + count):
-                slots.append(pages[pos // page_size] * page_size + pos % page_size)
-            positions.extend(range(start, start + count))
+        counts = torch.tensor([int(c) for c in num_new_tokens], dtype=torch.int64)
+        starts = torch.tensor(old_lens, dtype=torch.int64)
         width = max((len(p) for p in page_lists), default=0)
-        table = [p + [0] * (width - len(p)) for p in page_lists]
-        dev = self.device
+        table = torch.tensor([p + [0] * (width - len(p)) for p in page_lists], dtype=torch.int32).reshape(len(seq_ids), width)
+        # every new token: its sequence, its absolute position, and the slot its K/V goes to
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), counts)
+        first_token = torch.cumsum(counts, 0) - counts
+        positions = starts[seq_of_token] + torch.arange(int(counts.sum())) - first_token[seq_of_token]
+        slots = table[seq_of_token, positions // self.page_size].long() * self.page_size + positions % self.page_size
         q_lens = tuple(int(c) for c in num_new_tokens)
+        k_lens = tuple(start + count for start, count in zip(old_lens, q_lens))
+        dev = self.device
         return AttentionBatch(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(dev, torch.int32),
             seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=dev),
-            block_table=torch.tensor(table, dtype=torch.int32, device=dev).reshape(len(seq_ids), width),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            block_table=table.to(dev),
+            slot_mapping=slots.to(dev),
+            positions=positions.to(dev),
             max_seqlen_q=max(q_lens, default=0),
             max_seqlen_k=max(k_lens, default=0),
             q_lens=q_lens,
-            k_lens=tuple(k_lens),
+            k_lens=k_lens,
         )
 
 
