@@ -11,6 +11,7 @@ reference paths). Backends:
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -63,7 +64,9 @@ class KernelSet:
     backward_needs_lse: bool  # False: the backward recomputes the softmax, so the forward can skip the lse
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_set(backend: str) -> KernelSet:
+    """The operations of a backend (resolved once, not per layer call)."""
     if backend == "triton":
         from .kernels.paged_attention import paged_attention
         from .kernels.paged_attention_bwd import paged_attention_backward

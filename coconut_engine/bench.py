@@ -369,13 +369,8 @@ def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int
     The official style is linear in the number of questions, so it runs `official_questions` of
     them and reports the per-question rate for the batch.
     """
-    import tempfile
-
-    import transformers
-
     from .coconut import SpecialTokens
     from .generate import Generator, generate_no_cache
-    from .loader import save_model
 
     device = torch.device(device)
     decoder = build_random_model(shape, device=device, attention_backend=backend).eval()
@@ -404,23 +399,24 @@ def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int
                 times[name].append(time.perf_counter() - t0)
         return {name: statistics.median(t) for name, t in times.items()}, outs
 
-    with tempfile.TemporaryDirectory() as tmp:
-        save_model(decoder, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").to(device).eval()
-    ids = prompts.to(device)
+    def plain_decoding():
+        """Engine vs transformers' batched generate, alternating; the HF copy is freed on return."""
+        hf = _as_transformers(decoder, device)
+        ids = prompts.to(device)
 
-    def hf_generate():
-        with torch.no_grad():
-            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        def hf_generate():
+            with torch.no_grad():
+                return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                   min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-    seconds, outs = alternate({"engine": lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens),
-                               "transformers": hf_generate}, reps)
+        return alternate({"engine": lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens),
+                          "transformers": hf_generate}, reps)
+
+    seconds, outs = plain_decoding()
     record(f"engine plain B={batch} prompt={prompt_len} new={new_tokens}", seconds["engine"],
            sum(len(r.token_ids) for r in outs["engine"]))
     record(f"transformers generate B={batch} prompt={prompt_len} new={new_tokens}", seconds["transformers"],
            batch * new_tokens)
-    del hf
 
     def timed(fn):
         fn()  # warm-up

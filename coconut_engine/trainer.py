@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import checkpoint_dirs, load_checkpoint, load_optimizer_state, save_checkpoint
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
-from .data import (DATA_MODES, Record, StageRules, TokenizedRecord, batches, build_sample, eval_prompt,
+from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt,
                    extract_answer, load_records, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator

@@ -1,6 +1,5 @@
 """The transformers implementation of the official algorithm matches the engine's loss and gradients."""
 import pytest
-import torch
 
 from coconut_engine.baselines import OfficialCoconutHF, hf_gradients_by_engine_name
 from coconut_engine.coconut import CoconutModel
