@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from coconut_engine.bench import contiguous_kv, paged_problem
-from coconut_engine.kernels.reference import paged_attention, paged_attention_batched
+from coconut_engine.kernels.reference import paged_attention
+from coconut_engine.kernels.torch_backend import paged_attention as torch_backend_attention
 
 SHAPE = dict(batch=16, context=512, q_len=1, heads=9, kv_heads=3, head_dim=64, page=16)  # SmolLM2-135M heads
 
@@ -35,12 +36,12 @@ def test_decode_paged_reference_loop(benchmark, problem):
 
 def test_decode_paged_torch_backend(benchmark, problem):
     q, k_pool, v_pool, meta = problem
-    benchmark(paged_attention_batched, q, k_pool, v_pool, meta, 0.125)
+    benchmark(torch_backend_attention, q, k_pool, v_pool, meta, 0.125)
 
 
 def test_decode_paged_torch_backend_ragged(benchmark, ragged_problem):
     q, k_pool, v_pool, meta = ragged_problem
-    benchmark(paged_attention_batched, q, k_pool, v_pool, meta, 0.125)
+    benchmark(torch_backend_attention, q, k_pool, v_pool, meta, 0.125)
 
 
 def test_decode_sdpa_contiguous(benchmark, problem):

@@ -6,7 +6,7 @@ one it attends over the packed tokens themselves (a full causal forward, used by
 reference paths). Backends:
 
 - "triton": the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
-- "torch": the plain PyTorch reference kernels (any device);
+- "torch": the same contract in vectorised PyTorch (`kernels/torch_backend.py`; any device);
 - "auto": triton where it can run, else torch. The env var COCONUT_ATTENTION_BACKEND overrides "auto".
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class KernelSet:
-    """The three operations of one backend, with the signatures of `kernels/reference.py`."""
+    """The three operations of one backend on one device type, with the signatures of `kernels/reference.py`."""
 
     store_kv: Callable
     paged_attention: Callable
@@ -65,18 +65,18 @@ class KernelSet:
 
 
 @functools.lru_cache(maxsize=None)
-def kernel_set(backend: str) -> KernelSet:
-    """The operations of a backend (resolved once, not per layer call)."""
+def kernel_set(backend: str, device_type: str = "cpu") -> KernelSet:
+    """The operations of a backend for tensors on `device_type` (resolved once, not per layer call)."""
     if backend == "triton":
         from .kernels.paged_attention import paged_attention
         from .kernels.paged_attention_bwd import paged_attention_backward
         from .kernels.store_kv import store_kv
 
         return KernelSet(store_kv, paged_attention, paged_attention_backward, backward_needs_lse=True)
-    from .kernels import reference
+    from .kernels import reference, torch_backend
 
-    return KernelSet(reference.store_kv, reference.paged_attention_batched, reference.paged_attention_backward,
-                     backward_needs_lse=False)
+    return KernelSet(reference.store_kv, torch_backend.paged_attention, torch_backend.paged_attention_backward,
+                     backward_needs_lse=torch_backend.uses_fused_kernels(torch.device(device_type)))
 
 
 class _StoreKV(torch.autograd.Function):
@@ -152,7 +152,7 @@ def attention(
         return varlen_attention(q, k, v, batch, scale)
     if isinstance(cache, ContiguousKVCache):
         return cache.attend(q, k, v, batch, layer, scale)
-    ops = kernel_set(backend)
+    ops = kernel_set(backend, q.device.type)
     pool_dtype = cache.kv.dtype
     if cache.tracks_gradients and torch.is_grad_enabled():
         dependency = _StoreKV.apply(k, v, cache.dependency, cache, layer, batch, ops)
@@ -170,10 +170,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: A
         if n == 0:
             continue
         seg = slice(start, start + n)
+        # 4-D [1, heads, n, D]: SDPA's fused (flash) kernels take only batched inputs
         o = F.scaled_dot_product_attention(
-            q[seg].transpose(0, 1), k[seg].transpose(0, 1), v[seg].transpose(0, 1),
-            is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+            q[seg].transpose(0, 1).unsqueeze(0), k[seg].transpose(0, 1).unsqueeze(0),
+            v[seg].transpose(0, 1).unsqueeze(0), is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
         )
-        outs.append(o.transpose(0, 1))
+        outs.append(o[0].transpose(0, 1))
         start += n
     return torch.cat(outs) if outs else q.new_empty(q.shape)

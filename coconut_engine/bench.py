@@ -1,6 +1,6 @@
 """What `coconut-engine bench` runs: timings of the engine's parts, importable by benchmarks/.
 
-- `kernels`: paged attention (Triton on CUDA, the PyTorch reference elsewhere) against
+- `kernels`: paged attention (Triton on CUDA, the torch backend elsewhere) against
   `scaled_dot_product_attention` on contiguous K/V, with bandwidth (decode) and TFLOP/s (extend).
 - `train`: one forward + backward of a ProsQA-like batch per Coconut mode and curriculum stage, each
   point in a fresh subprocess (peak RSS on CPU, the CUDA allocator's peak on GPU).
@@ -125,7 +125,7 @@ def bench_kernels(device: str | torch.device = "cpu", dtype: torch.dtype | None 
     if on_gpu:
         from .kernels.paged_attention import paged_attention
     else:
-        from .kernels.reference import paged_attention_batched as paged_attention
+        from .kernels.torch_backend import paged_attention
     impl = "triton" if on_gpu else "torch backend"
     scale = head_dim ** -0.5
     rows: list[Timing] = []

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import OutOfPagesError
@@ -382,11 +383,10 @@ class ContiguousKVCache:
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
         self.keys[layer], self.values[layer] = k, v
-        group = q.shape[1] // k.shape[1]
         k_len = k.shape[2]
         causal = torch.arange(k_len, device=q.device)[None, :] <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
         visible = causal[None, None] & self.key_padding[:, None, None, :k_len]
-        scores = torch.matmul(q, k.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)  # padded rows stay finite
-        out = torch.matmul(torch.softmax(scores, dim=-1), v.repeat_interleave(group, dim=1))
+        # additive mask with a finite minimum: rows of left padding see no real key and stay finite
+        mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(num_seqs * q_len, *out.shape[1:2], out.shape[-1])

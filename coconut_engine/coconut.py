@@ -7,9 +7,10 @@ thoughts carry no labels, as in the official code); logits are computed only the
 
 Modes (all the same function; `paged` is the engine's, the others are references):
 
-- `paged`: prefill every prompt once (packed); for t = 1..max n, one step appending a thought to every
-  sequence that still has one (`append_thought`); then all suffixes at once. KV lives in a paged
-  cache that trains through the store/attention autograd Functions.
+- `paged`: prefill every prompt once (packed; a sample without thoughts brings its suffix along, so
+  stage 0 is a single step); for t = 1..max n, one step appending a thought to every sequence that
+  still has one (`append_thought`); then the remaining suffixes at once. KV lives in a paged cache
+  that trains through the store/attention autograd Functions.
 - `two_pass`: thoughts step by step on the paged cache, then one no-cache forward over the whole
   sequences with the thought embeddings spliced in.
 - `multipass`: the official algorithm: prompts left-padded so first thoughts align, n+1 passes over a
@@ -100,22 +101,21 @@ class CoconutModel(nn.Module):
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if mode == "multipass":
-            hidden, rows, targets = self._multipass(samples)
+            label_hidden, targets = self._multipass(samples)
         else:
             prompts, suffixes = self._token_embeddings(samples)
-            if mode == "recompute":
-                thoughts = self._thoughts_recompute(samples, prompts)
-                hidden, rows, targets = self._full_forward(samples, prompts, thoughts, suffixes)
+            if mode == "paged":
+                label_hidden, targets = self._paged(samples, prompts, suffixes)
             else:
-                cache = self._training_cache(samples)
-                last_hidden = self._prefill(samples, cache, prompts)
-                thoughts = self._thoughts_paged(samples, cache, last_hidden)
-                if mode == "two_pass":
-                    hidden, rows, targets = self._full_forward(samples, prompts, thoughts, suffixes)
-                else:
-                    hidden, rows, targets = self._suffix_paged(samples, cache, suffixes)
-        logits = self.decoder.logits(hidden[rows])
-        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+                if mode == "recompute":
+                    thoughts = self._thoughts_recompute(samples, prompts)
+                else:  # two_pass
+                    cache = self._training_cache(samples)
+                    _, last_hidden = self._prefill(samples, cache, prompts)
+                    thoughts = self._thoughts_paged(samples, cache, last_hidden)
+                label_hidden, targets = self._full_forward(samples, prompts, thoughts, suffixes)
+        logits = self.decoder.logits(label_hidden)
+        return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device), reduction=reduction)
 
     def _token_embeddings(self, samples) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each sample's prompt and suffix embeddings, from one embedding call (one sparse-to-dense
@@ -145,11 +145,44 @@ class CoconutModel(nn.Module):
             cache.add_sequence(i)
         return cache
 
-    def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor]) -> torch.Tensor:
-        """All prompts in one packed step; returns each prompt's last hidden state `[B, hidden]`."""
-        batch = cache.prepare(list(range(len(samples))), [len(s.prompt) for s in samples])
-        hidden = self.decoder(batch, inputs_embeds=torch.cat(prompts), cache=cache)
-        return hidden[batch.last_token_indices()]
+    def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor]):
+        """The engine's mode: prefill, one step per thought, suffixes; hidden states and targets of the labels.
+
+        A sample without thoughts has its prompt and suffix back to back, so its suffix rides in the
+        prefill (at stage 0 the whole batch is one step); the others get theirs in the last step.
+        """
+        cache = self._training_cache(samples)
+        with_suffix = [not s.num_thoughts for s in samples]
+        hidden, last_hidden = self._prefill(samples, cache, prompts, [suf if w else None for w, suf in
+                                                                       zip(with_suffix, suffixes)])
+        label_rows, targets, start = [], [], 0
+        for s, w in zip(samples, with_suffix):
+            if w:
+                label_rows.extend(range(start + len(s.prompt), start + len(s.prompt) + len(s.suffix) - 1))
+                targets.extend(s.suffix[1:])
+            start += len(s.prompt) + (len(s.suffix) if w else 0)
+        parts = [hidden[torch.tensor(label_rows, device=hidden.device)]] if label_rows else []
+        if not all(with_suffix):
+            self._thoughts_paged(samples, cache, last_hidden)
+            later = [i for i, w in enumerate(with_suffix) if not w]
+            suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later,
+                                                              [suffixes[i] for i in later])
+            parts.append(suffix_hidden)
+            targets.extend(later_targets)
+        return torch.cat(parts), targets
+
+    def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor],
+                 suffixes: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All prompts (each followed by `suffixes[i]` where given) in one packed step; returns the
+        step's hidden states and each prompt's last hidden state `[B, hidden]`."""
+        suffixes = suffixes or [None] * len(samples)
+        chunks = [p if suf is None else torch.cat([p, suf]) for p, suf in zip(prompts, suffixes)]
+        lens = [len(c) for c in chunks]
+        batch = cache.prepare(list(range(len(samples))), lens)
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache)
+        starts = torch.tensor(lens, device=hidden.device).cumsum(0) - torch.tensor(lens, device=hidden.device)
+        last_prompt = starts + torch.tensor([len(s.prompt) - 1 for s in samples], device=hidden.device)
+        return hidden, hidden[last_prompt]
 
     def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor) -> torch.Tensor:
         """One continuous-thought step: each sequence's last hidden state becomes its next input.
@@ -171,16 +204,17 @@ class CoconutModel(nn.Module):
             last = last.index_copy(0, index, self.append_thought(cache, active, inputs))
         return thoughts
 
-    def _suffix_paged(self, samples, cache: PagedKVCache, suffixes: list[torch.Tensor]):
-        """All suffixes in one packed step; rows/targets of the suffix labels."""
-        batch = cache.prepare(list(range(len(samples))), [len(s.suffix) for s in samples])
+    def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor]):
+        """The suffixes of `samples` (cache sequences `seq_ids`) in one packed step; hidden states and
+        targets of their labels."""
+        batch = cache.prepare(list(seq_ids), [len(s.suffix) for s in samples])
         hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache)
         rows, targets, start = [], [], 0
         for s in samples:
             rows.extend(range(start, start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
             start += len(s.suffix)
-        return hidden, torch.tensor(rows, device=cache.device), torch.tensor(targets, device=cache.device)
+        return hidden[torch.tensor(rows, device=cache.device)], targets
 
     # -- the no-cache references ---------------------------------------------------------------
 
@@ -209,7 +243,7 @@ class CoconutModel(nn.Module):
         return thoughts
 
     def _full_forward(self, samples, prompts, thoughts, suffixes):
-        """One no-cache forward over whole sequences; rows/targets of the suffix labels."""
+        """One no-cache forward over whole sequences; hidden states and targets of the labels."""
         embeds = self._splice(prompts, thoughts, suffixes)
         batch = AttentionBatch.packed([s.length for s in samples], device=embeds.device)
         hidden = self.decoder(batch, inputs_embeds=embeds)
@@ -219,8 +253,7 @@ class CoconutModel(nn.Module):
             rows.extend(range(suffix_start, suffix_start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
             start += s.length
-        device = embeds.device
-        return hidden, torch.tensor(rows, device=device), torch.tensor(targets, device=device)
+        return hidden[torch.tensor(rows, device=embeds.device)], targets
 
     # -- the official multi-pass algorithm ----------------------------------------------------
 
@@ -270,4 +303,4 @@ class CoconutModel(nn.Module):
             suffix_start = pad + len(s.prompt) + s.num_thoughts
             rows.extend(b * width + c for c in range(suffix_start, suffix_start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
-        return hidden.reshape(num * width, -1), torch.tensor(rows, device=device), torch.tensor(targets, device=device)
+        return hidden.reshape(num * width, -1)[torch.tensor(rows, device=device)], targets

@@ -2,7 +2,8 @@
 
 - `store_kv`: write new tokens' K/V into the page pools.
 - `paged_attention`: varlen causal GQA attention over the pages (extend and split-KV decode).
-- `reference`: the same operations in plain PyTorch: the test oracle and the CPU backend.
+- `reference`: the same operations as plain PyTorch loops: the test oracle.
+- `torch_backend`: the same contract vectorised in PyTorch (fused flash kernels on CPU): the "torch" backend.
 
 Importing this package does not import Triton; the kernels load on first use.
 """

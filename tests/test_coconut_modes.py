@@ -59,6 +59,21 @@ def test_modes_agree(coconut, reference_result, mode, backend):
     coconut.decoder.attention_backend = "torch"
 
 
+def test_batch_without_thoughts_is_one_paged_step(coconut, monkeypatch):
+    """Stage 0 (no sample has thoughts): prompts and suffixes run as one packed step, and the loss and
+    gradients equal the no-cache forward's."""
+    samples = [CoconutSample(s.prompt, 0, s.suffix) for s in ragged_samples(seed=3)]
+    recompute = loss_and_grads(coconut, samples, "recompute")
+    calls = []
+    forward = type(coconut.decoder).forward
+    monkeypatch.setattr(type(coconut.decoder), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    loss, grads = loss_and_grads(coconut, samples, "paged")
+    assert len(calls) == 1
+    assert abs(loss - recompute[0]) <= 1e-5 * abs(recompute[0])
+    for name, grad in grads.items():
+        assert (grad - recompute[1][name]).norm() <= 1e-4 * recompute[1][name].norm() + 1e-12, name
+
+
 @pytest.mark.parametrize("mode", ["paged", "multipass"])
 def test_gradient_flows_through_the_thought_chain(coconut, mode):
     """The loss depends on the prompt only through attention and the thoughts; with thought inputs

@@ -5,7 +5,7 @@ import torch
 from coconut_engine import ModelConfig, PagedKVCache
 from coconut_engine.attention import attention, varlen_attention
 from coconut_engine.cache import AttentionBatch
-from coconut_engine.kernels import reference
+from coconut_engine.kernels import reference, torch_backend
 from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward as triton_backward
 from paged_cases import make_case
 from test_kernels_forward import SHAPES, lengths
@@ -23,12 +23,30 @@ def oracle_grads(q, k_pool, v_pool, batch, dout):
     return q.grad, k_pool.grad, v_pool.grad
 
 
-@pytest.mark.parametrize("backward", [triton_backward, reference.paged_attention_backward], ids=["triton", "torch"])
-@pytest.mark.parametrize("q_kind", ["extend", "decode"])
+def torch_recompute_without_lse(dout, q, out, lse, *rest):
+    """The torch backend's backward where it gets no log-sum-exp (recomputes the softmax)."""
+    return torch_backend._recompute_backward(dout, q, out, None, *rest)
+
+
+def torch_recompute_with_lse(*args):
+    """The torch backend's non-fused backward from a log-sum-exp (a GPU without Triton)."""
+    return torch_backend._recompute_backward(*args)
+
+
+BACKWARDS = {"triton": triton_backward, "torch-fused": torch_backend.paged_attention_backward,
+             "torch-recompute": torch_recompute_without_lse, "torch-recompute-lse": torch_recompute_with_lse}
+
+
+@pytest.mark.parametrize("backward", BACKWARDS.values(), ids=BACKWARDS.keys())
+@pytest.mark.parametrize("q_kind", ["extend", "decode", "equal-decode", "equal-prefill"])
 @pytest.mark.parametrize("group,head_dim,page,dtype", [s for s in SHAPES if s[3] == torch.float32])
 def test_backward_matches_autograd(backward, q_kind, group, head_dim, page, dtype):
-    q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
-    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, lengths(page), q_lens)
+    prefix = lengths(page)
+    if q_kind.startswith("equal"):  # every sequence equally long: the fused path runs without a mask
+        prefix = [page + 1] * 4 if q_kind == "equal-decode" else [0] * 4
+    q_lens = {"extend": [3, 1, 0, page + 2, 17, 40], "decode": [1, 1, 1, 0, 1, 1], "equal-decode": [1] * 4,
+              "equal-prefill": [page + 3] * 4}[q_kind]
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens)
     scale = head_dim ** -0.5
     out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
     dout = torch.randn_like(out)
@@ -123,25 +141,34 @@ def test_backward_after_cache_reuse_is_a_clear_error():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "recompute"])
 @pytest.mark.parametrize("group", [1, 2])
-def test_torch_backend_long_fresh_prefill(group, monkeypatch):
-    """A ragged prefill from empty past FRESH_PREFILL_MIN_TOKENS takes the per-sequence SDPA path,
-    forward and backward (the backward without a log-sum-exp, as the torch backend trains)."""
-    lens = [reference.FRESH_PREFILL_MIN_TOKENS + 3, 40, reference.FRESH_PREFILL_MIN_TOKENS + 70]
+def test_torch_backend_long_fresh_prefill(group, fused, monkeypatch):
+    """A ragged prefill from empty past FRESH_PREFILL_MIN_TOKENS runs per sequence, forward and
+    backward: with the fused CPU kernels (the log-sum-exp saved), and without them (the backward
+    re-runs SDPA under autograd, as on a GPU without Triton)."""
+    if not fused:
+        monkeypatch.setattr(torch_backend, "uses_fused_kernels", lambda device: False)
+    lens = [torch_backend.FRESH_PREFILL_MIN_TOKENS + 3, 40, torch_backend.FRESH_PREFILL_MIN_TOKENS + 70]
     q, k_pool, v_pool, batch = make_case(group, 32, 16, torch.float32, [0, 0, 0], lens)
     # the pools hold exactly what this step stored at its slots
     for pool in (k_pool, v_pool):
         pool.view(-1, *pool.shape[2:])[batch.slot_mapping] = torch.randn(sum(lens), *pool.shape[2:])
     calls = []
-    for name in ("_fresh_prefill", "_fresh_prefill_backward"):
-        original = getattr(reference, name)
-        monkeypatch.setattr(reference, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    names = ["_fresh_prefill", "_fresh_prefill_backward" if fused else "_fresh_prefill_backward_autograd"]
+    for name in names:
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     scale = 32 ** -0.5
-    out = reference.paged_attention_batched(q, k_pool, v_pool, batch, scale)
-    torch.testing.assert_close(out, reference.paged_attention(q, k_pool, v_pool, batch, scale), atol=1e-5, rtol=0)
+    out, lse = torch_backend.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=fused) if fused else (
+        torch_backend.paged_attention(q, k_pool, v_pool, batch, scale), None)
+    ref_out, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    if fused:
+        torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
     dout = torch.randn_like(out)
     grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
-    dq = reference.paged_attention_backward(dout, q, out, None, k_pool, v_pool, grad_k, grad_v, batch, scale)
+    dq = torch_backend.paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale)
     want_q, want_k, want_v = oracle_grads(q, k_pool, v_pool, batch, dout)
     assert rel(dq, want_q) < 1e-4 and rel(grad_k, want_k) < 1e-4 and rel(grad_v, want_v) < 1e-4
-    assert calls == ["_fresh_prefill", "_fresh_prefill_backward"]
+    assert calls == names

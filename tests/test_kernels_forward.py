@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from coconut_engine.kernels import reference
+from coconut_engine.kernels import reference, torch_backend
 from coconut_engine.kernels.paged_attention import paged_attention
 from coconut_engine.kernels.store_kv import store_kv
 from paged_cases import make_case
@@ -88,3 +88,27 @@ def test_store_kv_matches_reference(dtype, page):
     store_kv(k, v, k_pool, v_pool, slots)
     reference.store_kv(k, v, ref_k, ref_v, slots)
     assert torch.equal(k_pool, ref_k) and torch.equal(v_pool, ref_v)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "sdpa"])
+@pytest.mark.parametrize("q_kind", ["extend", "decode", "equal-decode", "equal-prefill"])
+@pytest.mark.parametrize("group,head_dim,page,dtype", SHAPES)
+def test_torch_backend_matches_reference(fused, q_kind, group, head_dim, page, dtype, monkeypatch):
+    """The torch backend, with the fused CPU kernels and without (SDPA forward, explicit softmax for
+    the lse): output and log-sum-exp equal the loop reference; rows of no sequence stay unwritten."""
+    if not fused:
+        monkeypatch.setattr(torch_backend, "uses_fused_kernels", lambda device: False)
+    prefix = {"equal-decode": [page + 1] * 4, "equal-prefill": [0] * 4}.get(q_kind, lengths(page))
+    q_lens = {"extend": [3, 1, 0, page + 2, 17, 40], "decode": [1, 1, 1, 0, 1, 1], "equal-decode": [1] * 4,
+              "equal-prefill": [page + 3] * 4}[q_kind]
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens)
+    scale = head_dim ** -0.5
+    ref_out, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    out = torch.full((q.shape[0] + 2, *q.shape[1:]), float("nan"), dtype=dtype)
+    torch_backend.paged_attention(q, k_pool, v_pool, batch, scale, out=out)
+    torch.testing.assert_close(out[: q.shape[0]].float(), ref_out.float(), atol=TOL[dtype], rtol=0)
+    assert out[q.shape[0]:].isnan().all()
+    out, lse = torch_backend.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype], rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=0)

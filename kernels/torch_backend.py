@@ -1,0 +1,315 @@
+"""The "torch" attention backend: the contract of the Triton kernels, in vectorised PyTorch.
+
+A step gathers every sequence's K/V through the block table into padded `[B, kv_heads, max_k, D]`
+views and pads the new tokens to `[B, heads, max_q, D]`; a long ragged prefill from empty runs per
+sequence instead (plain causal over its own rows: no padding, no mask).
+
+On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
+and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
+backward neither recomputes the forward nor needs the probabilities. Elsewhere (a GPU without
+Triton, or a torch build without that kernel) the forward is SDPA and the backward recomputes the
+softmax from the gathered K/V.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# A ragged prefill from empty this long runs per sequence; shorter ones are cheaper padded in one
+# call (a per-sequence loop costs more in call overhead than the padding wastes).
+FRESH_PREFILL_MIN_TOKENS = 128
+
+
+@functools.cache
+def _fused_cpu_kernels():
+    """(forward, backward) of PyTorch's CPU flash attention, or None where this torch lacks them."""
+    try:
+        aten = torch.ops.aten
+        return (aten._scaled_dot_product_flash_attention_for_cpu.default,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward.default)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def uses_fused_kernels(device: torch.device) -> bool:
+    """Whether attention on `device` runs the fused CPU kernels (which give the log-sum-exp for free,
+    so a training forward should ask for it and the backward should get it)."""
+    return device.type == "cpu" and _fused_cpu_kernels() is not None
+
+
+def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = False, out=None):
+    """Causal GQA attention of the packed queries `q` (`[T, heads, D]`) over the pages.
+
+    Same contract as `reference.paged_attention`: returns `out` (q's dtype), and the log-sum-exp
+    (`[T, heads]`, fp32) when `return_lse`.
+    """
+    if out is None:
+        out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
+    if batch.num_tokens == 0:
+        return (out, lse) if return_lse else out
+    fused = uses_fused_kernels(q.device)
+    if _per_sequence_prefill(batch) and (fused or not return_lse):
+        _fresh_prefill(q, k_pool, v_pool, batch, scale, out, lse, fused)
+        return (out, lse) if return_lse else out
+    seq_idx, row_idx = batch.token_rows()
+    q_pad = _pad_rows(q, batch).transpose(1, 2)
+    k, v = _padded_kv(k_pool, batch).to(q.dtype), _padded_kv(v_pool, batch).to(q.dtype)
+    if fused:
+        mask, causal = _mask(batch, q.dtype)
+        o_pad, lse_pad = _fused_cpu_kernels()[0](q_pad, k, v, 0.0, causal, attn_mask=mask, scale=scale)
+        if lse is not None:
+            lse[:] = lse_pad.transpose(1, 2)[seq_idx, row_idx]
+    elif return_lse:
+        o_pad, lse_pad = _softmax_attention(q_pad, k, v, batch, scale)
+        lse[:] = lse_pad.transpose(1, 2)[seq_idx, row_idx]
+    else:
+        o_pad = _sdpa(q_pad, k, v, batch, scale)
+    out[: batch.num_tokens] = o_pad.transpose(1, 2)[seq_idx, row_idx].to(out.dtype)
+    return (out, lse) if return_lse else out
+
+
+def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Gradients of `paged_attention`: returns dq, and adds dK/dV into the gradient pools at the slots read.
+
+    Nothing of the cache was saved: K/V are gathered again. With the forward's log-sum-exp on CPU the
+    fused flash backward runs; without it the probabilities are recomputed by a softmax.
+    """
+    if lse is not None and uses_fused_kernels(q.device):
+        if _per_sequence_prefill(batch):
+            return _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
+        return _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
+    return _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
+
+
+# -- layout helpers ------------------------------------------------------------------------------
+
+def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
+    """Every sequence's K or V gathered through the block table, `[B, kv_heads, max_k, D]` (junk past k_len)."""
+    page_size = pool.shape[1]
+    num_pages = -(-batch.max_seqlen_k // page_size)
+    table = batch.block_table[:, :num_pages].reshape(-1)
+    rows = pool.flatten(1).index_select(0, table).view(batch.num_seqs, num_pages * page_size, *pool.shape[2:])
+    return rows[:, : batch.max_seqlen_k].transpose(1, 2)
+
+
+def _pad_rows(x: torch.Tensor, batch) -> torch.Tensor:
+    """Packed rows `[T, ...]` -> `[B, max_q, ...]` (zeros past each sequence's new tokens)."""
+    seq_idx, row_idx = batch.token_rows()
+    out = x.new_zeros(batch.num_seqs, batch.max_seqlen_q, *x.shape[1:])
+    out[seq_idx, row_idx] = x
+    return out
+
+
+def _padded_slots(batch, page_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool slot of every padded key position `[B, max_k]`, and which of them are real keys."""
+    def build():
+        pos = torch.arange(batch.max_seqlen_k, device=device)
+        slots = batch.block_table.long()[:, pos // page_size] * page_size + pos % page_size
+        real = pos[None, :] < torch.tensor(batch.k_lens, device=device)[:, None]
+        return slots, real
+
+    return batch.memo("padded_slots", build)
+
+
+def _add_into_pool(grad_pool: torch.Tensor, padded_grad: torch.Tensor, batch) -> None:
+    """Add padded key gradients `[B, kv_heads, max_k, D]` into the gradient pages of the real keys."""
+    slots, real = _padded_slots(batch, grad_pool.shape[1], padded_grad.device)
+    rows = padded_grad.transpose(1, 2)[real]
+    grad_pool.view(-1, *grad_pool.shape[2:]).index_add_(0, slots[real], rows.to(grad_pool.dtype))
+
+
+def _visible(batch, device) -> torch.Tensor:
+    """Causal visibility `[B, 1, max_q, max_k]`: padded query row i of sequence b sees key j.
+
+    Key 0 is visible to every row, so that padding rows (which nothing reads) are never fully
+    masked; real rows see key 0 anyway. Built once per step.
+    """
+    def build():
+        q_lens = torch.tensor(batch.q_lens, device=device)
+        k_lens = torch.tensor(batch.k_lens, device=device)
+        i = torch.arange(batch.max_seqlen_q, device=device)
+        j = torch.arange(batch.max_seqlen_k, device=device)
+        q_pos = (k_lens - q_lens)[:, None] + i[None, :]
+        seen = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None])
+        return (seen | (j == 0))[:, None]
+
+    return batch.memo("visible", build)
+
+
+def _mask(batch, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
+    """The fused kernel's (additive mask, is_causal) for this step: no mask where every sequence
+    has the same lengths and the step is a decode or a prefill from empty."""
+    if len(set(batch.q_lens)) == 1 and len(set(batch.k_lens)) == 1 and batch.max_seqlen_q in (1, batch.max_seqlen_k):
+        return None, batch.max_seqlen_q > 1
+    def build():
+        return torch.zeros((), dtype=dtype, device=batch.positions.device).masked_fill(
+            ~_visible(batch, batch.positions.device), float("-inf"))
+
+    return batch.memo(f"additive_mask_{dtype}", build), False
+
+
+def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
+
+
+def _fresh(batch) -> bool:
+    """A prefill from empty: every sequence's keys are exactly this step's new tokens."""
+    return all(q == k for q, k in zip(batch.q_lens, batch.k_lens))
+
+
+def _per_sequence_prefill(batch) -> bool:
+    """A long ragged prefill from empty: cheaper per sequence than padded (see FRESH_PREFILL_MIN_TOKENS)."""
+    return _fresh(batch) and len(set(batch.q_lens)) > 1 and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS
+
+
+def _step_rows(pool: torch.Tensor, batch) -> torch.Tensor:
+    """This step's new K or V rows, packed like q (read back from the pool at the step's slots)."""
+    return pool.reshape(-1, *pool.shape[2:])[batch.slot_mapping]
+
+
+def _sequences(batch):
+    """(rows of q, new-token count) of every sequence with new tokens."""
+    start = 0
+    for n in batch.q_lens:
+        if n:
+            yield slice(start, start + n), n
+            start += n
+
+
+def _heads_first(x: torch.Tensor) -> torch.Tensor:
+    """`[n, heads, D]` -> `[1, heads, n, D]` (a view)."""
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+# -- forward paths -------------------------------------------------------------------------------
+
+def _fresh_prefill(q, k_pool, v_pool, batch, scale: float, out, lse, fused: bool) -> None:
+    """A ragged prefill from empty: plain causal attention per sequence over its own rows."""
+    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    for rows, _ in _sequences(batch):
+        q_b, k_b, v_b = _heads_first(q[rows]), _heads_first(k[rows]), _heads_first(v[rows])
+        if fused:
+            o, lse_b = _fused_cpu_kernels()[0](q_b, k_b, v_b, 0.0, True, scale=scale)
+            if lse is not None:
+                lse[rows] = lse_b[0].transpose(0, 1)
+        else:
+            o = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=group > 1)
+        out[rows] = o[0].transpose(0, 1).to(out.dtype)
+
+
+def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
+    """SDPA over the padded step (no mask where the lengths allow; a boolean mask is slow on CPU)."""
+    group = q_pad.shape[1] // k.shape[1]
+    same_lengths = len(set(batch.q_lens)) == 1 and len(set(batch.k_lens)) == 1
+    if same_lengths and batch.max_seqlen_q in (1, batch.max_seqlen_k):
+        return F.scaled_dot_product_attention(q_pad, k, v, is_causal=batch.max_seqlen_q > 1, scale=scale,
+                                              enable_gqa=group > 1)
+    visible = _visible(batch, q_pad.device)
+    if batch.max_seqlen_q == 1:
+        return _decode_attention(q_pad, k, v, visible, group, scale)
+    return F.scaled_dot_product_attention(q_pad, k, v, attn_mask=visible, scale=scale, enable_gqa=group > 1)
+
+
+def _decode_attention(q_pad, k, v, visible, group: int, scale: float) -> torch.Tensor:
+    """One query per sequence over ragged keys: grouped einsums."""
+    b, h, _, d = q_pad.shape
+    qg = q_pad.view(b, h // group, group, d)
+    scores = torch.einsum("bkgd,bkld->bkgl", qg, k) * scale
+    probs = scores.masked_fill_(~visible.view(b, 1, 1, -1), float("-inf")).softmax(dim=-1)
+    return torch.einsum("bkgl,bkld->bkgd", probs, v).reshape(b, h, 1, d)
+
+
+def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Explicit scores and softmax in fp32, for a forward that must return the log-sum-exp without
+    the fused kernel; returns (out, lse `[B, heads, max_q]`)."""
+    group = q_pad.shape[1] // k.shape[1]
+    scores = torch.matmul(q_pad.float(), _repeat_kv(k.float(), group).transpose(-1, -2)) * scale
+    scores = scores.masked_fill_(~_visible(batch, q_pad.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp_(scores.sub_(lse[..., None]))
+    return torch.matmul(probs, _repeat_kv(v.float(), group)), lse
+
+
+# -- backward paths ------------------------------------------------------------------------------
+
+def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+    """The fused CPU flash backward over the padded step, from the forward's log-sum-exp."""
+    seq_idx, row_idx = batch.token_rows()
+    q_pad = _pad_rows(q, batch).transpose(1, 2)
+    do_pad = _pad_rows(dout.to(q.dtype), batch).transpose(1, 2)
+    o_pad = _pad_rows(out, batch).transpose(1, 2)
+    lse_pad = _pad_rows(lse, batch).transpose(1, 2).contiguous()
+    k, v = _padded_kv(k_pool, batch).to(q.dtype), _padded_kv(v_pool, batch).to(q.dtype)
+    mask, causal = _mask(batch, q.dtype)
+    dq, dk, dv = _fused_cpu_kernels()[1](do_pad, q_pad, k, v, o_pad, lse_pad, 0.0, causal, attn_mask=mask, scale=scale)
+    _add_into_pool(grad_k_pool, dk, batch)
+    _add_into_pool(grad_v_pool, dv, batch)
+    return dq.transpose(1, 2)[seq_idx, row_idx].to(q.dtype)
+
+
+def _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Backward of the per-sequence prefill: the fused flash backward of each sequence, then dK/dV
+    added into the gradient pages at the step's slots."""
+    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    backward = _fused_cpu_kernels()[1]
+    dout = dout.to(q.dtype)
+    for rows, _ in _sequences(batch):
+        g_q, g_k, g_v = backward(_heads_first(dout[rows]), _heads_first(q[rows]), _heads_first(k[rows]),
+                                 _heads_first(v[rows]), _heads_first(out[rows]),
+                                 lse[rows].transpose(0, 1).unsqueeze(0).contiguous(), 0.0, True, scale=scale)
+        dq[rows], dk[rows], dv[rows] = g_q[0].transpose(0, 1), g_k[0].transpose(0, 1), g_v[0].transpose(0, 1)
+    grad_k_pool.view(-1, *grad_k_pool.shape[2:]).index_add_(0, batch.slot_mapping, dk.to(grad_k_pool.dtype))
+    grad_v_pool.view(-1, *grad_v_pool.shape[2:]).index_add_(0, batch.slot_mapping, dv.to(grad_v_pool.dtype))
+    return dq
+
+
+def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Backward without the fused kernel: probabilities recomputed (from `lse`, or by a softmax)."""
+    if lse is None and _fresh(batch) and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS:
+        return _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
+    group = q.shape[1] // k_pool.shape[2]
+    seq_idx, row_idx = batch.token_rows()
+    q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
+    do_pad = _pad_rows(dout.float(), batch).transpose(1, 2)
+    delta = _pad_rows((dout.float() * out.float()).sum(-1), batch).transpose(1, 2)  # rowsum(dO * O)
+    k, v = _padded_kv(k_pool, batch).float(), _padded_kv(v_pool, batch).float()
+    k_rep, v_rep = _repeat_kv(k, group), _repeat_kv(v, group)
+    scores = torch.matmul(q_pad, k_rep.transpose(-1, -2)).mul_(scale).masked_fill_(~_visible(batch, q.device),
+                                                                                   float("-inf"))
+    if lse is None:
+        probs = torch.softmax(scores, dim=-1)
+    else:
+        probs = scores.sub_(_pad_rows(lse, batch).transpose(1, 2)[..., None]).exp_()
+    dv = torch.matmul(probs.transpose(-1, -2), do_pad)
+    ds = probs.mul_(torch.matmul(do_pad, v_rep.transpose(-1, -2)).sub_(delta[..., None]))
+    dq = torch.matmul(ds, k_rep).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), q_pad).mul_(scale)
+    b, h, n, d = dk.shape
+    if group > 1:
+        dk = dk.view(b, h // group, group, n, d).sum(2)
+        dv = dv.view(b, h // group, group, n, d).sum(2)
+    _add_into_pool(grad_k_pool, dk, batch)
+    _add_into_pool(grad_v_pool, dv, batch)
+    return dq.transpose(1, 2)[seq_idx, row_idx].to(q.dtype)
+
+
+def _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Backward of the per-sequence prefill without a log-sum-exp: re-run each sequence's causal SDPA
+    under autograd, then add dK/dV into the gradient pages at the step's slots."""
+    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    with torch.enable_grad():
+        for rows, _ in _sequences(batch):
+            q_b, k_b, v_b = (_heads_first(t[rows].detach()).requires_grad_() for t in (q, k, v))
+            o = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=group > 1)
+            g_q, g_k, g_v = torch.autograd.grad(o, (q_b, k_b, v_b), _heads_first(dout[rows]).to(o.dtype))
+            dq[rows], dk[rows], dv[rows] = g_q[0].transpose(0, 1), g_k[0].transpose(0, 1), g_v[0].transpose(0, 1)
+    grad_k_pool.view(-1, *grad_k_pool.shape[2:]).index_add_(0, batch.slot_mapping, dk.to(grad_k_pool.dtype))
+    grad_v_pool.view(-1, *grad_v_pool.shape[2:]).index_add_(0, batch.slot_mapping, dv.to(grad_v_pool.dtype))
+    return dq
