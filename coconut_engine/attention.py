@@ -73,9 +73,9 @@ def kernel_set(backend: str, device_type: str = "cpu") -> KernelSet:
         from .kernels.store_kv import store_kv
 
         return KernelSet(store_kv, paged_attention, paged_attention_backward, backward_needs_lse=True)
-    from .kernels import reference, torch_backend
+    from .kernels import torch_backend
 
-    return KernelSet(reference.store_kv, torch_backend.paged_attention, torch_backend.paged_attention_backward,
+    return KernelSet(torch_backend.store_kv, torch_backend.paged_attention, torch_backend.paged_attention_backward,
                      backward_needs_lse=torch_backend.uses_fused_kernels(torch.device(device_type)))
 
 
@@ -87,8 +87,8 @@ class _StoreKV(torch.autograd.Function):
         ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
         # Every slot an attention reads in this training step was written by a store of this step,
         # so zeroing the written slots' gradient rows here keeps the gradient pages clean.
-        cache.grad_k_pool(layer).flatten(0, 1)[batch.slot_mapping] = 0
-        cache.grad_v_pool(layer).flatten(0, 1)[batch.slot_mapping] = 0
+        cache.grad_k_pool(layer).flatten(0, 1).index_fill_(0, batch.slot_mapping, 0)
+        cache.grad_v_pool(layer).flatten(0, 1).index_fill_(0, batch.slot_mapping, 0)
         ctx.cache, ctx.layer, ctx.slots, ctx.generation = cache, layer, batch.slot_mapping, cache.generation
         ctx.dtypes = (k.dtype, v.dtype)
         return dependency.detach().clone()

@@ -35,6 +35,10 @@ class AttentionBatch:
     max_seqlen_k: int
     q_lens: tuple[int, ...] = field(default=())  # host copies: no device sync to read them
     k_lens: tuple[int, ...] = field(default=())
+    # (first page, pages per row) when row b's pages are the run `first + b * pages_per_row + [0, 1, ..]`
+    # (a training cache reserves its sequences so): every row's K/V is then a slice of one strided
+    # view of the pool, with nothing to gather. None otherwise.
+    strided_pages: tuple[int, int] | None = None
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def memo(self, key: str, build):
@@ -106,6 +110,21 @@ def _cumsum(values: Sequence[int]) -> list[int]:
     return out
 
 
+def _strided_pages(page_lists: Sequence[Sequence[int]]) -> tuple[int, int] | None:
+    """(first page, pages per row) if row b's pages are `first + b * pages_per_row + [0, 1, ..]`, else None."""
+    if not page_lists or not page_lists[0]:
+        return None
+    first = page_lists[0][0]
+    stride = page_lists[1][0] - first if len(page_lists) > 1 and page_lists[1] else len(page_lists[0])
+    if stride <= 0:
+        return None
+    for b, pages in enumerate(page_lists):
+        start = first + b * stride
+        if len(pages) > stride or list(pages) != list(range(start, start + len(pages))):
+            return None
+    return first, stride
+
+
 @dataclass
 class _Sequence:
     pages: list[int]
@@ -154,10 +173,18 @@ class PageAllocator:
         if num_new_tokens <= 0:
             return 0
         new_len = seq.length + num_new_tokens
-        needed = -(-new_len // self.page_size) - len(seq.pages)
-        if seq.length % self.page_size and self._refs[seq.pages[-1]] > 1:
+        needed = max(0, -(-new_len // self.page_size) - len(seq.pages))
+        if self._shared_partial_page(seq) is not None:
             needed += 1
         return needed
+
+    def _shared_partial_page(self, seq: _Sequence) -> int | None:
+        """Index in `seq.pages` of its partly filled last page when another sequence shares it (the
+        next write must copy it first), else None."""
+        index = seq.length // self.page_size
+        if seq.length % self.page_size and self._refs[seq.pages[index]] > 1:
+            return index
+        return None
 
     def add(self, seq_id: Hashable) -> None:
         """Register an empty sequence."""
@@ -170,9 +197,30 @@ class PageAllocator:
         parent = self._get(parent_id)
         if child_id in self._seqs:
             raise KeyError(f"sequence {child_id!r} already exists in the cache")
-        for page in parent.pages:
+        used = parent.pages[: -(-parent.length // self.page_size)]  # not the parent's reserved pages
+        for page in used:
             self._refs[page] += 1
-        self._seqs[child_id] = _Sequence(pages=list(parent.pages), length=parent.length)
+        self._seqs[child_id] = _Sequence(pages=list(used), length=parent.length)
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Give `seq_id` pages for `num_tokens` tokens in all (its length does not change; later
+        appends fill them). All or nothing: raises OutOfPagesError, changing nothing."""
+        seq = self._get(seq_id)
+        needed = max(0, -(-num_tokens // self.page_size) - len(seq.pages))
+        if needed > len(self._free):
+            raise OutOfPagesError(
+                f"paged KV cache out of pages: reserving {num_tokens} tokens for sequence {seq_id!r} needs "
+                f"{needed} free pages, {len(self._free)} of {self.num_pages} are free (page_size={self.page_size})"
+            )
+        for _ in range(needed):
+            seq.pages.append(self._take())
+
+    def reset(self) -> None:
+        """Drop every sequence; the free list goes back to ascending page order, so that sequences
+        reserved one after another get consecutive runs of pages."""
+        self._free = list(range(self.num_pages - 1, -1, -1))
+        self._refs = [0] * self.num_pages
+        self._seqs = {}
 
     def free(self, seq_id: Hashable) -> None:
         """Drop a sequence; pages nobody else references go back to the free list."""
@@ -206,11 +254,12 @@ class PageAllocator:
             if count == 0:
                 continue
             seq = self._seqs[seq_id]
-            if seq.length % self.page_size and self._refs[seq.pages[-1]] > 1:
-                shared = seq.pages[-1]
+            index = self._shared_partial_page(seq)
+            if index is not None:
+                shared = seq.pages[index]
                 private = self._take()
                 self._refs[shared] -= 1
-                seq.pages[-1] = private
+                seq.pages[index] = private
                 copies.append((shared, private))
             seq.length += count
             while len(seq.pages) * self.page_size < seq.length:
@@ -274,8 +323,7 @@ class PagedKVCache:
         """
         if not self.tracks_gradients:
             raise RuntimeError("this PagedKVCache was created without requires_grad=True")
-        for seq_id in self.allocator.sequence_ids():
-            self.allocator.free(seq_id)
+        self.allocator.reset()
         self.generation += 1
         self.dependency = torch.zeros((), device=self.device, requires_grad=True)
 
@@ -303,6 +351,10 @@ class PagedKVCache:
 
     def add_sequence(self, seq_id: Hashable) -> None:
         self.allocator.add(seq_id)
+
+    def reserve(self, seq_id: Hashable, num_tokens: int) -> None:
+        """Give `seq_id` pages for `num_tokens` tokens in all, before its steps write them."""
+        self.allocator.reserve(seq_id, num_tokens)
 
     def fork(self, parent_id: Hashable, child_id: Hashable) -> None:
         self.allocator.fork(parent_id, child_id)
@@ -349,6 +401,7 @@ class PagedKVCache:
             max_seqlen_k=max(k_lens, default=0),
             q_lens=q_lens,
             k_lens=k_lens,
+            strided_pages=_strided_pages(page_lists),
         )
 
 

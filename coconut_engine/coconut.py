@@ -103,6 +103,10 @@ class CoconutModel(nn.Module):
         if mode == "multipass":
             label_hidden, targets = self._multipass(samples)
         else:
+            if mode in ("paged", "two_pass"):
+                # most thoughts first: each thought step's sequences are then a prefix of the batch, whose
+                # pages are consecutive equal runs (see _training_cache); the loss does not depend on order
+                samples = sorted(samples, key=lambda s: -s.num_thoughts)
             prompts, suffixes = self._token_embeddings(samples)
             if mode == "paged":
                 label_hidden, targets = self._paged(samples, prompts, suffixes)
@@ -129,9 +133,13 @@ class CoconutModel(nn.Module):
     # -- the paged path -------------------------------------------------------------------------
 
     def _training_cache(self, samples: Sequence[CoconutSample]) -> PagedKVCache:
-        """The reusable training cache, grown when a batch needs more pages than it has."""
+        """The reusable training cache (grown when a batch needs more pages than it has), with sample i
+        as sequence i and every sequence given the same number of pages up front, in order: row b's
+        pages are then `b * pages_per_row + [0, 1, ..]`, so that the torch backend reads each step's
+        K/V as a view of the pool instead of gathering pages."""
         cfg = self.decoder.config
-        pages = sum(-(-s.length // self.page_size) for s in samples)
+        pages_per_row = max(-(-s.length // self.page_size) for s in samples)
+        pages = pages_per_row * len(samples)
         weight = self.decoder.embed_tokens.weight
         dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
         cache = self._cache
@@ -143,6 +151,7 @@ class CoconutModel(nn.Module):
         cache.begin_training_step()
         for i in range(len(samples)):
             cache.add_sequence(i)
+            cache.reserve(i, pages_per_row * self.page_size)
         return cache
 
     def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor]):

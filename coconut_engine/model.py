@@ -229,4 +229,9 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of the given hidden states (only where they are needed)."""
-        return F.linear(hidden, self.lm_head_weight)
+        weight = self.lm_head_weight
+        if torch.is_grad_enabled() and weight.requires_grad:
+            # (W h^T)^T: the weight's gradient comes out contiguous, so autograd adds the tied
+            # embedding's gradient into it in place instead of allocating a third vocab x hidden tensor
+            return (weight @ hidden.t()).t()
+        return F.linear(hidden, weight)

@@ -1,7 +1,7 @@
 """Plain PyTorch versions of the kernels, with the same signatures.
 
-They are the oracle of the kernel tests (and `store_kv` serves the "torch" backend too, see
-`torch_backend.py`). They loop over sequences in Python: clear rather than fast.
+They are the oracle of the kernel tests (the "torch" backend, `torch_backend.py`, is the vectorised
+counterpart). They loop over sequences in Python: clear rather than fast.
 """
 from __future__ import annotations
 

@@ -39,6 +39,15 @@ def uses_fused_kernels(device: torch.device) -> bool:
     return device.type == "cpu" and _fused_cpu_kernels() is not None
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write `k`, `v` (`[T, kv_heads, head_dim]`) into the pools at `slot_mapping` (-1 = skip)."""
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k.to(k_pool.dtype))
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pool.dtype))
+
+
 def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = False, out=None):
     """Causal GQA attention of the packed queries `q` (`[T, heads, D]`) over the pages.
 
@@ -86,8 +95,23 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
 
 # -- layout helpers ------------------------------------------------------------------------------
 
+def _strided_rows(pool: torch.Tensor, batch) -> torch.Tensor | None:
+    """`[B, pages_per_row * page_size, kv_heads, D]`: a view of the pool in which row b is sequence
+    b's tokens, where the batch's pages are strided runs (`AttentionBatch.strided_pages`); else None."""
+    if batch.strided_pages is None:
+        return None
+    first, stride = batch.strided_pages
+    if first + batch.num_seqs * stride > pool.shape[0]:
+        return None
+    return pool[first : first + batch.num_seqs * stride].view(batch.num_seqs, stride * pool.shape[1], *pool.shape[2:])
+
+
 def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
-    """Every sequence's K or V gathered through the block table, `[B, kv_heads, max_k, D]` (junk past k_len)."""
+    """Every sequence's K or V, `[B, kv_heads, max_k, D]` (junk past k_len): a view of the pool where
+    the pages are strided runs, else gathered through the block table."""
+    strided = _strided_rows(pool, batch)
+    if strided is not None:
+        return strided[:, : batch.max_seqlen_k].transpose(1, 2)
     page_size = pool.shape[1]
     num_pages = -(-batch.max_seqlen_k // page_size)
     table = batch.block_table[:, :num_pages].reshape(-1)
@@ -115,7 +139,14 @@ def _padded_slots(batch, page_size: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def _add_into_pool(grad_pool: torch.Tensor, padded_grad: torch.Tensor, batch) -> None:
-    """Add padded key gradients `[B, kv_heads, max_k, D]` into the gradient pages of the real keys."""
+    """Add padded key gradients `[B, kv_heads, max_k, D]` into the gradient pages of the real keys.
+
+    On a strided view the whole padded block is added: past each row's keys the gradient is exactly
+    zero (masked keys get zero probability, padding query rows a zero output gradient)."""
+    strided = _strided_rows(grad_pool, batch)
+    if strided is not None:
+        strided[:, : batch.max_seqlen_k] += padded_grad.transpose(1, 2).to(grad_pool.dtype)
+        return
     slots, real = _padded_slots(batch, grad_pool.shape[1], padded_grad.device)
     rows = padded_grad.transpose(1, 2)[real]
     grad_pool.view(-1, *grad_pool.shape[2:]).index_add_(0, slots[real], rows.to(grad_pool.dtype))
@@ -165,9 +196,24 @@ def _per_sequence_prefill(batch) -> bool:
     return _fresh(batch) and len(set(batch.q_lens)) > 1 and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS
 
 
-def _step_rows(pool: torch.Tensor, batch) -> torch.Tensor:
-    """This step's new K or V rows, packed like q (read back from the pool at the step's slots)."""
-    return pool.reshape(-1, *pool.shape[2:])[batch.slot_mapping]
+def _step_rows(pool: torch.Tensor, batch) -> list[torch.Tensor]:
+    """A prefill from empty: each sequence's new K or V rows `[n, kv_heads, D]` (views of the pool
+    where its pages are strided runs, else read back at the step's slots)."""
+    strided = _strided_rows(pool, batch)
+    if strided is not None:
+        return [strided[b, :n] for b, n in enumerate(batch.q_lens) if n]
+    rows = pool.reshape(-1, *pool.shape[2:])[batch.slot_mapping]
+    return [rows[seq] for seq, _ in _sequences(batch)]
+
+
+def _add_step_rows(grad_pool: torch.Tensor, grads: list[torch.Tensor], batch) -> None:
+    """Add each sequence's new-row gradients (as `_step_rows` returned the rows) into the gradient pages."""
+    strided = _strided_rows(grad_pool, batch)
+    if strided is not None:
+        for b, g in zip((b for b, n in enumerate(batch.q_lens) if n), grads):
+            strided[b, : len(g)] += g.to(grad_pool.dtype)
+        return
+    grad_pool.view(-1, *grad_pool.shape[2:]).index_add_(0, batch.slot_mapping, torch.cat(grads).to(grad_pool.dtype))
 
 
 def _sequences(batch):
@@ -188,10 +234,9 @@ def _heads_first(x: torch.Tensor) -> torch.Tensor:
 
 def _fresh_prefill(q, k_pool, v_pool, batch, scale: float, out, lse, fused: bool) -> None:
     """A ragged prefill from empty: plain causal attention per sequence over its own rows."""
-    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
-    group = q.shape[1] // k.shape[1]
-    for rows, _ in _sequences(batch):
-        q_b, k_b, v_b = _heads_first(q[rows]), _heads_first(k[rows]), _heads_first(v[rows])
+    group = q.shape[1] // k_pool.shape[2]
+    for (rows, _), k, v in zip(_sequences(batch), _step_rows(k_pool, batch), _step_rows(v_pool, batch)):
+        q_b, k_b, v_b = _heads_first(q[rows]), _heads_first(k.to(q.dtype)), _heads_first(v.to(q.dtype))
         if fused:
             o, lse_b = _fused_cpu_kernels()[0](q_b, k_b, v_b, 0.0, True, scale=scale)
             if lse is not None:
@@ -253,18 +298,19 @@ def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
 
 def _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """Backward of the per-sequence prefill: the fused flash backward of each sequence, then dK/dV
-    added into the gradient pages at the step's slots."""
-    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    added into the gradient pages of the step's rows."""
+    dq, dks, dvs = torch.empty_like(q), [], []
     backward = _fused_cpu_kernels()[1]
     dout = dout.to(q.dtype)
-    for rows, _ in _sequences(batch):
-        g_q, g_k, g_v = backward(_heads_first(dout[rows]), _heads_first(q[rows]), _heads_first(k[rows]),
-                                 _heads_first(v[rows]), _heads_first(out[rows]),
+    for (rows, _), k, v in zip(_sequences(batch), _step_rows(k_pool, batch), _step_rows(v_pool, batch)):
+        g_q, g_k, g_v = backward(_heads_first(dout[rows]), _heads_first(q[rows]), _heads_first(k.to(q.dtype)),
+                                 _heads_first(v.to(q.dtype)), _heads_first(out[rows]),
                                  lse[rows].transpose(0, 1).unsqueeze(0).contiguous(), 0.0, True, scale=scale)
-        dq[rows], dk[rows], dv[rows] = g_q[0].transpose(0, 1), g_k[0].transpose(0, 1), g_v[0].transpose(0, 1)
-    grad_k_pool.view(-1, *grad_k_pool.shape[2:]).index_add_(0, batch.slot_mapping, dk.to(grad_k_pool.dtype))
-    grad_v_pool.view(-1, *grad_v_pool.shape[2:]).index_add_(0, batch.slot_mapping, dv.to(grad_v_pool.dtype))
+        dq[rows] = g_q[0].transpose(0, 1)
+        dks.append(g_k[0].transpose(0, 1))
+        dvs.append(g_v[0].transpose(0, 1))
+    _add_step_rows(grad_k_pool, dks, batch)
+    _add_step_rows(grad_v_pool, dvs, batch)
     return dq
 
 
@@ -300,16 +346,17 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
 
 def _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """Backward of the per-sequence prefill without a log-sum-exp: re-run each sequence's causal SDPA
-    under autograd, then add dK/dV into the gradient pages at the step's slots."""
-    k, v = _step_rows(k_pool, batch).to(q.dtype), _step_rows(v_pool, batch).to(q.dtype)
-    group = q.shape[1] // k.shape[1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    under autograd, then add dK/dV into the gradient pages of the step's rows."""
+    group = q.shape[1] // k_pool.shape[2]
+    dq, dks, dvs = torch.empty_like(q), [], []
     with torch.enable_grad():
-        for rows, _ in _sequences(batch):
-            q_b, k_b, v_b = (_heads_first(t[rows].detach()).requires_grad_() for t in (q, k, v))
+        for (rows, _), k, v in zip(_sequences(batch), _step_rows(k_pool, batch), _step_rows(v_pool, batch)):
+            q_b, k_b, v_b = (_heads_first(t.detach().to(q.dtype)).requires_grad_() for t in (q[rows], k, v))
             o = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=group > 1)
             g_q, g_k, g_v = torch.autograd.grad(o, (q_b, k_b, v_b), _heads_first(dout[rows]).to(o.dtype))
-            dq[rows], dk[rows], dv[rows] = g_q[0].transpose(0, 1), g_k[0].transpose(0, 1), g_v[0].transpose(0, 1)
-    grad_k_pool.view(-1, *grad_k_pool.shape[2:]).index_add_(0, batch.slot_mapping, dk.to(grad_k_pool.dtype))
-    grad_v_pool.view(-1, *grad_v_pool.shape[2:]).index_add_(0, batch.slot_mapping, dv.to(grad_v_pool.dtype))
+            dq[rows] = g_q[0].transpose(0, 1)
+            dks.append(g_k[0].transpose(0, 1))
+            dvs.append(g_v[0].transpose(0, 1))
+    _add_step_rows(grad_k_pool, dks, batch)
+    _add_step_rows(grad_v_pool, dvs, batch)
     return dq

@@ -7,21 +7,30 @@ from coconut_engine.cache import AttentionBatch
 
 
 def make_case(group: int, head_dim: int, page_size: int, dtype: torch.dtype, prefix_lens, q_lens,
-              num_kv_heads: int = 2, spare_pages: int = 3, requires_grad: bool = False):
+              num_kv_heads: int = 2, spare_pages: int = 3, requires_grad: bool = False, strided: bool = False):
     """q `[T, heads, D]`, K/V pools and the AttentionBatch of one step on top of existing prefixes.
 
     Sequence b already holds `prefix_lens[b]` tokens and gets `q_lens[b]` new ones. Page ids are a
-    random permutation of the pool, and the pool has unused pages (filled with junk) as well.
+    random permutation of the pool, and the pool has unused pages (filled with junk) as well. With
+    `strided`, row b owns instead the page run `1 + b * stride + [0, ..]` (`stride` one more than the
+    longest row needs; junk pages around and between the runs), as a training cache lays it out.
     """
     k_lens = [p + q for p, q in zip(prefix_lens, q_lens)]
     pages_per_seq = [-(-k // page_size) for k in k_lens]
     num_pages = sum(pages_per_seq) + spare_pages
     perm = torch.randperm(num_pages).tolist()
+    if strided:
+        stride = max(pages_per_seq) + 1
+        num_pages = 1 + stride * len(k_lens) + spare_pages
+        runs = [list(range(1 + b * stride, 1 + (b + 1) * stride)) for b in range(len(k_lens))]
     width = max(max(pages_per_seq), 1)
     table = torch.zeros(len(k_lens), width, dtype=torch.int32)
     slots, positions, cu = [], [], [0]
     for b, n in enumerate(pages_per_seq):
-        pages, perm = perm[:n], perm[n:]
+        if strided:
+            pages = runs[b][:n]
+        else:
+            pages, perm = perm[:n], perm[n:]
         table[b, :n] = torch.tensor(pages, dtype=torch.int32)
         for pos in range(prefix_lens[b], k_lens[b]):
             slots.append(pages[pos // page_size] * page_size + pos % page_size)
@@ -41,5 +50,6 @@ def make_case(group: int, head_dim: int, page_size: int, dtype: torch.dtype, pre
         max_seqlen_k=max(k_lens),
         q_lens=tuple(q_lens),
         k_lens=tuple(k_lens),
+        strided_pages=(1, stride) if strided else None,
     )
     return q, k_pool, v_pool, batch

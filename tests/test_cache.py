@@ -12,7 +12,7 @@ CONFIG = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 4, "interm
                                 "vocab_size": 8})
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["add", "extend", "fork", "free"]), st.integers(0, 7), st.integers(0, 7),
+    st.tuples(st.sampled_from(["add", "extend", "fork", "free", "reserve"]), st.integers(0, 7), st.integers(0, 7),
               st.integers(1, 9)),
     min_size=1, max_size=40,
 )
@@ -58,6 +58,13 @@ def test_random_operations_keep_contents_and_pages(ops, page_size, num_pages):
         elif op == "free" and a in model:
             cache.free(a)
             del model[a]
+        elif op == "reserve" and a in model:
+            try:
+                cache.reserve(a, len(model[a]) + n)
+            except OutOfPagesError:
+                assert snapshot(cache.allocator) == before  # all or nothing
+                continue
+            assert len(cache.allocator.pages(a)) * page_size >= len(model[a]) + n
         elif op == "extend" and a in model:
             ids = [a] + ([b] if b in model and b != a else [])
             counts = [n, 1][: len(ids)]
@@ -136,3 +143,38 @@ def test_bad_requests():
         cache.prepare([1, 1], [1, 1])
     with pytest.raises(ValueError, match=">= 0"):
         cache.prepare([1], [-1])
+
+
+def test_reserved_sequences_are_strided_page_runs():
+    """A training cache: every sequence reserves the same number of pages in order, so any prefix of
+    the sequences (or any evenly spaced subset) forms strided runs, read as a view by the torch
+    backend; other subsets do not."""
+    cache = PagedKVCache(CONFIG, num_pages=20, page_size=4, requires_grad=True)
+    cache.begin_training_step()
+    for i in range(3):
+        cache.add_sequence(i)
+        cache.reserve(i, 4 * 4)
+    assert [cache.allocator.pages(i) for i in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert cache.prepare([0, 1, 2], [5, 9, 2]).strided_pages == (0, 4)
+    assert cache.num_free_pages == 8  # the appends used the reserved pages
+    assert cache.prepare([0, 1], [1, 1]).strided_pages == (0, 4)
+    assert cache.prepare([0, 2], [1, 1]).strided_pages == (0, 8)
+    assert cache.prepare([0, 2, 1], [1, 1, 1]).strided_pages is None
+    assert cache.prepare([1, 0], [1, 1]).strided_pages is None
+    cache.begin_training_step()  # a new step starts from page 0 again
+    cache.add_sequence(0)
+    cache.reserve(0, 3)
+    assert cache.allocator.pages(0) == [0]
+
+
+def test_fork_of_a_reserved_sequence_shares_only_written_pages():
+    cache = PagedKVCache(CONFIG, num_pages=10, page_size=4)
+    cache.add_sequence("a")
+    cache.reserve("a", 12)
+    cache.prepare(["a"], [6])  # pages 0 (full) and 1 (half) hold tokens, page 2 is reserved
+    cache.fork("a", "b")
+    assert cache.allocator.pages("b") == cache.allocator.pages("a")[:2]
+    assert cache.allocator.ref_count(cache.allocator.pages("a")[2]) == 1
+    cache.prepare(["a"], [1])  # the shared half page is copied before "a" writes into it
+    pages_a, pages_b = cache.allocator.pages("a"), cache.allocator.pages("b")
+    assert pages_a[0] == pages_b[0] and pages_a[1] != pages_b[1] and len(pages_a) == 3

@@ -58,6 +58,29 @@ def test_backward_matches_autograd(backward, q_kind, group, head_dim, page, dtyp
     assert rel(grad_v, want_v) < 1e-4
 
 
+@pytest.mark.parametrize("backward", [BACKWARDS["torch-fused"], BACKWARDS["torch-recompute"]],
+                         ids=["torch-fused", "torch-recompute"])
+@pytest.mark.parametrize("q_kind", ["extend", "decode"])
+@pytest.mark.parametrize("group,head_dim,page,dtype", [s for s in SHAPES if s[3] == torch.float32])
+def test_torch_backward_on_strided_pages(backward, q_kind, group, head_dim, page, dtype):
+    """Pages laid out as strided runs (a training cache): K/V read as a view and the padded dK/dV
+    added back whole; the junk between and after the runs gets exactly nothing."""
+    q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, lengths(page), q_lens, strided=True)
+    scale = head_dim ** -0.5
+    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    dout = torch.randn_like(out)
+    grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    dq = backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale)
+    want_q, want_k, want_v = oracle_grads(q, k_pool, v_pool, batch, dout)
+    assert rel(dq, want_q) < 1e-4 and rel(grad_k, want_k) < 1e-4 and rel(grad_v, want_v) < 1e-4
+    keys = torch.zeros(k_pool.shape[:2], dtype=torch.bool)  # the pool rows that hold a real key
+    for b, k_len in enumerate(batch.k_lens):
+        pos = torch.arange(k_len)
+        keys[batch.block_table[b, pos // page].long(), pos % page] = True
+    assert not grad_k[~keys].any() and not grad_v[~keys].any()
+
+
 CONFIG = ModelConfig.from_dict({"model_type": "llama", "hidden_size": 64, "intermediate_size": 8,
                                 "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
                                 "vocab_size": 8})
@@ -141,16 +164,17 @@ def test_backward_after_cache_reuse_is_a_clear_error():
         out.sum().backward()
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["gathered", "strided"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "recompute"])
 @pytest.mark.parametrize("group", [1, 2])
-def test_torch_backend_long_fresh_prefill(group, fused, monkeypatch):
+def test_torch_backend_long_fresh_prefill(group, fused, strided, monkeypatch):
     """A ragged prefill from empty past FRESH_PREFILL_MIN_TOKENS runs per sequence, forward and
     backward: with the fused CPU kernels (the log-sum-exp saved), and without them (the backward
     re-runs SDPA under autograd, as on a GPU without Triton)."""
     if not fused:
         monkeypatch.setattr(torch_backend, "uses_fused_kernels", lambda device: False)
     lens = [torch_backend.FRESH_PREFILL_MIN_TOKENS + 3, 40, torch_backend.FRESH_PREFILL_MIN_TOKENS + 70]
-    q, k_pool, v_pool, batch = make_case(group, 32, 16, torch.float32, [0, 0, 0], lens)
+    q, k_pool, v_pool, batch = make_case(group, 32, 16, torch.float32, [0, 0, 0], lens, strided=strided)
     # the pools hold exactly what this step stored at its slots
     for pool in (k_pool, v_pool):
         pool.view(-1, *pool.shape[2:])[batch.slot_mapping] = torch.randn(sum(lens), *pool.shape[2:])

@@ -71,37 +71,42 @@ def test_rows_of_no_sequence_are_never_written(splits):
     assert out[q.shape[0]:].isnan().all()
 
 
+@pytest.mark.parametrize("impl", [store_kv, torch_backend.store_kv], ids=["triton", "torch"])
+@pytest.mark.parametrize("skip", [True, False], ids=["some-skipped", "all-stored"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("page", [8, 16])
-def test_store_kv_matches_reference(dtype, page):
+def test_store_kv_matches_reference(impl, skip, dtype, page):
     num_pages, kv_heads, dim = 9, 3, 40
     k_pool = torch.randn(num_pages, page, kv_heads, dim).to(dtype)
     v_pool = torch.randn_like(k_pool)
     ref_k, ref_v = k_pool.clone(), v_pool.clone()
     tokens = 70
     slots = torch.randperm(num_pages * page)[:tokens]
-    slots[::5] = -1  # skipped tokens
+    if skip:
+        slots[::5] = -1  # skipped tokens
     # k/v as views of a fused projection, like the model's
     qkv = torch.randn(tokens, 2 * kv_heads * dim + 8)
     k = qkv[:, : kv_heads * dim].view(tokens, kv_heads, dim)
     v = qkv[:, kv_heads * dim : 2 * kv_heads * dim].view(tokens, kv_heads, dim)
-    store_kv(k, v, k_pool, v_pool, slots)
+    impl(k, v, k_pool, v_pool, slots)
     reference.store_kv(k, v, ref_k, ref_v, slots)
     assert torch.equal(k_pool, ref_k) and torch.equal(v_pool, ref_v)
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["gathered", "strided"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "sdpa"])
 @pytest.mark.parametrize("q_kind", ["extend", "decode", "equal-decode", "equal-prefill"])
 @pytest.mark.parametrize("group,head_dim,page,dtype", SHAPES)
-def test_torch_backend_matches_reference(fused, q_kind, group, head_dim, page, dtype, monkeypatch):
+def test_torch_backend_matches_reference(strided, fused, q_kind, group, head_dim, page, dtype, monkeypatch):
     """The torch backend, with the fused CPU kernels and without (SDPA forward, explicit softmax for
-    the lse): output and log-sum-exp equal the loop reference; rows of no sequence stay unwritten."""
+    the lse), on permuted pages and on strided page runs (read as a view): output and log-sum-exp
+    equal the loop reference; rows of no sequence stay unwritten."""
     if not fused:
         monkeypatch.setattr(torch_backend, "uses_fused_kernels", lambda device: False)
     prefix = {"equal-decode": [page + 1] * 4, "equal-prefill": [0] * 4}.get(q_kind, lengths(page))
     q_lens = {"extend": [3, 1, 0, page + 2, 17, 40], "decode": [1, 1, 1, 0, 1, 1], "equal-decode": [1] * 4,
               "equal-prefill": [page + 3] * 4}[q_kind]
-    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens)
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens, strided=strided)
     scale = head_dim ** -0.5
     ref_out, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
     out = torch.full((q.shape[0] + 2, *q.shape[1:]), float("nan"), dtype=dtype)
