@@ -46,8 +46,13 @@ def test_backward_matches_autograd(backward, q_kind, group, head_dim, page, dtyp
         prefix = [page + 1] * 4 if q_kind == "equal-decode" else [0] * 4
     q_lens = {"extend": [3, 1, 0, page + 2, 17, 40], "decode": [1, 1, 1, 0, 1, 1], "equal-decode": [1] * 4,
               "equal-prefill": [page + 3] * 4}[q_kind]
-    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens)
-    scale = head_dim ** -0.5
+    check_backward(backward, *make_case(group, head_dim, page, dtype, prefix, q_lens))
+
+
+def check_backward(backward, q, k_pool, v_pool, batch):
+    """`backward`'s dq and the dK/dV it adds into zeroed gradient pools vs autograd through the
+    reference; returns the gradient pools."""
+    scale = q.shape[-1] ** -0.5
     out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
     dout = torch.randn_like(out)
     grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
@@ -56,6 +61,7 @@ def test_backward_matches_autograd(backward, q_kind, group, head_dim, page, dtyp
     assert rel(dq, want_q) < 1e-4
     assert rel(grad_k, want_k) < 1e-4
     assert rel(grad_v, want_v) < 1e-4
+    return grad_k, grad_v
 
 
 @pytest.mark.parametrize("backward", [BACKWARDS["torch-fused"], BACKWARDS["torch-recompute"]],
@@ -67,13 +73,7 @@ def test_torch_backward_on_strided_pages(backward, q_kind, group, head_dim, page
     added back whole; the junk between and after the runs gets exactly nothing."""
     q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
     q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, lengths(page), q_lens, strided=True)
-    scale = head_dim ** -0.5
-    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
-    dout = torch.randn_like(out)
-    grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
-    dq = backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale)
-    want_q, want_k, want_v = oracle_grads(q, k_pool, v_pool, batch, dout)
-    assert rel(dq, want_q) < 1e-4 and rel(grad_k, want_k) < 1e-4 and rel(grad_v, want_v) < 1e-4
+    grad_k, grad_v = check_backward(backward, q, k_pool, v_pool, batch)
     keys = torch.zeros(k_pool.shape[:2], dtype=torch.bool)  # the pool rows that hold a real key
     for b, k_len in enumerate(batch.k_lens):
         pos = torch.arange(k_len)
