@@ -28,7 +28,6 @@ from torch import nn
 
 from .cache import AttentionBatch, ContiguousKVCache, PagedKVCache
 from .model import Decoder
-from .weight_grads import WeightGradBatcher
 
 MODES = ("paged", "two_pass", "multipass", "recompute")
 SPECIAL_TOKEN_TEXTS = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")  # official names: bot, thought, eot
@@ -194,29 +193,24 @@ class CoconutModel(nn.Module):
         last_prompt = starts + torch.tensor([len(s.prompt) - 1 for s in samples], device=hidden.device)
         return hidden, hidden[last_prompt]
 
-    def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor,
-                       weight_grads: WeightGradBatcher | None = None) -> torch.Tensor:
+    def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor) -> torch.Tensor:
         """One continuous-thought step: each sequence's last hidden state becomes its next input.
 
-        One decoder call for all of `seq_ids`; returns their new last hidden states. A training
-        forward passes one `weight_grads` to all its thought steps (one weight-gradient product
-        for all of them instead of one per step).
+        One decoder call for all of `seq_ids`; returns their new last hidden states.
         """
         batch = cache.prepare(seq_ids, [1] * len(seq_ids))
-        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, weight_grads=weight_grads)
+        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache)
 
     def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor) -> list[list[torch.Tensor]]:
         """Run every thought step; returns each sample's thought input embeddings (not detached)."""
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
-        device_type = last.device.type
-        weight_grads = None if torch.is_autocast_enabled(device_type) else WeightGradBatcher()
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
             index = torch.tensor(active, device=last.device)
             inputs = last[index]
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
-            last = last.index_copy(0, index, self.append_thought(cache, active, inputs, weight_grads))
+            last = last.index_copy(0, index, self.append_thought(cache, active, inputs))
         return thoughts
 
     def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor]):

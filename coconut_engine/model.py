@@ -17,7 +17,6 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .cache import AttentionBatch
 from .config import ModelConfig
-from .weight_grads import WeightGradBatcher
 
 
 class RMSNorm(nn.Module):
@@ -83,10 +82,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor, weight_grads: WeightGradBatcher | None) -> torch.Tensor:
-    return layer(x) if weight_grads is None else weight_grads.linear(x, layer.weight, layer.bias)
-
-
 class Attention(nn.Module):
     """Fused q/k/v projection, optional q/k norm and RoPE, the attention call, output projection."""
 
@@ -100,9 +95,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
-    def forward(self, x, batch: AttentionBatch, rope, backend: str, cache, weight_grads=None) -> torch.Tensor:
+    def forward(self, x, batch: AttentionBatch, rope, backend: str, cache) -> torch.Tensor:
         cfg = self.config
-        qkv = _linear(self.qkv_proj, x, weight_grads)
+        qkv = self.qkv_proj(x)
         q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -112,7 +107,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, batch, cfg.attention_scale, backend, cache, self.layer)
-        return _linear(self.o_proj, out.reshape(x.shape[0], cfg.q_size), weight_grads)
+        return self.o_proj(out.reshape(x.shape[0], cfg.q_size))
 
 
 class MLP(nn.Module):
@@ -129,12 +124,12 @@ class MLP(nn.Module):
             self.fc_in = nn.Linear(hidden, inner, bias=config.mlp_bias)
             self.fc_out = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, weight_grads=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
-            gate, up = _linear(self.gate_up_proj, x, weight_grads).chunk(2, dim=-1)
-            return _linear(self.down_proj, F.silu(gate) * up, weight_grads)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         approximate = "tanh" if self.kind == "gelu_tanh" else "none"
-        return _linear(self.fc_out, F.gelu(_linear(self.fc_in, x, weight_grads), approximate=approximate), weight_grads)
+        return self.fc_out(F.gelu(self.fc_in(x), approximate=approximate))
 
 
 class Block(nn.Module):
@@ -147,9 +142,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
 
-    def forward(self, x, batch, rope, backend, cache, weight_grads=None):
-        x = x + self.attn(self.attn_norm(x), batch, rope, backend, cache, weight_grads)
-        return x + self.mlp(self.mlp_norm(x), weight_grads)
+    def forward(self, x, batch, rope, backend, cache):
+        x = x + self.attn(self.attn_norm(x), batch, rope, backend, cache)
+        return x + self.mlp(self.mlp_norm(x))
 
 
 class Decoder(nn.Module):
@@ -184,14 +179,12 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
-        weight_grads: WeightGradBatcher | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states `[T, hidden]` of the step's packed tokens.
 
         Exactly one of `input_ids` (`[T]`) and `inputs_embeds` (`[T, hidden]`, e.g. continuous
         thoughts) is given. With `cache`, each layer stores the new K/V at `batch.slot_mapping`
-        and attends over the sequence's pages. With `weight_grads`, the linear layers' weight
-        gradients are left to it (one product over several small steps, see `weight_grads.py`).
+        and attends over the sequence's pages.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward takes exactly one of input_ids and inputs_embeds")
@@ -205,7 +198,7 @@ class Decoder(nn.Module):
             rope = self.rotary(batch.positions, x.dtype)
         backend = resolve_backend(self.attention_backend, x.device)
         for block in self.layers:
-            x = block(x, batch, rope, backend, cache, weight_grads)
+            x = block(x, batch, rope, backend, cache)
         return self.final_norm(x)
 
     def resize_vocab(self, vocab_size: int, init_from: int) -> None:

@@ -88,7 +88,7 @@ def test_gradient_flows_through_the_thought_chain(coconut, mode):
 
     original = CoconutModel.append_thought
     try:
-        CoconutModel.append_thought = lambda self, cache, ids, last, *rest: original(self, cache, ids, last.detach(), *rest)
+        CoconutModel.append_thought = lambda self, cache, ids, last: original(self, cache, ids, last.detach())
         model.zero_grad()
         coconut(samples, mode="paged").backward()
     finally:
