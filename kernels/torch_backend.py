@@ -63,28 +63,28 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
     if _per_sequence_prefill(batch) and (fused or not return_lse):
         _fresh_prefill(q, k_pool, v_pool, batch, scale, out, lse, fused)
         return (out, lse) if return_lse else out
-    seq_idx, row_idx = batch.token_rows()
     q_pad = _pad_rows(q, batch).transpose(1, 2)
     k, v = _padded_kv(k_pool, batch).to(q.dtype), _padded_kv(v_pool, batch).to(q.dtype)
     if fused:
         mask, causal = _mask(batch, q.dtype)
         o_pad, lse_pad = _fused_cpu_kernels()[0](q_pad, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         if lse is not None:
-            lse[:] = lse_pad.transpose(1, 2)[seq_idx, row_idx]
+            lse[:] = _unpad_rows(lse_pad.transpose(1, 2), batch)
     elif return_lse:
         o_pad, lse_pad = _softmax_attention(q_pad, k, v, batch, scale)
-        lse[:] = lse_pad.transpose(1, 2)[seq_idx, row_idx]
+        lse[:] = _unpad_rows(lse_pad.transpose(1, 2), batch)
     else:
         o_pad = _sdpa(q_pad, k, v, batch, scale)
-    out[: batch.num_tokens] = o_pad.transpose(1, 2)[seq_idx, row_idx].to(out.dtype)
+    out[: batch.num_tokens] = _unpad_rows(o_pad.transpose(1, 2), batch).to(out.dtype)
     return (out, lse) if return_lse else out
 
 
 def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """Gradients of `paged_attention`: returns dq, and adds dK/dV into the gradient pools at the slots read.
 
-    Nothing of the cache was saved: K/V are gathered again. With the forward's log-sum-exp on CPU the
-    fused flash backward runs; without it the probabilities are recomputed by a softmax.
+    Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
+    runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
+    it the probabilities are recomputed by a softmax.
     """
     if lse is not None and uses_fused_kernels(q.device):
         if _per_sequence_prefill(batch):
@@ -119,12 +119,28 @@ def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
     return rows[:, : batch.max_seqlen_k].transpose(1, 2)
 
 
+def _rectangular(batch) -> bool:
+    """Every sequence has max_q new tokens (a thought or decode step, an equal-length prefill):
+    packed rows are then already `[B, max_q]` in order, and padding is a view."""
+    return batch.num_tokens == batch.num_seqs * batch.max_seqlen_q
+
+
 def _pad_rows(x: torch.Tensor, batch) -> torch.Tensor:
     """Packed rows `[T, ...]` -> `[B, max_q, ...]` (zeros past each sequence's new tokens)."""
+    if _rectangular(batch):
+        return x[: batch.num_tokens].view(batch.num_seqs, batch.max_seqlen_q, *x.shape[1:])
     seq_idx, row_idx = batch.token_rows()
     out = x.new_zeros(batch.num_seqs, batch.max_seqlen_q, *x.shape[1:])
-    out[seq_idx, row_idx] = x
+    out[seq_idx, row_idx] = x[: batch.num_tokens]
     return out
+
+
+def _unpad_rows(x_pad: torch.Tensor, batch) -> torch.Tensor:
+    """`[B, max_q, ...]` -> the packed rows `[T, ...]` of the step's new tokens."""
+    if _rectangular(batch):
+        return x_pad.reshape(batch.num_tokens, *x_pad.shape[2:])
+    seq_idx, row_idx = batch.token_rows()
+    return x_pad[seq_idx, row_idx]
 
 
 def _padded_slots(batch, page_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,7 +299,6 @@ def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, 
 
 def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """The fused CPU flash backward over the padded step, from the forward's log-sum-exp."""
-    seq_idx, row_idx = batch.token_rows()
     q_pad = _pad_rows(q, batch).transpose(1, 2)
     do_pad = _pad_rows(dout.to(q.dtype), batch).transpose(1, 2)
     o_pad = _pad_rows(out, batch).transpose(1, 2)
@@ -293,7 +308,7 @@ def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
     dq, dk, dv = _fused_cpu_kernels()[1](do_pad, q_pad, k, v, o_pad, lse_pad, 0.0, causal, attn_mask=mask, scale=scale)
     _add_into_pool(grad_k_pool, dk, batch)
     _add_into_pool(grad_v_pool, dv, batch)
-    return dq.transpose(1, 2)[seq_idx, row_idx].to(q.dtype)
+    return _unpad_rows(dq.transpose(1, 2), batch).to(q.dtype)
 
 
 def _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
@@ -319,7 +334,6 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
     if lse is None and _fresh(batch) and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS:
         return _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     group = q.shape[1] // k_pool.shape[2]
-    seq_idx, row_idx = batch.token_rows()
     q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
     do_pad = _pad_rows(dout.float(), batch).transpose(1, 2)
     delta = _pad_rows((dout.float() * out.float()).sum(-1), batch).transpose(1, 2)  # rowsum(dO * O)
@@ -341,7 +355,7 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
         dv = dv.view(b, h // group, group, n, d).sum(2)
     _add_into_pool(grad_k_pool, dk, batch)
     _add_into_pool(grad_v_pool, dv, batch)
-    return dq.transpose(1, 2)[seq_idx, row_idx].to(q.dtype)
+    return _unpad_rows(dq.transpose(1, 2), batch).to(q.dtype)
 
 
 def _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
