@@ -120,7 +120,11 @@ def _strided_pages(page_lists: Sequence[Sequence[int]]) -> tuple[int, int] | Non
         return None
     for b, pages in enumerate(page_lists):
         start = first + b * stride
-        if len(pages) > stride or list(pages) != list(range(start, start + len(pages))):
+        if not pages:
+            continue
+        if len(pages) > stride or pages[0] != start or pages[-1] != start + len(pages) - 1:
+            return None  # cheap rejection first: decode batches are rarely runs
+        if list(pages) != list(range(start, start + len(pages))):
             return None
     return first, stride
 
