@@ -19,6 +19,7 @@ Modes (all the same function; `paged` is the engine's, the others are references
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -189,9 +190,9 @@ class CoconutModel(nn.Module):
         lens = [len(c) for c in chunks]
         batch = cache.prepare(list(range(len(samples))), lens)
         hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache)
-        starts = torch.tensor(lens, device=hidden.device).cumsum(0) - torch.tensor(lens, device=hidden.device)
-        last_prompt = starts + torch.tensor([len(s.prompt) - 1 for s in samples], device=hidden.device)
-        return hidden, hidden[last_prompt]
+        starts = itertools.accumulate(lens[:-1], initial=0)
+        last_prompt = [start + len(s.prompt) - 1 for start, s in zip(starts, samples)]
+        return hidden, hidden[torch.tensor(last_prompt, device=hidden.device)]
 
     def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor) -> torch.Tensor:
         """One continuous-thought step: each sequence's last hidden state becomes its next input.

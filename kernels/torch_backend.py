@@ -1,8 +1,9 @@
 """The "torch" attention backend: the contract of the Triton kernels, in vectorised PyTorch.
 
-A step gathers every sequence's K/V through the block table into padded `[B, kv_heads, max_k, D]`
-views and pads the new tokens to `[B, heads, max_q, D]`; a long ragged prefill from empty runs per
-sequence instead (plain causal over its own rows: no padding, no mask).
+A step reads every sequence's K/V as padded `[B, kv_heads, max_k, D]` (a strided view of the pool
+where the batch's pages are equal runs, as a training cache lays them out; else gathered through
+the block table) and pads the new tokens to `[B, heads, max_q, D]`; a long ragged prefill from
+empty runs per sequence instead (plain causal over its own rows: no padding, no mask).
 
 On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
 and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
@@ -312,26 +313,19 @@ def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
 
 
 def _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
-    """Backward of the per-sequence prefill: the fused flash backward of each sequence, then dK/dV
-    added into the gradient pages of the step's rows."""
-    dq, dks, dvs = torch.empty_like(q), [], []
+    """Backward of the per-sequence prefill: the fused flash backward of each sequence."""
     backward = _fused_cpu_kernels()[1]
-    dout = dout.to(q.dtype)
-    for (rows, _), k, v in zip(_sequences(batch), _step_rows(k_pool, batch), _step_rows(v_pool, batch)):
-        g_q, g_k, g_v = backward(_heads_first(dout[rows]), _heads_first(q[rows]), _heads_first(k.to(q.dtype)),
-                                 _heads_first(v.to(q.dtype)), _heads_first(out[rows]),
-                                 lse[rows].transpose(0, 1).unsqueeze(0).contiguous(), 0.0, True, scale=scale)
-        dq[rows] = g_q[0].transpose(0, 1)
-        dks.append(g_k[0].transpose(0, 1))
-        dvs.append(g_v[0].transpose(0, 1))
-    _add_step_rows(grad_k_pool, dks, batch)
-    _add_step_rows(grad_v_pool, dvs, batch)
-    return dq
+
+    def grads(rows, q_b, k_b, v_b, do_b):
+        lse_b = lse[rows].transpose(0, 1).unsqueeze(0).contiguous()
+        return backward(do_b, q_b, k_b, v_b, _heads_first(out[rows]), lse_b, 0.0, True, scale=scale)
+
+    return _per_sequence_backward(grads, dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch)
 
 
 def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """Backward without the fused kernel: probabilities recomputed (from `lse`, or by a softmax)."""
-    if lse is None and _fresh(batch) and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS:
+    if lse is None and _per_sequence_prefill(batch):  # as the forward ran it
         return _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     group = q.shape[1] // k_pool.shape[2]
     q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
@@ -359,18 +353,30 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
 
 
 def _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
-    """Backward of the per-sequence prefill without a log-sum-exp: re-run each sequence's causal SDPA
-    under autograd, then add dK/dV into the gradient pages of the step's rows."""
+    """Backward of the per-sequence prefill without a log-sum-exp: each sequence's causal SDPA re-run
+    under autograd."""
     group = q.shape[1] // k_pool.shape[2]
-    dq, dks, dvs = torch.empty_like(q), [], []
-    with torch.enable_grad():
-        for (rows, _), k, v in zip(_sequences(batch), _step_rows(k_pool, batch), _step_rows(v_pool, batch)):
-            q_b, k_b, v_b = (_heads_first(t.detach().to(q.dtype)).requires_grad_() for t in (q[rows], k, v))
+
+    def grads(rows, q_b, k_b, v_b, do_b):
+        with torch.enable_grad():
+            q_b, k_b, v_b = (t.detach().requires_grad_() for t in (q_b, k_b, v_b))
             o = F.scaled_dot_product_attention(q_b, k_b, v_b, is_causal=True, scale=scale, enable_gqa=group > 1)
-            g_q, g_k, g_v = torch.autograd.grad(o, (q_b, k_b, v_b), _heads_first(dout[rows]).to(o.dtype))
-            dq[rows] = g_q[0].transpose(0, 1)
-            dks.append(g_k[0].transpose(0, 1))
-            dvs.append(g_v[0].transpose(0, 1))
+            return torch.autograd.grad(o, (q_b, k_b, v_b), do_b.to(o.dtype))
+
+    return _per_sequence_backward(grads, dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch)
+
+
+def _per_sequence_backward(grads, dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch) -> torch.Tensor:
+    """Run `grads(rows, q_b, k_b, v_b, do_b)` (inputs and results `[1, heads, n, D]`) for each sequence
+    of a prefill from empty; returns dq and adds dK/dV into the gradient pages of the step's rows."""
+    dq, dks, dvs = torch.empty_like(q), [], []
+    dout = dout.to(q.dtype)
+    for (rows, _), k, v in zip(_sequences(batch), _step_rows(k_pool, batch), _step_rows(v_pool, batch)):
+        g_q, g_k, g_v = grads(rows, _heads_first(q[rows]), _heads_first(k.to(q.dtype)), _heads_first(v.to(q.dtype)),
+                              _heads_first(dout[rows]))
+        dq[rows] = g_q[0].transpose(0, 1)
+        dks.append(g_k[0].transpose(0, 1))
+        dvs.append(g_v[0].transpose(0, 1))
     _add_step_rows(grad_k_pool, dks, batch)
     _add_step_rows(grad_v_pool, dvs, batch)
     return dq
