@@ -129,6 +129,14 @@ class _PagedAttention(torch.autograd.Function):
         return grad_q, torch.zeros((), device=q.device), None, None, None, None, None
 
 
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t`, copied if it is a view into a larger tensor. Attention saves q for the backward; as a view of
+    the fused q/k/v projection it would keep that whole tensor alive, whose K/V part the pages hold."""
+    if t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def _check_generation(cache, generation: int) -> None:
     if cache.generation != generation:
         raise RuntimeError(
@@ -156,7 +164,8 @@ def attention(
     pool_dtype = cache.kv.dtype
     if cache.tracks_gradients and torch.is_grad_enabled():
         dependency = _StoreKV.apply(k, v, cache.dependency, cache, layer, batch, ops)
-        out, cache.dependency = _PagedAttention.apply(q.to(pool_dtype), dependency, cache, layer, batch, scale, ops)
+        out, cache.dependency = _PagedAttention.apply(_own_storage(q.to(pool_dtype)), dependency, cache, layer,
+                                                      batch, scale, ops)
         return out.to(q.dtype)
     ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
     return ops.paged_attention(q.to(pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale).to(q.dtype)

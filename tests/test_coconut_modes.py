@@ -74,6 +74,23 @@ def test_batch_without_thoughts_is_one_paged_step(coconut, monkeypatch):
         assert (grad - recompute[1][name]).norm() <= 1e-4 * recompute[1][name].norm() + 1e-12, name
 
 
+def test_paged_forward_saves_no_view_of_a_larger_activation(coconut):
+    """What the backward keeps of a paged forward is never a slice of a bigger tensor (as q sliced from
+    the fused q/k/v projection would be: that keeps K and V alive a second time beside the pages)."""
+    params = {p.untyped_storage().data_ptr() for p in coconut.parameters()}
+    views = []
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params and storage.nbytes() > t.numel() * t.element_size():
+            views.append((tuple(t.shape), storage.nbytes() // t.element_size()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        coconut(ragged_samples(), mode="paged")
+    assert views == []
+
+
 @pytest.mark.parametrize("mode", ["paged", "multipass"])
 def test_gradient_flows_through_the_thought_chain(coconut, mode):
     """The loss depends on the prompt only through attention and the thoughts; with thought inputs
