@@ -17,6 +17,7 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .cache import AttentionBatch
 from .config import ModelConfig
+from .mlp_recompute import activation_linear
 
 
 class RMSNorm(nn.Module):
@@ -125,11 +126,9 @@ class MLP(nn.Module):
             self.fc_out = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
-        approximate = "tanh" if self.kind == "gelu_tanh" else "none"
-        return self.fc_out(F.gelu(self.fc_in(x), approximate=approximate))
+        up, down = (self.gate_up_proj, self.down_proj) if self.kind == "swiglu" else (self.fc_in, self.fc_out)
+        # the activation is recomputed in the backward (mlp_recompute.py): half the MLP's saved memory
+        return activation_linear(up(x), self.kind, down.weight, down.bias)
 
 
 class Block(nn.Module):

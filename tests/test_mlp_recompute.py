@@ -1,0 +1,92 @@
+"""activation_linear: the MLP's activation recomputed in the backward gives the plain composition's
+result and gradients, and saves only the pre-activation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coconut_engine.mlp_recompute import ACTIVATIONS, activation_linear
+
+
+def plain(h, kind, weight, bias):
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, weight, bias)
+    return F.linear(F.gelu(h, approximate="tanh" if kind == "gelu_tanh" else "none"), weight, bias)
+
+
+def inputs(kind, with_bias, tokens=37, hidden=24, inner=40):
+    h = torch.randn(tokens, 2 * inner if kind == "swiglu" else inner, requires_grad=True)
+    weight = torch.randn(hidden, inner, requires_grad=True)
+    bias = torch.randn(hidden, requires_grad=True) if with_bias else None
+    return h, weight, bias
+
+
+def grads(fn, h, kind, weight, bias, grad_out):
+    leaves = [t for t in (h, weight, bias) if t is not None]
+    out = fn(h, kind, weight, bias)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_plain_autograd_fp32(kind, with_bias):
+    h, weight, bias = inputs(kind, with_bias)
+    grad_out = torch.randn(h.shape[0], weight.shape[0])
+    out, got = grads(activation_linear, h, kind, weight, bias, grad_out)
+    ref_out, expected = grads(plain, h, kind, weight, bias, grad_out)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+def test_bf16_autocast_keeps_fp32_master_gradients(kind):
+    h, weight, bias = inputs(kind, True)
+    grad_out = torch.randn(h.shape[0], weight.shape[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h_bf16 = h.to(torch.bfloat16)  # as an autocast up projection would hand it over
+        out = activation_linear(h_bf16, kind, weight, bias)
+        ref = plain(h_bf16, kind, weight, bias)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out, (h, weight, bias), grad_out.to(out.dtype))
+    expected = torch.autograd.grad(ref, (h, weight, bias), grad_out.to(ref.dtype))
+    for g, e, leaf in zip(got, expected, (h, weight, bias)):
+        assert g.dtype == leaf.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kind", ACTIVATIONS)
+def test_saves_only_the_pre_activation(kind):
+    h, weight, bias = inputs(kind, True)
+    h_in = h * 1.0  # a non-leaf, like the up projection's output
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        activation_linear(h_in, kind, weight, bias)
+    activations = [t for t in saved if t.data_ptr() not in (weight.data_ptr(), bias.data_ptr())]
+    assert len(activations) == 1 and activations[0].data_ptr() == h_in.data_ptr()
+
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        plain(h_in, kind, weight, bias)
+    plain_bytes = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() != weight.data_ptr())
+    assert plain_bytes >= 2 * h_in.numel() * h_in.element_size()  # what the recompute saves: 1x
+
+
+def test_without_grad_is_the_plain_composition():
+    h, weight, bias = inputs("gelu", True)
+    with torch.no_grad():
+        out = activation_linear(h, "gelu", weight, bias)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, plain(h, "gelu", weight, bias).detach(), rtol=0, atol=0)
+
+
+def test_rejects_unknown_activation():
+    h, weight, bias = inputs("gelu", True)
+    with pytest.raises(ValueError, match="relu"):
+        activation_linear(h, "relu", weight, bias)
