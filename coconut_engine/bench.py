@@ -3,7 +3,8 @@
 - `kernels`: paged attention (Triton on CUDA, the torch backend elsewhere) against
   `scaled_dot_product_attention` on contiguous K/V, with bandwidth (decode) and TFLOP/s (extend).
 - `train`: one forward + backward of a ProsQA-like batch per Coconut mode and curriculum stage, each
-  point in a fresh subprocess (peak RSS on CPU, the CUDA allocator's peak on GPU).
+  point in a fresh subprocess (peak RSS on CPU, the CUDA allocator's peak on GPU); on CPU also the
+  exact peak of tensor memory (`tensor_memory_point`).
 """
 from __future__ import annotations
 
@@ -230,12 +231,12 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int = 3, device: str = "cpu",
-                    backend: str = "auto", prompt_len: int = 250, seed: int = 0) -> dict:
-    """Median forward+backward time and peak memory of one (mode, stage) point, in this process."""
+def _train_point(shape: str, mode: str, stage: int, batch: int, device: torch.device, backend: str,
+                 prompt_len: int, seed: int):
+    """The model and the one training step (forward + backward) that a (mode, stage) point measures;
+    gradients are allocated up front (part of the baseline, not the step)."""
     from .coconut import CoconutModel
 
-    device = torch.device(device)
     decoder = build_random_model(shape, device=device, attention_backend=backend, seed=seed)
     samples, tokens = prosqa_like_batch(decoder.config.vocab_size, stage, batch=batch, prompt_len=prompt_len,
                                         seed=seed)
@@ -258,8 +259,16 @@ def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for p in decoder.parameters():  # gradients allocated up front: part of the baseline, not the step
+    for p in decoder.parameters():
         p.grad = torch.zeros_like(p)
+    return decoder, samples, step
+
+
+def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int = 3, device: str = "cpu",
+                    backend: str = "auto", prompt_len: int = 250, seed: int = 0) -> dict:
+    """Median forward+backward time and peak memory of one (mode, stage) point, in this process."""
+    device = torch.device(device)
+    decoder, samples, step = _train_point(shape, mode, stage, batch, device, backend, prompt_len, seed)
     base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -278,6 +287,42 @@ def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int
             "peak_mb": peak_mb, "step_mb": peak_mb - base_mb, "tokens": tokens_per_step}
 
 
+def tensor_memory_point(shape: str, mode: str, stage: int, batch: int = 8, device: str = "cpu",
+                        backend: str = "auto", prompt_len: int = 250, seed: int = 0, **_ignored) -> dict:
+    """Exact peak tensor memory of one (mode, stage) point on CPU, in MB: the model's parameters,
+    gradients and buffers plus the highest level of live tensor bytes during its first training step
+    (which allocates whatever the mode keeps across steps, such as the paged cache).
+
+    PyTorch's CPU allocator keeps no statistics, so the step runs under the profiler's memory
+    tracking, which sees every allocation and free; that costs time and host memory, so it is a
+    point of its own, apart from the timed one. Unlike peak RSS it leaves out the interpreter,
+    libraries and the C allocator's free-but-resident pages.
+    """
+    if torch.device(device).type != "cpu":
+        raise ValueError("tensor_memory_point measures the CPU allocator; on CUDA peak_mb is already exact")
+    decoder, _, step = _train_point(shape, mode, stage, batch, torch.device(device), backend, prompt_len, seed)
+    held = sum(t.numel() * t.element_size() for t in [*decoder.parameters(), *decoder.buffers()])
+    held += sum(p.grad.numel() * p.grad.element_size() for p in decoder.parameters())
+    peak = peak_tensor_bytes(step)
+    return {"tensor_mb": (held + peak) / 2**20, "tensor_step_mb": peak / 2**20}
+
+
+def peak_tensor_bytes(fn: Callable[[], object]) -> int:
+    """The highest level of CPU tensor bytes allocated during `fn()` above the level at its start
+    (from the profiler's record of every allocation and free)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    level = peak = 0
+    for event in events:  # nbytes: + allocated, - freed
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
 def _as_transformers(decoder, device):
     """The same weights as a transformers model (SDPA attention, eval mode: no dropout, like the engine)."""
     import tempfile
@@ -292,9 +337,13 @@ def _as_transformers(decoder, device):
     return hf.to(device).eval()
 
 
+_POINT_FUNCTIONS = {"time": run_train_point, "tensor_memory": tensor_memory_point}
+
+
 def _point_worker(conn, kwargs: dict) -> None:
     try:
-        conn.send(("ok", run_train_point(**kwargs)))
+        kwargs = dict(kwargs)
+        conn.send(("ok", _POINT_FUNCTIONS[kwargs.pop("measure", "time")](**kwargs)))
     except BaseException:  # the parent re-raises it with the point's settings
         import traceback
 
@@ -303,8 +352,16 @@ def _point_worker(conn, kwargs: dict) -> None:
         conn.close()
 
 
+def _point_worker_main(kwargs_json: str) -> None:
+    """Entry point of a point run in a new interpreter: the result as one `RESULT <json>` line."""
+    kwargs = json.loads(kwargs_json)
+    result = _POINT_FUNCTIONS[kwargs.pop("measure", "time")](**kwargs)
+    print("RESULT " + json.dumps(result))
+
+
 def run_train_point_subprocess(**kwargs) -> dict:
-    """`run_train_point` in a fresh child process, so that its peak memory belongs to that point alone.
+    """`run_train_point` (or, with `measure="tensor_memory"`, `tensor_memory_point`) in a fresh child
+    process, so that its peak memory belongs to that point alone.
 
     On Linux the child is forked from this process (fast: torch is already imported; every point
     starts from the same resident baseline, which `step_mb` subtracts); elsewhere a new interpreter.
@@ -322,8 +379,7 @@ def run_train_point_subprocess(**kwargs) -> dict:
         if status != "ok":
             raise RuntimeError(f"benchmark point {kwargs} failed:\n{payload}")
         return payload
-    code = ("import json,sys; from coconut_engine.bench import run_train_point; "
-            "print('RESULT ' + json.dumps(run_train_point(**json.loads(sys.argv[1]))))")
+    code = ("import json,sys; from coconut_engine.bench import _point_worker_main; _point_worker_main(sys.argv[1])")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark point {kwargs} failed:\n{proc.stderr[-3000:]}")
@@ -332,31 +388,39 @@ def run_train_point_subprocess(**kwargs) -> dict:
 
 
 def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batch: int = 8, reps: int = 3,
-                device: str = "cpu", backend: str = "auto", prompt_len: int = 250, progress=None) -> list[dict]:
-    """Every (stage, mode) point in its own subprocess; modes alternate within each stage."""
+                device: str = "cpu", backend: str = "auto", prompt_len: int = 250, tensor_memory: bool = True,
+                progress=None) -> list[dict]:
+    """Every (stage, mode) point in its own subprocess; modes alternate within each stage. On CPU with
+    `tensor_memory`, each point also gets `tensor_mb` from a second subprocess (`tensor_memory_point`)."""
     if "transformers" in modes:
         import transformers  # noqa: F401  (imported once here, not in every forked point)
     rows = []
     for stage in stages:
         for mode in modes:
-            rows.append(run_train_point_subprocess(shape=shape, mode=mode, stage=stage, batch=batch, reps=reps,
-                                                   device=device, backend=backend, prompt_len=prompt_len))
+            point = dict(shape=shape, mode=mode, stage=stage, batch=batch, device=device, backend=backend,
+                         prompt_len=prompt_len)
+            rows.append(run_train_point_subprocess(**point, reps=reps))
+            if tensor_memory and torch.device(device).type == "cpu":
+                rows[-1].update(run_train_point_subprocess(**point, measure="tensor_memory"))
             if progress is not None:
                 progress(rows[-1])
     return rows
 
 
 def format_train_table(rows: list[dict]) -> str:
-    """Markdown: one row per stage, time and memory per mode."""
+    """Markdown: one row per stage; per mode the time, the peak memory and (where measured) the exact
+    tensor memory."""
     modes = list(dict.fromkeys(r["mode"] for r in rows))
     stages = sorted({r["stage"] for r in rows})
     by = {(r["stage"], r["mode"]): r for r in rows}
-    head = "| stage | " + " | ".join(f"{m} ms" for m in modes) + " | " + " | ".join(f"{m} MB" for m in modes) + " |"
-    lines = [head, "|" + "---:|" * (1 + 2 * len(modes))]
+    columns = [("median_ms", "ms"), ("peak_mb", "MB")]
+    if any("tensor_mb" in r for r in rows):
+        columns.append(("tensor_mb", "tensor MB"))
+    head = "| stage | " + " | ".join(f"{m} {unit}" for _, unit in columns for m in modes) + " |"
+    lines = [head, "|" + "---:|" * (1 + len(columns) * len(modes))]
     for st in stages:
-        times = " | ".join(f"{by[(st, m)]['median_ms']:.0f}" if (st, m) in by else "" for m in modes)
-        mems = " | ".join(f"{by[(st, m)]['peak_mb']:.0f}" if (st, m) in by else "" for m in modes)
-        lines.append(f"| {st} | {times} | {mems} |")
+        cells = [f"{by[(st, m)][key]:.0f}" if key in by.get((st, m), {}) else "" for key, _ in columns for m in modes]
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

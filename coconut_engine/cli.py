@@ -184,11 +184,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise SystemExit(f"unknown mode(s) {unknown}; known: {', '.join(bench.TRAIN_MODES)}")
 
         def show(row):
+            tensors = f"  {row['tensor_mb']:8.1f} MB tensors" if "tensor_mb" in row else ""
             print(f"stage {row['stage']} {row['mode']:<12} {row['median_ms']:9.1f} ms  {row['peak_mb']:8.1f} MB peak "
-                  f"{row['step_mb']:8.1f} MB step", flush=True)
+                  f"{row['step_mb']:8.1f} MB step{tensors}", flush=True)
 
         rows = bench.bench_train(args.shape, _stages(args.stages), modes, batch=args.batch, reps=args.reps,
-                                 device=device, backend=args.backend, prompt_len=args.prompt_len, progress=show)
+                                 device=device, backend=args.backend, prompt_len=args.prompt_len,
+                                 tensor_memory=args.tensor_memory, progress=show)
         table = bench.format_train_table(rows)
         plot_bench(rows, out / f"{stamp}.png", title=f"bench train --shape {args.shape} ({device})")
     elif args.what == "generate":
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--device", default=None)
     be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    be.add_argument("--no-tensor-memory", dest="tensor_memory", action="store_false",
+                    help="train on CPU: skip the exact tensor-memory point (a profiled step) next to each timed one")
     be.add_argument("--out", default="runs/bench")
     be.set_defaults(func=cmd_bench)
 

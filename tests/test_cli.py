@@ -70,5 +70,11 @@ def test_bench_train_smoke(tmp_path):
     assert sorted({(r["stage"], r["mode"]) for r in rows}) == sorted(
         (s, m) for s in (0, 2) for m in ("paged", "two_pass", "multipass", "recompute", "transformers", "floor"))
     assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    # exact tensor memory: at least the model's weights and gradients, plus what the step allocated
+    from coconut_engine.bench import build_random_model
+
+    weights_mb = 2 * sum(p.numel() * p.element_size() for p in build_random_model("tiny").parameters()) / 2**20
+    assert all(r["tensor_mb"] >= weights_mb + r["tensor_step_mb"] - 1e-6 and r["tensor_step_mb"] > 0 for r in rows)
+    assert "paged tensor MB" in proc.stdout
     assert (tmp_path / "train-tiny-cpu.png").stat().st_size > 0
     assert "| stage | paged ms |" in proc.stdout
