@@ -2,9 +2,10 @@
 
 - `kernels`: paged attention (Triton on CUDA, the torch backend elsewhere) against
   `scaled_dot_product_attention` on contiguous K/V, with bandwidth (decode) and TFLOP/s (extend).
-- `train`: one forward + backward of a ProsQA-like batch per Coconut mode and curriculum stage, each
-  point in a fresh subprocess (peak RSS on CPU, the CUDA allocator's peak on GPU); on CPU also the
-  exact peak of tensor memory (`tensor_memory_point`).
+- `train`: one forward + backward of a ProsQA-like batch per Coconut mode and curriculum stage: the
+  peak memory of each point in a fresh subprocess (peak RSS on CPU, the CUDA allocator's peak on
+  GPU; on CPU also the exact peak of tensor memory, `tensor_memory_point`), the step times of a
+  stage's modes in one subprocess where they take turns (`interleaved_stage_timing`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -231,44 +232,59 @@ def current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _train_point(shape: str, mode: str, stage: int, batch: int, device: torch.device, backend: str,
-                 prompt_len: int, seed: int):
-    """The model and the one training step (forward + backward) that a (mode, stage) point measures;
-    gradients are allocated up front (part of the baseline, not the step)."""
+def _train_steps(shape: str, modes, stage: int, batch: int, device: torch.device, backend: str,
+                 prompt_len: int, seed: int) -> tuple[dict, list]:
+    """One training step (forward + backward) per mode over the same weights and batch, as
+    `{mode: (model, step)}`, and the samples. The engine's modes share one Decoder; `transformers`
+    gets a transformers copy of its weights. Gradients are allocated up front (part of the
+    baseline, not the step)."""
     from .coconut import CoconutModel
 
     decoder = build_random_model(shape, device=device, attention_backend=backend, seed=seed)
     samples, tokens = prosqa_like_batch(decoder.config.vocab_size, stage, batch=batch, prompt_len=prompt_len,
                                         seed=seed)
-    model = CoconutModel(decoder, tokens)
-    if mode == "transformers":  # the official algorithm on transformers, same weights
-        decoder = _as_transformers(decoder, device)
-        model = OfficialCoconutHF(decoder, tokens)
+    coconut = CoconutModel(decoder, tokens)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else None
 
-    def step():
-        decoder.zero_grad(set_to_none=False)
-        with autocast if autocast is not None else torch.enable_grad():
-            if mode == "floor":
-                loss = floor_loss(decoder, samples)
-            elif mode == "transformers":
-                loss = model(samples)
-            else:
-                loss = model(samples, mode=mode)
-        loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def make_step(mode):
+        model = decoder
+        if mode == "transformers":  # the official algorithm on transformers, same weights
+            model = _as_transformers(decoder, device)
+            official = OfficialCoconutHF(model, tokens)
 
-    for p in decoder.parameters():
-        p.grad = torch.zeros_like(p)
-    return decoder, samples, step
+        def step():
+            model.zero_grad(set_to_none=False)
+            with autocast if autocast is not None else torch.enable_grad():
+                if mode == "floor":
+                    loss = floor_loss(decoder, samples)
+                elif mode == "transformers":
+                    loss = official(samples)
+                else:
+                    loss = coconut(samples, mode=mode)
+            loss.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        return model, step
+
+    return {mode: make_step(mode) for mode in modes}, samples
+
+
+def _train_point(shape: str, mode: str, stage: int, batch: int, device: torch.device, backend: str,
+                 prompt_len: int, seed: int):
+    """The model, the samples and the training step of one (mode, stage) point."""
+    steps, samples = _train_steps(shape, [mode], stage, batch, device, backend, prompt_len, seed)
+    model, step = steps[mode]
+    return model, samples, step
 
 
 def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int = 3, device: str = "cpu",
                     backend: str = "auto", prompt_len: int = 250, seed: int = 0) -> dict:
     """Median forward+backward time and peak memory of one (mode, stage) point, in this process."""
     device = torch.device(device)
-    decoder, samples, step = _train_point(shape, mode, stage, batch, device, backend, prompt_len, seed)
+    _, samples, step = _train_point(shape, mode, stage, batch, device, backend, prompt_len, seed)
     base_mb = torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -287,8 +303,27 @@ def run_train_point(shape: str, mode: str, stage: int, batch: int = 8, reps: int
             "peak_mb": peak_mb, "step_mb": peak_mb - base_mb, "tokens": tokens_per_step}
 
 
+def interleaved_stage_timing(shape: str, stage: int, modes, batch: int = 8, reps: int = 3, device: str = "cpu",
+                             backend: str = "auto", prompt_len: int = 250, seed: int = 0) -> dict:
+    """Median step time of every mode at one stage, measured in one process with the modes taking
+    turns (the order rotating each round): a drift of the machine's speed during the run then
+    falls on all modes alike instead of on whichever ran at the wrong moment. `{mode: ms}`."""
+    device = torch.device(device)
+    steps, _ = _train_steps(shape, modes, stage, batch, device, backend, prompt_len, seed)
+    times = {mode: [] for mode in modes}
+    for mode in modes:  # warm-up
+        steps[mode][1]()
+    for rep in range(reps):
+        for i in range(len(modes)):
+            mode = modes[(rep + i) % len(modes)]
+            t0 = time.perf_counter()
+            steps[mode][1]()
+            times[mode].append((time.perf_counter() - t0) * 1e3)
+    return {mode: statistics.median(t) for mode, t in times.items()}
+
+
 def tensor_memory_point(shape: str, mode: str, stage: int, batch: int = 8, device: str = "cpu",
-                        backend: str = "auto", prompt_len: int = 250, seed: int = 0, **_ignored) -> dict:
+                        backend: str = "auto", prompt_len: int = 250, seed: int = 0) -> dict:
     """Exact peak tensor memory of one (mode, stage) point on CPU, in MB: the model's parameters,
     gradients and buffers plus the highest level of live tensor bytes during its first training step
     (which allocates whatever the mode keeps across steps, such as the paged cache).
@@ -337,7 +372,8 @@ def _as_transformers(decoder, device):
     return hf.to(device).eval()
 
 
-_POINT_FUNCTIONS = {"time": run_train_point, "tensor_memory": tensor_memory_point}
+_POINT_FUNCTIONS = {"time": run_train_point, "tensor_memory": tensor_memory_point,
+                    "interleaved": interleaved_stage_timing}
 
 
 def _point_worker(conn, kwargs: dict) -> None:
@@ -359,22 +395,31 @@ def _point_worker_main(kwargs_json: str) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def run_train_point_subprocess(**kwargs) -> dict:
-    """`run_train_point` (or, with `measure="tensor_memory"`, `tensor_memory_point`) in a fresh child
-    process, so that its peak memory belongs to that point alone.
+def run_train_point_subprocess(preload: Sequence[str] = ("coconut_engine.bench",), **kwargs) -> dict:
+    """`run_train_point` in a fresh child process, so that its peak memory belongs to that point alone;
+    `measure="tensor_memory"` runs `tensor_memory_point` and `measure="interleaved"`
+    `interleaved_stage_timing` instead.
 
-    On Linux the child is forked from this process (fast: torch is already imported; every point
-    starts from the same resident baseline, which `step_mb` subtracts); elsewhere a new interpreter.
+    Where the platform has it, the child is forked from a fork server (started once, with torch and
+    this module imported, that never runs a tensor operation: fast, and every point starts from the
+    same resident baseline, which `step_mb` subtracts). Not from this process itself: a process
+    forked after OpenMP's thread pool has run deadlocks in its first parallel operation. Elsewhere
+    the child is a new interpreter.
     """
     import multiprocessing
 
-    if sys.platform == "linux" and not torch.cuda.is_initialized():
-        ctx = multiprocessing.get_context("fork")
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(preload))  # takes effect when the server starts (the first point)
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_point_worker, args=(send, kwargs))
         proc.start()
         send.close()
-        status, payload = receive.recv()
+        try:
+            status, payload = receive.recv()
+        except EOFError:  # the child died without a word (killed, out of memory)
+            proc.join()
+            status, payload = "error", f"the point's process exited with code {proc.exitcode}"
         proc.join()
         if status != "ok":
             raise RuntimeError(f"benchmark point {kwargs} failed:\n{payload}")
@@ -389,21 +434,33 @@ def run_train_point_subprocess(**kwargs) -> dict:
 
 def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batch: int = 8, reps: int = 3,
                 device: str = "cpu", backend: str = "auto", prompt_len: int = 250, tensor_memory: bool = True,
-                progress=None) -> list[dict]:
-    """Every (stage, mode) point in its own subprocess; modes alternate within each stage. On CPU with
-    `tensor_memory`, each point also gets `tensor_mb` from a second subprocess (`tensor_memory_point`)."""
-    if "transformers" in modes:
-        import transformers  # noqa: F401  (imported once here, not in every forked point)
+                interleave: bool = True, progress=None) -> list[dict]:
+    """Every (stage, mode) point: peak memory from a subprocess of its own; step time from one
+    subprocess per stage in which the modes take turns (`interleaved_stage_timing`), or with
+    `interleave=False` from the point's own subprocess (median of `reps` after a warm-up). On CPU
+    with `tensor_memory`, each point also gets `tensor_mb` from a further subprocess
+    (`tensor_memory_point`)."""
+    modes = list(modes)
+    # the fork server imports transformers once if a point needs it (then every point carries it alike)
+    preload = ("coconut_engine.bench", "transformers") if "transformers" in modes else ("coconut_engine.bench",)
     rows = []
     for stage in stages:
+        common = dict(shape=shape, stage=stage, batch=batch, device=device, backend=backend, prompt_len=prompt_len,
+                      preload=preload)
+        timing = (run_train_point_subprocess(**common, modes=modes, reps=reps, measure="interleaved")
+                  if interleave else None)
         for mode in modes:
-            point = dict(shape=shape, mode=mode, stage=stage, batch=batch, device=device, backend=backend,
-                         prompt_len=prompt_len)
-            rows.append(run_train_point_subprocess(**point, reps=reps))
+            # with interleaved timing this process only needs its peak memory: one warm-up and one step
+            row = run_train_point_subprocess(**common, mode=mode, reps=1 if interleave else reps)
+            if timing is not None:
+                row["median_ms"] = timing[mode]
+                row["tokens_per_s"] = row["tokens"] / (timing[mode] / 1e3)
+            row["timing"] = "interleaved" if interleave else "own process"
             if tensor_memory and torch.device(device).type == "cpu":
-                rows[-1].update(run_train_point_subprocess(**point, measure="tensor_memory"))
+                row.update(run_train_point_subprocess(**common, mode=mode, measure="tensor_memory"))
+            rows.append(row)
             if progress is not None:
-                progress(rows[-1])
+                progress(row)
     return rows
 
 

@@ -190,7 +190,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         rows = bench.bench_train(args.shape, _stages(args.stages), modes, batch=args.batch, reps=args.reps,
                                  device=device, backend=args.backend, prompt_len=args.prompt_len,
-                                 tensor_memory=args.tensor_memory, progress=show)
+                                 tensor_memory=args.tensor_memory, interleave=args.interleave, progress=show)
         table = bench.format_train_table(rows)
         plot_bench(rows, out / f"{stamp}.png", title=f"bench train --shape {args.shape} ({device})")
     elif args.what == "generate":
@@ -250,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--device", default=None)
     be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    be.add_argument("--no-interleave", dest="interleave", action="store_false",
+                    help="train: time each point in its own process instead of a stage's modes taking turns in one")
     be.add_argument("--no-tensor-memory", dest="tensor_memory", action="store_false",
                     help="train on CPU: skip the exact tensor-memory point (a profiled step) next to each timed one")
     be.add_argument("--out", default="runs/bench")

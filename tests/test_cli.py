@@ -69,7 +69,7 @@ def test_bench_train_smoke(tmp_path):
     rows = json.loads((tmp_path / "train-tiny-cpu.json").read_text())
     assert sorted({(r["stage"], r["mode"]) for r in rows}) == sorted(
         (s, m) for s in (0, 2) for m in ("paged", "two_pass", "multipass", "recompute", "transformers", "floor"))
-    assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 for r in rows)
+    assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 and r["timing"] == "interleaved" for r in rows)
     # exact tensor memory: at least the model's weights and gradients, plus what the step allocated
     from coconut_engine.bench import build_random_model
 

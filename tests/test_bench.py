@@ -1,0 +1,44 @@
+"""`coconut-engine bench train`'s measurements: exact tensor memory on CPU, interleaved timing."""
+import torch
+
+from coconut_engine.bench import bench_train, interleaved_stage_timing, peak_tensor_bytes
+
+MB = 2**20
+
+
+def floats(megabytes: int) -> torch.Tensor:
+    return torch.ones(megabytes * MB // 4)
+
+
+def test_peak_tensor_bytes_is_the_highest_live_level():
+    kept = []
+
+    def work():
+        a, b = floats(4), floats(8)  # 12 MB live
+        del a                        # 8
+        c = floats(2)                # 10
+        kept.append(b + c[:1])       # a new 8 MB while b and c live: 18, the peak (22 MB allocated in all)
+        del b, c                     # 8
+
+    peak = peak_tensor_bytes(work)
+    assert 18 * MB <= peak < 18 * MB + MB // 2
+
+
+def test_peak_tensor_bytes_is_relative_to_the_start():
+    held = floats(16)  # allocated before the measured call: not part of its peak
+    peak = peak_tensor_bytes(lambda: floats(1) + 1)  # two 1 MB tensors live at once
+    assert 2 * MB <= peak < 2 * MB + MB // 2
+    assert held.numel()
+
+
+def test_interleaved_timing_times_every_mode_of_a_stage():
+    times = interleaved_stage_timing("tiny", stage=2, modes=["paged", "multipass", "floor"], batch=3, reps=2,
+                                     prompt_len=16)
+    assert sorted(times) == ["floor", "multipass", "paged"] and all(t > 0 for t in times.values())
+
+
+def test_bench_train_without_interleaving_times_each_point_in_its_own_process():
+    rows = bench_train("tiny", stages=[1], modes=["paged", "floor"], batch=3, reps=1, prompt_len=16,
+                       tensor_memory=False, interleave=False)
+    assert [(r["mode"], r["timing"]) for r in rows] == [("paged", "own process"), ("floor", "own process")]
+    assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 and "tensor_mb" not in r for r in rows)
