@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import AttentionBatch, ContiguousKVCache, PagedKVCache
+from .linear import DeferredWeightGrads
 from .model import Decoder
 
 MODES = ("paged", "two_pass", "multipass", "recompute")
@@ -194,24 +195,28 @@ class CoconutModel(nn.Module):
         last_prompt = [start + len(s.prompt) - 1 for start, s in zip(starts, samples)]
         return hidden, hidden[torch.tensor(last_prompt, device=hidden.device)]
 
-    def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor) -> torch.Tensor:
+    def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor,
+                       deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
         """One continuous-thought step: each sequence's last hidden state becomes its next input.
 
-        One decoder call for all of `seq_ids`; returns their new last hidden states.
+        One decoder call for all of `seq_ids`; returns their new last hidden states. The thought
+        steps of one training forward share `deferred`: their weight gradients are then one product
+        per weight instead of one per step.
         """
         batch = cache.prepare(seq_ids, [1] * len(seq_ids))
-        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache)
+        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred)
 
     def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor) -> list[list[torch.Tensor]]:
         """Run every thought step; returns each sample's thought input embeddings (not detached)."""
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
+        deferred = DeferredWeightGrads() if torch.is_grad_enabled() else None
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
             index = torch.tensor(active, device=last.device)
             inputs = last[index]
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
-            last = last.index_copy(0, index, self.append_thought(cache, active, inputs))
+            last = last.index_copy(0, index, self.append_thought(cache, active, inputs, deferred))
         return thoughts
 
     def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor]):

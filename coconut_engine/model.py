@@ -17,7 +17,7 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .cache import AttentionBatch
 from .config import ModelConfig
-from .mlp_recompute import activation_linear
+from .linear import DeferredWeightGrads, activation_linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -96,9 +96,10 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
-    def forward(self, x, batch: AttentionBatch, rope, backend: str, cache) -> torch.Tensor:
+    def forward(self, x, batch: AttentionBatch, rope, backend: str, cache,
+                deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
         cfg = self.config
-        qkv = self.qkv_proj(x)
+        qkv = linear(x, self.qkv_proj, deferred)
         q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(-1, cfg.num_heads, cfg.head_dim)
         k = k.view(-1, cfg.num_kv_heads, cfg.head_dim)
@@ -108,7 +109,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, batch, cfg.attention_scale, backend, cache, self.layer)
-        return self.o_proj(out.reshape(x.shape[0], cfg.q_size))
+        return linear(out.reshape(x.shape[0], cfg.q_size), self.o_proj, deferred)
 
 
 class MLP(nn.Module):
@@ -125,10 +126,10 @@ class MLP(nn.Module):
             self.fc_in = nn.Linear(hidden, inner, bias=config.mlp_bias)
             self.fc_out = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
         up, down = (self.gate_up_proj, self.down_proj) if self.kind == "swiglu" else (self.fc_in, self.fc_out)
-        # the activation is recomputed in the backward (mlp_recompute.py): half the MLP's saved memory
-        return activation_linear(up(x), self.kind, down.weight, down.bias)
+        # the activation is recomputed in the backward (linear.py): half the MLP's saved memory
+        return activation_linear(linear(x, up, deferred), self.kind, down.weight, down.bias, deferred)
 
 
 class Block(nn.Module):
@@ -141,9 +142,9 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
 
-    def forward(self, x, batch, rope, backend, cache):
-        x = x + self.attn(self.attn_norm(x), batch, rope, backend, cache)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x, batch, rope, backend, cache, deferred=None):
+        x = x + self.attn(self.attn_norm(x), batch, rope, backend, cache, deferred)
+        return x + self.mlp(self.mlp_norm(x), deferred)
 
 
 class Decoder(nn.Module):
@@ -178,12 +179,15 @@ class Decoder(nn.Module):
         input_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
+        deferred_weight_grads: DeferredWeightGrads | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states `[T, hidden]` of the step's packed tokens.
 
         Exactly one of `input_ids` (`[T]`) and `inputs_embeds` (`[T, hidden]`, e.g. continuous
         thoughts) is given. With `cache`, each layer stores the new K/V at `batch.slot_mapping`
-        and attends over the sequence's pages.
+        and attends over the sequence's pages. With `deferred_weight_grads` (the thought steps of a
+        training forward share one), the linear layers' weight gradients of this call are computed
+        together with those of the other calls given it (`linear.DeferredWeightGrads`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward takes exactly one of input_ids and inputs_embeds")
@@ -197,7 +201,7 @@ class Decoder(nn.Module):
             rope = self.rotary(batch.positions, x.dtype)
         backend = resolve_backend(self.attention_backend, x.device)
         for block in self.layers:
-            x = block(x, batch, rope, backend, cache)
+            x = block(x, batch, rope, backend, cache, deferred_weight_grads)
         return self.final_norm(x)
 
     def resize_vocab(self, vocab_size: int, init_from: int) -> None:

@@ -105,7 +105,7 @@ def test_gradient_flows_through_the_thought_chain(coconut, mode):
 
     original = CoconutModel.append_thought
     try:
-        CoconutModel.append_thought = lambda self, cache, ids, last: original(self, cache, ids, last.detach())
+        CoconutModel.append_thought = lambda self, cache, ids, last, *rest: original(self, cache, ids, last.detach(), *rest)
         model.zero_grad()
         coconut(samples, mode="paged").backward()
     finally:

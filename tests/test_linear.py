@@ -1,13 +1,16 @@
-"""activation_linear: the MLP's activation recomputed in the backward gives the plain composition's
-result and gradients, and saves only the pre-activation."""
+"""coconut_engine.linear: the MLP's activation recomputed in the backward, and the thought steps'
+deferred weight gradients, give the plain composition's results and gradients; the recompute saves
+only the pre-activation."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from coconut_engine.mlp_recompute import ACTIVATIONS, activation_linear
+from coconut_engine.linear import ACTIVATIONS, DeferredWeightGrads, activation_linear, linear
 
 
 def plain(h, kind, weight, bias):
+    if kind == "identity":
+        return F.linear(h, weight, bias)
     if kind == "swiglu":
         gate, up = h.chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, weight, bias)
@@ -56,7 +59,7 @@ def test_bf16_autocast_keeps_fp32_master_gradients(kind):
         torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("kind", ACTIVATIONS)
+@pytest.mark.parametrize("kind", [k for k in ACTIVATIONS if k != "identity"])
 def test_saves_only_the_pre_activation(kind):
     h, weight, bias = inputs(kind, True)
     h_in = h * 1.0  # a non-leaf, like the up projection's output
@@ -90,3 +93,50 @@ def test_rejects_unknown_activation():
     h, weight, bias = inputs("gelu", True)
     with pytest.raises(ValueError, match="relu"):
         activation_linear(h, "relu", weight, bias)
+
+
+def chain(x, layers, deferred=None, steps=3):
+    """A small recurrence like the thought steps: each step feeds its output back through the layers."""
+    outs = []
+    for _ in range(steps):
+        h = linear(x, layers[0], deferred)
+        x = activation_linear(h, "gelu", layers[1].weight, layers[1].bias, deferred)
+        outs.append(x)
+    return torch.stack(outs)
+
+
+def test_deferred_weight_gradients_equal_the_per_step_ones():
+    layers = [torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)]
+    x = torch.randn(5, 16, requires_grad=True)
+    grad_out = torch.randn(3, 5, 16)
+    leaves = [x, *(p for layer in layers for p in layer.parameters())]
+    expected = torch.autograd.grad(chain(x, layers), leaves, grad_out)
+    deferred = DeferredWeightGrads()
+    got = torch.autograd.grad(chain(x, layers, deferred), leaves, grad_out)  # autograd.grad sees them too
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_weight_gradient_arrives_once_after_every_step():
+    """The parameter's hook fires once, with the whole gradient; a weight also used outside the
+    deferred calls gets both parts."""
+    layers = [torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)]
+    x = torch.randn(5, 16)
+    seen = []
+    layers[0].weight.register_hook(lambda g: seen.append(g.clone()))
+    deferred = DeferredWeightGrads()
+    out = chain(x, layers, deferred)
+    out.sum().backward()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], layers[0].weight.grad)
+    expected = layers[0].weight.grad.clone()
+    layers[0].zero_grad()
+    chain(x, layers).sum().backward()
+    torch.testing.assert_close(expected, layers[0].weight.grad, rtol=1e-5, atol=1e-6)
+    # used by direct (non-deferred) calls as well: both parts add up
+    layers[0].zero_grad()
+    (chain(x, layers, DeferredWeightGrads()).sum() + linear(x, layers[0]).sum()).backward()
+    both = layers[0].weight.grad.clone()
+    layers[0].zero_grad()
+    (chain(x, layers).sum() + linear(x, layers[0]).sum()).backward()
+    torch.testing.assert_close(both, layers[0].weight.grad, rtol=1e-5, atol=1e-6)
