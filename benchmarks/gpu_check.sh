@@ -21,7 +21,9 @@ timeout 150 python -m pytest -q -x tests/test_gpu_kernels.py 2>&1 | tail -5 | te
 echo "== kernels"
 timeout 60 $CLI bench kernels --device cuda --out "$OUT" | tee "$OUT/kernels.txt"
 echo "== train (gpt2, bf16 autocast, batch 32)"
-timeout 120 $CLI bench train --shape gpt2 --device cuda --batch 32 --stages 0,6 --reps 3 \
+# each point times itself in its own process (--no-interleave): a GPU's speed does not drift like this
+# CPU's, and two fewer process starts per stage keep the step inside its time box
+timeout 120 $CLI bench train --shape gpt2 --device cuda --batch 32 --stages 0,6 --reps 3 --no-interleave \
   --modes paged,multipass,transformers,floor --out "$OUT" | tee "$OUT/train.txt"
 echo "== generate (smollm2-135m shape, batch 64)"
 timeout 90 $CLI bench generate --shape smollm2-135m --device cuda --batch 64 --reps 2 --out "$OUT" | tee "$OUT/generate.txt"
