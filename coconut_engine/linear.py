@@ -41,15 +41,6 @@ def _activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str) -> torc
     return torch.ops.aten.gelu_backward(grad, h, approximate="tanh" if kind == "gelu_tanh" else "none")
 
 
-def _weight_gradient(grads_y: list[torch.Tensor], activations: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """sum_i dY_i^T A_i as one product, in dY's dtype (the autocast one), returned in `dtype` (the weight's)."""
-    def rows(parts):  # one matrix of all the rows (no copy for a single part)
-        return parts[0].flatten(0, -2) if len(parts) == 1 else torch.cat([p.flatten(0, -2) for p in parts])
-
-    grad_y = rows(grads_y)
-    return (grad_y.t() @ rows(activations).to(grad_y.dtype)).to(dtype)
-
-
 class _ActivationLinear(torch.autograd.Function):
     """y = linear(activation(h), weight, bias), saving h (and the weights) only. With `records`, the
     weight gradient is not returned but (activation, dY) appended there (see DeferredWeightGrads)."""
@@ -58,6 +49,8 @@ class _ActivationLinear(torch.autograd.Function):
     def forward(ctx, h, weight, bias, kind: str, records):
         ctx.save_for_backward(h, weight, bias)
         ctx.kind, ctx.records = kind, records
+        if records is not None:
+            records.reserve(h[..., 0].numel())
         return F.linear(_activate(h, kind), weight, bias)  # under autocast: in the autocast dtype
 
     @staticmethod
@@ -72,9 +65,9 @@ class _ActivationLinear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             a = _activate(h, ctx.kind)
             if ctx.records is not None:
-                ctx.records.append((a, grad_y))
+                ctx.records.add(a, grad_y)
             else:
-                grad_w = _weight_gradient([grad_y], [a], weight.dtype)
+                grad_w = (grad_y.flatten(0, -2).t() @ a.flatten(0, -2).to(compute)).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             grad_b = grad_y.flatten(0, -2).sum(0).to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None
@@ -84,7 +77,7 @@ class _WeightAlias(torch.autograd.Function):
     """The weight, as seen by the deferred steps; its backward turns their records into the gradient."""
 
     @staticmethod
-    def forward(ctx, weight, records: list):
+    def forward(ctx, weight, records: "_Records"):
         ctx.records, ctx.dtype = records, weight.dtype
         ctx.set_materialize_grads(False)  # the steps return no gradient to it: no zeros to add
         return weight.view_as(weight)
@@ -92,10 +85,44 @@ class _WeightAlias(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         records, ctx.records = ctx.records, None
-        if records:
-            deferred = _weight_gradient([g for _, g in records], [a for a, _ in records], ctx.dtype)
+        deferred = records.weight_gradient(ctx.dtype)
+        if deferred is not None:
             grad = deferred if grad is None else grad + deferred
         return grad, None
+
+
+class _Records:
+    """The (activation, dY) rows of one weight's deferred calls, copied into two buffers allocated
+    once at the first backward (the forward counted the rows): no small tensor of every step stays
+    alive across the backward, where they would scatter through the C allocator's heap."""
+
+    def __init__(self):
+        self.rows = 0
+        self.filled = 0
+        self.activations: torch.Tensor | None = None
+        self.grads_y: torch.Tensor | None = None
+
+    def reserve(self, rows: int) -> None:
+        self.rows += rows
+
+    def add(self, a: torch.Tensor, grad_y: torch.Tensor) -> None:
+        a, grad_y = a.flatten(0, -2), grad_y.flatten(0, -2)
+        if self.grads_y is None:
+            self.grads_y = grad_y.new_empty(self.rows, grad_y.shape[1])
+            self.activations = grad_y.new_empty(self.rows, a.shape[1])  # in dY's (the compute) dtype
+        end = self.rows - self.filled  # backwards arrive last call first: fill from the end
+        self.grads_y[end - len(grad_y) : end] = grad_y
+        self.activations[end - len(a) : end] = a
+        self.filled += len(grad_y)
+
+    def weight_gradient(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """sum over the recorded calls of dY^T A, as one product; None if no call's backward ran."""
+        if not self.filled:
+            return None
+        rows = slice(self.rows - self.filled, self.rows)
+        grad = (self.grads_y[rows].t() @ self.activations[rows]).to(dtype)
+        self.activations = self.grads_y = None
+        return grad
 
 
 class DeferredWeightGrads:
@@ -103,16 +130,16 @@ class DeferredWeightGrads:
 
     `alias(weight)` is the same tensor for every call of one forward, so that autograd runs the
     alias's backward once, after all of them. Create one per forward; it holds only the aliases
-    and, during the backward, the small (activation, dY) records of the deferred steps.
+    and, during the backward, the (activation, dY) rows of the deferred steps.
     """
 
     def __init__(self):
-        self._aliases: dict[int, tuple[torch.Tensor, list]] = {}
+        self._aliases: dict[int, tuple[torch.Tensor, _Records]] = {}
 
-    def alias(self, weight: torch.Tensor) -> tuple[torch.Tensor, list]:
+    def alias(self, weight: torch.Tensor) -> tuple[torch.Tensor, "_Records"]:
         entry = self._aliases.get(id(weight))
         if entry is None:
-            records: list = []
+            records = _Records()
             entry = self._aliases[id(weight)] = (_WeightAlias.apply(weight, records), records)
         return entry
 
