@@ -439,7 +439,9 @@ def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batc
     subprocess per stage in which the modes take turns (`interleaved_stage_timing`), or with
     `interleave=False` from the point's own subprocess (median of `reps` after a warm-up). On CPU
     with `tensor_memory`, each point also gets `tensor_mb` from a further subprocess
-    (`tensor_memory_point`)."""
+    (`tensor_memory_point`). The subprocesses fork from a fork server, which imports the calling
+    script's main module again: a script that calls this needs the `if __name__ == "__main__":`
+    guard of any multiprocessing program."""
     modes = list(modes)
     # the fork server imports transformers once if a point needs it (then every point carries it alike)
     preload = ("coconut_engine.bench", "transformers") if "transformers" in modes else ("coconut_engine.bench",)

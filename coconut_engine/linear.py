@@ -43,7 +43,7 @@ def _activation_backward(grad: torch.Tensor, h: torch.Tensor, kind: str) -> torc
 
 class _ActivationLinear(torch.autograd.Function):
     """y = linear(activation(h), weight, bias), saving h (and the weights) only. With `records`, the
-    weight gradient is not returned but (activation, dY) appended there (see DeferredWeightGrads)."""
+    weight gradient is not returned but (activation, dY) recorded there (see DeferredWeightGrads)."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, kind: str, records):
@@ -84,8 +84,7 @@ class _WeightAlias(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        records, ctx.records = ctx.records, None
-        deferred = records.weight_gradient(ctx.dtype)
+        deferred = ctx.records.weight_gradient(ctx.dtype)
         if deferred is not None:
             grad = deferred if grad is None else grad + deferred
         return grad, None
@@ -107,6 +106,10 @@ class _Records:
 
     def add(self, a: torch.Tensor, grad_y: torch.Tensor) -> None:
         a, grad_y = a.flatten(0, -2), grad_y.flatten(0, -2)
+        if self.filled + len(grad_y) > self.rows:
+            # more rows than the forward made: a new backward through a retained graph, after one
+            # that did not need this weight's gradient (its alias never ran): start over
+            self.filled = 0
         if self.grads_y is None:
             self.grads_y = grad_y.new_empty(self.rows, grad_y.shape[1])
             self.activations = grad_y.new_empty(self.rows, a.shape[1])  # in dY's (the compute) dtype
@@ -122,6 +125,7 @@ class _Records:
         rows = slice(self.rows - self.filled, self.rows)
         grad = (self.grads_y[rows].t() @ self.activations[rows]).to(dtype)
         self.activations = self.grads_y = None
+        self.filled = 0  # a second backward through a retained graph records again
         return grad
 
 

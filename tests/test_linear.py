@@ -140,3 +140,11 @@ def test_deferred_weight_gradient_arrives_once_after_every_step():
     layers[0].zero_grad()
     (chain(x, layers).sum() + linear(x, layers[0]).sum()).backward()
     torch.testing.assert_close(both, layers[0].weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_deferred_weight_gradient_through_a_retained_graph_twice():
+    layers = [torch.nn.Linear(16, 40), torch.nn.Linear(40, 16)]
+    out = chain(torch.randn(5, 16), layers, DeferredWeightGrads()).sum()
+    first = torch.autograd.grad(out, layers[0].weight, retain_graph=True)[0]
+    second = torch.autograd.grad(out, layers[0].weight)[0]
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
