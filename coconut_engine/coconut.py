@@ -8,7 +8,7 @@ thoughts carry no labels, as in the official code); logits are computed only the
 Modes (all the same function; `paged` is the engine's, the others are references):
 
 - `paged`: prefill every prompt once (packed; a sample without thoughts brings its suffix along, so
-  stage 0 is a single step, without a cache); for t = 1..max n, one step appending a thought to every sequence that
+  stage 0 is a single step); for t = 1..max n, one step appending a thought to every sequence that
   still has one (`append_thought`); then the remaining suffixes at once. KV lives in a paged cache
   that trains through the store/attention autograd Functions.
 - `two_pass`: thoughts step by step on the paged cache, then one no-cache forward over the whole
@@ -160,11 +160,10 @@ class CoconutModel(nn.Module):
         """The engine's mode: prefill, one step per thought, suffixes; hidden states and targets of the labels.
 
         A sample without thoughts has its prompt and suffix back to back, so its suffix rides in the
-        prefill; the others get theirs in the last step. A batch without any thoughts (stage 0) is
-        thus one step that nothing reads back: a plain packed forward, without the cache.
+        prefill (at stage 0 the whole batch is one step); the others get theirs in the last step.
         """
+        cache = self._training_cache(samples)
         with_suffix = [not s.num_thoughts for s in samples]
-        cache = None if all(with_suffix) else self._training_cache(samples)
         hidden, last_hidden = self._prefill(samples, cache, prompts, [suf if w else None for w, suf in
                                                                        zip(with_suffix, suffixes)])
         label_rows, targets, start = [], [], 0
@@ -183,17 +182,14 @@ class CoconutModel(nn.Module):
             targets.extend(later_targets)
         return torch.cat(parts), targets
 
-    def _prefill(self, samples, cache: PagedKVCache | None, prompts: list[torch.Tensor],
+    def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor],
                  suffixes: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """All prompts (each followed by `suffixes[i]` where given) in one packed step, on `cache` (or
-        without one); returns the step's hidden states and each prompt's last hidden state `[B, hidden]`."""
+        """All prompts (each followed by `suffixes[i]` where given) in one packed step; returns the
+        step's hidden states and each prompt's last hidden state `[B, hidden]`."""
         suffixes = suffixes or [None] * len(samples)
         chunks = [p if suf is None else torch.cat([p, suf]) for p, suf in zip(prompts, suffixes)]
         lens = [len(c) for c in chunks]
-        if cache is None:
-            batch = AttentionBatch.packed(lens, device=prompts[0].device)
-        else:
-            batch = cache.prepare(list(range(len(samples))), lens)
+        batch = cache.prepare(list(range(len(samples))), lens)
         hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache)
         starts = itertools.accumulate(lens[:-1], initial=0)
         last_prompt = [start + len(s.prompt) - 1 for start, s in zip(starts, samples)]
