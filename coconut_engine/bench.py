@@ -376,10 +376,15 @@ _POINT_FUNCTIONS = {"time": run_train_point, "tensor_memory": tensor_memory_poin
                     "interleaved": interleaved_stage_timing}
 
 
+def _run_point(kwargs: dict) -> dict:
+    """The point function that `kwargs["measure"]` names (default "time"), called with the rest."""
+    kwargs = dict(kwargs)
+    return _POINT_FUNCTIONS[kwargs.pop("measure", "time")](**kwargs)
+
+
 def _point_worker(conn, kwargs: dict) -> None:
     try:
-        kwargs = dict(kwargs)
-        conn.send(("ok", _POINT_FUNCTIONS[kwargs.pop("measure", "time")](**kwargs)))
+        conn.send(("ok", _run_point(kwargs)))
     except BaseException:  # the parent re-raises it with the point's settings
         import traceback
 
@@ -390,9 +395,7 @@ def _point_worker(conn, kwargs: dict) -> None:
 
 def _point_worker_main(kwargs_json: str) -> None:
     """Entry point of a point run in a new interpreter: the result as one `RESULT <json>` line."""
-    kwargs = json.loads(kwargs_json)
-    result = _POINT_FUNCTIONS[kwargs.pop("measure", "time")](**kwargs)
-    print("RESULT " + json.dumps(result))
+    print("RESULT " + json.dumps(_run_point(json.loads(kwargs_json))))
 
 
 def run_train_point_subprocess(preload: Sequence[str] = ("coconut_engine.bench",), **kwargs) -> dict:

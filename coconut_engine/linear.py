@@ -50,7 +50,7 @@ class _ActivationLinear(torch.autograd.Function):
         ctx.save_for_backward(h, weight, bias)
         ctx.kind, ctx.records = kind, records
         if records is not None:
-            records.reserve(h[..., 0].numel())
+            records.reserve(h.numel() // h.shape[-1])
         return F.linear(_activate(h, kind), weight, bias)  # under autocast: in the autocast dtype
 
     @staticmethod
