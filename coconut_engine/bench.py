@@ -23,6 +23,7 @@ import torch
 
 from .baselines import OfficialCoconutHF
 from .cache import AttentionBatch
+from .linear import DeferredWeightGrads
 
 # Model shapes by name: HF-style config dicts (random weights; no download).
 SHAPES = {
@@ -209,8 +210,6 @@ def prosqa_like_batch(vocab: int, stage: int, batch: int = 8, prompt_len: int = 
 
 def floor_loss(decoder, samples) -> torch.Tensor:
     """The floor: one plain packed forward + backward of the same sequences, thoughts as ordinary tokens."""
-    import torch.nn.functional as F
-
     device = decoder.embed_tokens.weight.device
     ids, rows, targets, start = [], [], [], 0
     thought = samples[0].prompt[-1] + 1  # any valid id stands in for a thought
@@ -222,9 +221,10 @@ def floor_loss(decoder, samples) -> torch.Tensor:
         targets.extend(s.suffix[1:])
         start += len(seq)
     batch = AttentionBatch.packed([s.length for s in samples], device=device)
-    hidden = decoder(batch, input_ids=torch.tensor(ids, device=device))
-    logits = decoder.logits(hidden[torch.tensor(rows, device=device)])
-    return F.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+    deferred = DeferredWeightGrads()  # the engine's embedding / LM-head gradient, as CoconutModel has it
+    hidden = decoder(batch, inputs_embeds=decoder.embed(torch.tensor(ids, device=device), deferred))
+    return decoder.cross_entropy(hidden[torch.tensor(rows, device=device)], torch.tensor(targets, device=device),
+                                 deferred=deferred)
 
 
 def current_rss_mb() -> float:

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .cache import AttentionBatch, ContiguousKVCache, PagedKVCache
@@ -102,32 +101,36 @@ class CoconutModel(nn.Module):
             raise ValueError("CoconutModel.forward: empty batch")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        # where each weight's gradient is made (linear.DeferredWeightGrads): the tied LM head's by the
+        # embedding's backward, every layer's (paged) by the prefill's
+        deferred = DeferredWeightGrads() if torch.is_grad_enabled() else None
         if mode == "multipass":
-            label_hidden, targets = self._multipass(samples)
+            label_hidden, targets = self._multipass(samples, deferred)
         else:
             if mode in ("paged", "two_pass"):
                 # most thoughts first: each thought step's sequences are then a prefix of the batch, whose
                 # pages are consecutive equal runs (see _training_cache); the loss does not depend on order
                 samples = sorted(samples, key=lambda s: -s.num_thoughts)
-            prompts, suffixes = self._token_embeddings(samples)
+            prompts, suffixes = self._token_embeddings(samples, deferred)
             if mode == "paged":
-                label_hidden, targets = self._paged(samples, prompts, suffixes)
+                label_hidden, targets = self._paged(samples, prompts, suffixes, deferred)
             else:
                 if mode == "recompute":
                     thoughts = self._thoughts_recompute(samples, prompts)
                 else:  # two_pass
                     cache = self._training_cache(samples)
                     _, last_hidden = self._prefill(samples, cache, prompts)
-                    thoughts = self._thoughts_paged(samples, cache, last_hidden)
+                    thoughts = self._thoughts_paged(samples, cache, last_hidden, deferred)
                 label_hidden, targets = self._full_forward(samples, prompts, thoughts, suffixes)
-        logits = self.decoder.logits(label_hidden)
-        return F.cross_entropy(logits.float(), torch.tensor(targets, device=logits.device), reduction=reduction)
+        return self.decoder.cross_entropy(label_hidden, torch.tensor(targets, device=label_hidden.device),
+                                          reduction, deferred)
 
-    def _token_embeddings(self, samples) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _token_embeddings(self, samples, deferred: DeferredWeightGrads | None = None
+                          ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Each sample's prompt and suffix embeddings, from one embedding call (one sparse-to-dense
         embedding backward instead of one per step)."""
         ids = [t for s in samples for t in s.prompt] + [t for s in samples for t in s.suffix]
-        embeds = self.decoder.embed_tokens(torch.tensor(ids, device=self.decoder.embed_tokens.weight.device))
+        embeds = self.decoder.embed(torch.tensor(ids, device=self.decoder.embed_tokens.weight.device), deferred)
         lens = [len(s.prompt) for s in samples] + [len(s.suffix) for s in samples]
         parts = list(embeds.split(lens))
         return parts[: len(samples)], parts[len(samples):]
@@ -156,16 +159,22 @@ class CoconutModel(nn.Module):
             cache.reserve(i, pages_per_row * self.page_size)
         return cache
 
-    def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor]):
+    def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor],
+               deferred: DeferredWeightGrads | None = None):
         """The engine's mode: prefill, one step per thought, suffixes; hidden states and targets of the labels.
 
         A sample without thoughts has its prompt and suffix back to back, so its suffix rides in the
         prefill (at stage 0 the whole batch is one step); the others get theirs in the last step.
+        The later steps record their weight gradients into `deferred` and the prefill, whose
+        backward comes last, makes each layer's: one weight-sized gradient per layer, made when the
+        prefill's activations of the layers above have been freed, instead of all of them made by
+        the suffix step's backward and held until the prefill's.
         """
         cache = self._training_cache(samples)
         with_suffix = [not s.num_thoughts for s in samples]
         hidden, last_hidden = self._prefill(samples, cache, prompts, [suf if w else None for w, suf in
-                                                                       zip(with_suffix, suffixes)])
+                                                                       zip(with_suffix, suffixes)],
+                                            deferred.direct() if deferred is not None else None)
         label_rows, targets, start = [], [], 0
         for s, w in zip(samples, with_suffix):
             if w:
@@ -174,23 +183,24 @@ class CoconutModel(nn.Module):
             start += len(s.prompt) + (len(s.suffix) if w else 0)
         parts = [hidden[torch.tensor(label_rows, device=hidden.device)]] if label_rows else []
         if not all(with_suffix):
-            self._thoughts_paged(samples, cache, last_hidden)
+            self._thoughts_paged(samples, cache, last_hidden, deferred)
             later = [i for i, w in enumerate(with_suffix) if not w]
             suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later,
-                                                              [suffixes[i] for i in later])
+                                                              [suffixes[i] for i in later], deferred)
             parts.append(suffix_hidden)
             targets.extend(later_targets)
         return torch.cat(parts), targets
 
     def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor],
-                 suffixes: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 suffixes: Sequence[torch.Tensor | None] | None = None,
+                 deferred: DeferredWeightGrads | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """All prompts (each followed by `suffixes[i]` where given) in one packed step; returns the
         step's hidden states and each prompt's last hidden state `[B, hidden]`."""
         suffixes = suffixes or [None] * len(samples)
         chunks = [p if suf is None else torch.cat([p, suf]) for p, suf in zip(prompts, suffixes)]
         lens = [len(c) for c in chunks]
         batch = cache.prepare(list(range(len(samples))), lens)
-        hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache)
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache, deferred_weight_grads=deferred)
         starts = itertools.accumulate(lens[:-1], initial=0)
         last_prompt = [start + len(s.prompt) - 1 for start, s in zip(starts, samples)]
         return hidden, hidden[torch.tensor(last_prompt, device=hidden.device)]
@@ -206,10 +216,10 @@ class CoconutModel(nn.Module):
         batch = cache.prepare(seq_ids, [1] * len(seq_ids))
         return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred)
 
-    def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor) -> list[list[torch.Tensor]]:
+    def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor,
+                        deferred: DeferredWeightGrads | None = None) -> list[list[torch.Tensor]]:
         """Run every thought step; returns each sample's thought input embeddings (not detached)."""
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
-        deferred = DeferredWeightGrads() if torch.is_grad_enabled() else None
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
             index = torch.tensor(active, device=last.device)
@@ -219,11 +229,12 @@ class CoconutModel(nn.Module):
             last = last.index_copy(0, index, self.append_thought(cache, active, inputs, deferred))
         return thoughts
 
-    def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor]):
+    def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor],
+                      deferred: DeferredWeightGrads | None = None):
         """The suffixes of `samples` (cache sequences `seq_ids`) in one packed step; hidden states and
         targets of their labels."""
         batch = cache.prepare(list(seq_ids), [len(s.suffix) for s in samples])
-        hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache)
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache, deferred_weight_grads=deferred)
         rows, targets, start = [], [], 0
         for s in samples:
             rows.extend(range(start, start + len(s.suffix) - 1))
@@ -272,7 +283,7 @@ class CoconutModel(nn.Module):
 
     # -- the official multi-pass algorithm ----------------------------------------------------
 
-    def _multipass(self, samples):
+    def _multipass(self, samples, deferred: DeferredWeightGrads | None = None):
         """Left-pad so every first thought sits at column `align`; n+1 passes over a contiguous cache."""
         device = self.decoder.embed_tokens.weight.device
         max_n = max(s.num_thoughts for s in samples)
@@ -289,7 +300,7 @@ class CoconutModel(nn.Module):
             real[b, pad : pad + len(seq)] = True
             positions[b, pad : pad + len(seq)] = torch.arange(len(seq))
         ids, real, positions = ids.to(device), real.to(device), positions.to(device)
-        embeds = self.decoder.embed_tokens(ids)
+        embeds = self.decoder.embed(ids, deferred)
         ranges = [(0, width)] if max_n == 0 else (
             [(0, align)] + [(align + k - 1, align + k) for k in range(1, max_n)] + [(align + max_n - 1, width)])
         cache = ContiguousKVCache(self.decoder.config.num_layers)

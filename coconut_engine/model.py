@@ -17,7 +17,7 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .cache import AttentionBatch
 from .config import ModelConfig
-from .linear import DeferredWeightGrads, activation_linear, linear
+from .linear import DeferredWeightGrads, activation_linear, embedding, linear, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -185,13 +185,14 @@ class Decoder(nn.Module):
 
         Exactly one of `input_ids` (`[T]`) and `inputs_embeds` (`[T, hidden]`, e.g. continuous
         thoughts) is given. With `cache`, each layer stores the new K/V at `batch.slot_mapping`
-        and attends over the sequence's pages. With `deferred_weight_grads` (the thought steps of a
-        training forward share one), the linear layers' weight gradients of this call are computed
-        together with those of the other calls given it (`linear.DeferredWeightGrads`).
+        and attends over the sequence's pages. With `deferred_weight_grads` (the steps of a paged
+        training forward share one), the linear layers' weight gradients of this call are recorded
+        and computed together with those of the other calls given it, or, given its `direct()`,
+        made here and the others added in (`linear.DeferredWeightGrads`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward takes exactly one of input_ids and inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        x = self.embed(input_ids, deferred_weight_grads) if inputs_embeds is None else inputs_embeds
         if x.shape[0] != batch.num_tokens:
             raise ValueError(f"Decoder.forward: {x.shape[0]} tokens but the AttentionBatch has {batch.num_tokens}")
         if self.config.positions == "learned":
@@ -230,6 +231,11 @@ class Decoder(nn.Module):
             if hasattr(module, "config") and module is not self:
                 module.config = self.config
 
+    def embed(self, input_ids: torch.Tensor, deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
+        """Token embeddings `[T, hidden]`. A training forward passes the `deferred` its `cross_entropy`
+        gets: a tied LM head's gradient is then made once, by the embedding's backward."""
+        return embedding(input_ids, self.embed_tokens.weight, deferred)
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM-head logits of the given hidden states (only where they are needed)."""
         weight = self.lm_head_weight
@@ -238,3 +244,15 @@ class Decoder(nn.Module):
             # embedding's gradient into it in place instead of allocating a third vocab x hidden tensor
             return (weight @ hidden.t()).t()
         return F.linear(hidden, weight)
+
+    def cross_entropy(self, hidden: torch.Tensor, targets: torch.Tensor, reduction: str = "mean",
+                      deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
+        """Next-token cross-entropy of the LM head at the given hidden states (`[N, hidden]`, targets `[N]`).
+
+        One node for head and loss (`linear.linear_cross_entropy`): it keeps the fp32 logits alone and
+        turns them into their gradient in place. With `deferred` (the one `embed` got in the same
+        forward) the head's weight gradient is recorded, not made: the loss is the last op, so autograd
+        would make that vocab x hidden gradient first and, the head being tied to the embedding whose
+        backward comes last, hold it through the whole backward, beside every activation.
+        """
+        return linear_cross_entropy(hidden, self.lm_head_weight, targets, reduction, deferred)

@@ -1,11 +1,14 @@
-"""coconut_engine.linear: the MLP's activation recomputed in the backward, and the thought steps'
-deferred weight gradients, give the plain composition's results and gradients; the recompute saves
-only the pre-activation."""
+"""coconut_engine.linear: the MLP's activation recomputed in the backward, the deferred weight
+gradients, and the LM head's cross-entropy node give the plain composition's results and gradients;
+the recompute saves only the pre-activation, the head keeps one logits-sized tensor, and a weight's
+gradient is made once, by the backward of its first use."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from coconut_engine.linear import ACTIVATIONS, DeferredWeightGrads, activation_linear, linear
+from coconut_engine.bench import peak_tensor_bytes
+from coconut_engine.linear import (ACTIVATIONS, DeferredWeightGrads, activation_linear, embedding, linear,
+                                   linear_cross_entropy)
 
 
 def plain(h, kind, weight, bias):
@@ -148,3 +151,130 @@ def test_deferred_weight_gradient_through_a_retained_graph_twice():
     first = torch.autograd.grad(out, layers[0].weight, retain_graph=True)[0]
     second = torch.autograd.grad(out, layers[0].weight)[0]
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+def test_direct_first_use_makes_the_gradient_the_recorded_steps_add_into():
+    """A first call given `direct()` (the prefill) makes the weight gradient; the later, recorded calls'
+    product is added into it: the gradients are the plain ones, and the backward never holds two
+    weight-sized gradients (plain autograd holds the last call's until the first call's arrives)."""
+    big = [torch.nn.Linear(512, 512), torch.nn.Linear(512, 512)]
+    x = torch.randn(4, 512, requires_grad=True)
+    leaves = [x, *(p for layer in big for p in layer.parameters())]
+
+    def run(deferred):
+        first = linear(x, big[0], deferred.direct() if deferred else None)
+        return chain(first, big, deferred, steps=3).sum() + first.sum()
+
+    expected = torch.autograd.grad(run(None), leaves)
+    got = torch.autograd.grad(run(DeferredWeightGrads()), leaves)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+
+    weight_bytes = sum(layer.weight.numel() * 4 for layer in big)
+    for p in (p for layer in big for p in layer.parameters()):
+        p.grad = torch.zeros_like(p)  # as a trainer has them: the backward adds into them
+    plain_loss, deferred_loss = run(None), run(DeferredWeightGrads())
+    assert peak_tensor_bytes(plain_loss.backward) >= 1.9 * weight_bytes
+    assert peak_tensor_bytes(deferred_loss.backward) < 1.5 * weight_bytes
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_matches_the_composition(reduction):
+    h = torch.randn(13, 24, requires_grad=True)
+    weight = torch.randn(50, 24, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    loss = linear_cross_entropy(h, weight, targets, reduction)
+    ref = F.cross_entropy(F.linear(h, weight), targets, reduction=reduction)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    got = torch.autograd.grad(3.0 * loss, (h, weight))  # an upstream gradient other than 1 scales it
+    expected = torch.autograd.grad(3.0 * ref, (h, weight))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, weight, targets, reduction), ref.detach())
+
+
+def test_linear_cross_entropy_rows_in_several_logsumexp_chunks(monkeypatch):
+    import coconut_engine.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "LSE_CHUNK_ELEMENTS", 3 * 50)  # 3 rows per chunk, a short last one
+    h = torch.randn(13, 24, requires_grad=True)
+    weight = torch.randn(50, 24)
+    targets = torch.randint(0, 50, (13,))
+    loss = linear_cross_entropy(h, weight, targets)
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(h, weight), targets), rtol=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_through_a_retained_graph_twice():
+    """The first backward turns the saved logits into their gradient in place; a second one recomputes them."""
+    h = torch.randn(9, 16, requires_grad=True)
+    weight = torch.randn(30, 16, requires_grad=True)
+    loss = linear_cross_entropy(h, weight, torch.randint(0, 30, (9,)))
+    first = torch.autograd.grad(loss, (h, weight), retain_graph=True)
+    second = torch.autograd.grad(loss, (h, weight))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_linear_cross_entropy_bf16_autocast():
+    h = torch.randn(13, 24, requires_grad=True)
+    weight = torch.randn(50, 24, requires_grad=True)
+    targets = torch.randint(0, 50, (13,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, weight, targets)
+        ref = F.cross_entropy(F.linear(h, weight).float(), targets)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    got = torch.autograd.grad(loss, (h, weight))
+    expected = torch.autograd.grad(ref, (h, weight))
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, e, rtol=2e-2, atol=2e-2)
+
+
+def test_linear_cross_entropy_keeps_one_logits_sized_tensor(monkeypatch):
+    import coconut_engine.linear as linear_module
+
+    monkeypatch.setattr(linear_module, "LSE_CHUNK_ELEMENTS", 8 * 20000)  # logsumexp temporaries: 1/8 of the logits
+    h = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(20000, 32, requires_grad=True)
+    targets = torch.randint(0, 20000, (64,))
+    logits_bytes = 64 * 20000 * 4
+    weight.grad = torch.zeros_like(weight)
+    composed = peak_tensor_bytes(lambda: F.cross_entropy(F.linear(h, weight), targets).backward())
+    fused = peak_tensor_bytes(lambda: linear_cross_entropy(h, weight, targets).backward())
+    weight_grad_bytes = weight.numel() * 4  # made by the backward, then added into .grad
+    assert composed >= 2.5 * logits_bytes + weight_grad_bytes
+    assert fused < 1.3 * logits_bytes + weight_grad_bytes
+
+
+def test_linear_cross_entropy_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="targets"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long), "none")
+
+
+def test_tied_head_gradient_is_made_once_by_the_embedding_backward():
+    """The embedding (first use) and the tied head (recorded) share one alias: the gradient equals the
+    plain one and the backward never holds a second vocab x hidden gradient beside the embedding's."""
+    vocab, hidden = 30000, 32
+    table = torch.randn(vocab, hidden, requires_grad=True)
+    mix = torch.nn.Linear(hidden, hidden)
+    ids = torch.randint(0, vocab, (40,))
+    targets = torch.randint(0, vocab, (40,))
+
+    def run(deferred):
+        x = embedding(ids, table, deferred)
+        return linear_cross_entropy(torch.tanh(mix(x)), table, targets, deferred=deferred)
+
+    expected = torch.autograd.grad(run(None), (table, mix.weight))
+    got = torch.autograd.grad(run(DeferredWeightGrads()), (table, mix.weight))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+
+    table.grad = torch.zeros_like(table)
+    table_bytes = vocab * hidden * 4
+    plain_loss, deferred_loss = run(None), run(DeferredWeightGrads())
+    assert peak_tensor_bytes(plain_loss.backward) >= 1.9 * table_bytes
+    assert peak_tensor_bytes(deferred_loss.backward) < 1.3 * table_bytes
