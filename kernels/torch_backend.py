@@ -3,7 +3,8 @@
 A step reads every sequence's K/V as padded `[B, kv_heads, max_k, D]` (a strided view of the pool
 where the batch's pages are equal runs, as a training cache lays them out; else gathered through
 the block table) and pads the new tokens to `[B, heads, max_q, D]`; a long ragged prefill from
-empty runs per sequence instead (plain causal over its own rows: no padding, no mask).
+empty runs per sequence instead (plain causal over its own rows: no padding, no mask), and a step of
+one token per sequence (a thought, a decode step) works on the pool's own layout (see below).
 
 On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
 and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
@@ -61,6 +62,9 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
     fused = uses_fused_kernels(q.device)
+    if batch.max_seqlen_q == 1 and not fused:
+        _one_token_step(q, k_pool, v_pool, batch, scale, out, lse)
+        return (out, lse) if return_lse else out
     if _per_sequence_prefill(batch) and (fused or not return_lse):
         _fresh_prefill(q, k_pool, v_pool, batch, scale, out, lse, fused)
         return (out, lse) if return_lse else out
@@ -85,8 +89,11 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
 
     Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
     runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
-    it the probabilities are recomputed by a softmax.
+    it the probabilities are recomputed by a softmax. A one-token step (a thought, a decode step) has
+    its own backward, from the log-sum-exp where given.
     """
+    if batch.max_seqlen_q == 1:
+        return _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     if lse is not None and uses_fused_kernels(q.device):
         if _per_sequence_prefill(batch):
             return _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
@@ -107,17 +114,22 @@ def _strided_rows(pool: torch.Tensor, batch) -> torch.Tensor | None:
     return pool[first : first + batch.num_seqs * stride].view(batch.num_seqs, stride * pool.shape[1], *pool.shape[2:])
 
 
-def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
-    """Every sequence's K or V, `[B, kv_heads, max_k, D]` (junk past k_len): a view of the pool where
-    the pages are strided runs, else gathered through the block table."""
+def _token_major_kv(pool: torch.Tensor, batch) -> torch.Tensor:
+    """Every sequence's K or V in the pool's own layout, `[B, max_k, kv_heads, D]` (junk past k_len): a
+    view of the pool where the pages are strided runs, else gathered through the block table."""
     strided = _strided_rows(pool, batch)
     if strided is not None:
-        return strided[:, : batch.max_seqlen_k].transpose(1, 2)
+        return strided[:, : batch.max_seqlen_k]
     page_size = pool.shape[1]
     num_pages = -(-batch.max_seqlen_k // page_size)
     table = batch.block_table[:, :num_pages].reshape(-1)
     rows = pool.flatten(1).index_select(0, table).view(batch.num_seqs, num_pages * page_size, *pool.shape[2:])
-    return rows[:, : batch.max_seqlen_k].transpose(1, 2)
+    return rows[:, : batch.max_seqlen_k]
+
+
+def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
+    """Every sequence's K or V, heads first: `[B, kv_heads, max_k, D]` (junk past k_len)."""
+    return _token_major_kv(pool, batch).transpose(1, 2)
 
 
 def _rectangular(batch) -> bool:
@@ -270,19 +282,82 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
     if same_lengths and batch.max_seqlen_q in (1, batch.max_seqlen_k):
         return F.scaled_dot_product_attention(q_pad, k, v, is_causal=batch.max_seqlen_q > 1, scale=scale,
                                               enable_gqa=group > 1)
-    visible = _visible(batch, q_pad.device)
-    if batch.max_seqlen_q == 1:
-        return _decode_attention(q_pad, k, v, visible, group, scale)
-    return F.scaled_dot_product_attention(q_pad, k, v, attn_mask=visible, scale=scale, enable_gqa=group > 1)
+    return F.scaled_dot_product_attention(q_pad, k, v, attn_mask=_visible(batch, q_pad.device), scale=scale,
+                                          enable_gqa=group > 1)
 
 
-def _decode_attention(q_pad, k, v, visible, group: int, scale: float) -> torch.Tensor:
-    """One query per sequence over ragged keys: grouped einsums."""
-    b, h, _, d = q_pad.shape
-    qg = q_pad.view(b, h // group, group, d)
-    scores = torch.einsum("bkgd,bkld->bkgl", qg, k) * scale
-    probs = scores.masked_fill_(~visible.view(b, 1, 1, -1), float("-inf")).softmax(dim=-1)
-    return torch.einsum("bkgl,bkld->bkgd", probs, v).reshape(b, h, 1, d)
+# -- one-token steps (a continuous thought, a decode step) ----------------------------------------
+# One query per sequence: the products are elementwise over the pool's own [B, keys, kv_heads, D]
+# layout, in fp32, and each of K, V and their gradient pages is read or updated in place once or
+# twice. Batched matmuls would want heads-first K/V (a transposing copy of every key per step and
+# layer), and the fused CPU flash backward tiles for long query blocks: 3x slower for one query
+# (gpt2-6l thought step: 2.3 vs 0.75 ms). Its forward is fast, so with it only the backward runs here.
+
+def _one_token_keys(batch, device) -> torch.Tensor:
+    """`[B, max_k]`: the padded key positions a one-token step attends to (key 0 always, so that a
+    sequence without a new token, a padding row that nothing reads, is never fully masked)."""
+    def build():
+        j = torch.arange(batch.max_seqlen_k, device=device)
+        return (j[None, :] < torch.tensor(batch.k_lens, device=device)[:, None]) | (j == 0)
+
+    return batch.memo("one_token_keys", build)
+
+
+def _one_token_rows(x: torch.Tensor, batch, kv_heads: int) -> torch.Tensor:
+    """The step's rows `[T, heads, ...]` as fp32 `[B, kv_heads, group, ...]` (zeros for a sequence without one)."""
+    x = _pad_rows(x, batch)[:, 0].float()
+    return x.view(batch.num_seqs, kv_heads, x.shape[1] // kv_heads, *x.shape[2:])
+
+
+def _one_token_probs(q32, k_rows, batch, scale: float, lse=None):
+    """Probabilities `[B, keys, kv_heads, group]` of the queries `q32` (`[B, kv_heads, group, D]`) over
+    `k_rows` (`[B, keys, kv_heads, D]`), and the log-sum-exp `[B, kv_heads, group]` (computed if not given)."""
+    scores = (k_rows.unsqueeze(3) * q32.unsqueeze(1)).sum(-1).mul_(scale)
+    scores.masked_fill_(~_one_token_keys(batch, scores.device)[:, :, None, None], float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=1)
+    return scores.sub_(lse.unsqueeze(1)).exp_(), lse
+
+
+def _one_token_step(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
+    """Forward of a step in which every sequence has at most one new token."""
+    kv_heads = k_pool.shape[2]
+    q32 = _one_token_rows(q, batch, kv_heads)
+    probs, step_lse = _one_token_probs(q32, _token_major_kv(k_pool, batch), batch, scale)
+    o = (probs.unsqueeze(-1) * _token_major_kv(v_pool, batch).unsqueeze(3)).sum(1)  # [B, kv, group, D]
+    out[: batch.num_tokens] = _unpad_rows(o.view(batch.num_seqs, 1, *q.shape[1:]), batch).to(out.dtype)
+    if lse is not None:
+        lse[:] = _unpad_rows(step_lse.view(batch.num_seqs, 1, q.shape[1]), batch)
+
+
+def _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Backward of `_one_token_step`: dq, and dK/dV added into the gradient pages in place."""
+    kv_heads = k_pool.shape[2]
+    q32, do32, o32 = (_one_token_rows(t, batch, kv_heads) for t in (q, dout, out))
+    step_lse = None if lse is None else _one_token_rows(lse, batch, kv_heads)
+    k_rows, v_rows = _token_major_kv(k_pool, batch), _token_major_kv(v_pool, batch)
+    probs, _ = _one_token_probs(q32, k_rows, batch, scale, step_lse)
+    grad_probs = (v_rows.unsqueeze(3) * do32.unsqueeze(1)).sum(-1)
+    grad_scores = grad_probs.sub_((do32 * o32).sum(-1).unsqueeze(1)).mul_(probs)  # P (dP - rowsum(dO O))
+    dq = (grad_scores.unsqueeze(-1) * k_rows.unsqueeze(3)).sum(1).mul_(scale)
+    _add_one_token_grads(grad_k_pool, grad_scores, q32, batch, scale)
+    _add_one_token_grads(grad_v_pool, probs, do32, batch, 1.0)
+    return _unpad_rows(dq.view(batch.num_seqs, 1, *q.shape[1:]), batch).to(q.dtype)
+
+
+def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> None:
+    """Key l of sequence b gets `scale * sum_g weights[b, l, :, g] * vectors[b, :, g]` (`weights`
+    `[B, keys, kv_heads, group]`, `vectors` `[B, kv_heads, group, D]`): in place on the strided view
+    of the gradient pages (exactly zero past each sequence's keys), else added at the keys' slots."""
+    strided = _strided_rows(grad_pool, batch)
+    if strided is not None and weights.shape[-1] == 1:
+        strided[:, : batch.max_seqlen_k].addcmul_(weights, vectors[:, None, :, 0], value=scale)
+        return
+    rows = (weights.unsqueeze(-1) * vectors.unsqueeze(1)).sum(3).mul_(scale)  # [B, keys, kv_heads, D]
+    if strided is not None:
+        strided[:, : batch.max_seqlen_k] += rows
+    else:
+        _add_into_pool(grad_pool, rows.transpose(1, 2), batch)
 
 
 def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

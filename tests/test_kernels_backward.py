@@ -33,8 +33,14 @@ def torch_recompute_with_lse(*args):
     return torch_backend._recompute_backward(*args)
 
 
+def torch_without_lse(dout, q, out, lse, *rest):
+    """The torch backend's entry point given no log-sum-exp (a one-token step recomputes it)."""
+    return torch_backend.paged_attention_backward(dout, q, out, None, *rest)
+
+
 BACKWARDS = {"triton": triton_backward, "torch-fused": torch_backend.paged_attention_backward,
-             "torch-recompute": torch_recompute_without_lse, "torch-recompute-lse": torch_recompute_with_lse}
+             "torch-recompute": torch_recompute_without_lse, "torch-recompute-lse": torch_recompute_with_lse,
+             "torch-no-lse": torch_without_lse}
 
 
 @pytest.mark.parametrize("backward", BACKWARDS.values(), ids=BACKWARDS.keys())
