@@ -292,6 +292,33 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
 # twice. Batched matmuls would want heads-first K/V (a transposing copy of every key per step and
 # layer), and the fused CPU flash backward tiles for long query blocks: 3x slower for one query
 # (gpt2-6l thought step: 2.3 vs 0.75 ms). Its forward is fast, so with it only the backward runs here.
+# The broadcast products run over chunks of keys, so their temporaries stay bounded at long contexts.
+
+ONE_TOKEN_CHUNK_ELEMENTS = 1 << 22  # elements of one chunk's broadcast product (16 MB in fp32)
+
+
+def _key_chunks(rows: torch.Tensor, per_key: int) -> list[slice]:
+    """Slices of the keys (dim 1 of `rows`) whose broadcast products hold at most ONE_TOKEN_CHUNK_ELEMENTS."""
+    step = max(1, ONE_TOKEN_CHUNK_ELEMENTS // max(1, rows.shape[0] * per_key))
+    return [slice(start, start + step) for start in range(0, rows.shape[1], step)]
+
+
+def _dot_keys(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """`[B, keys, kv_heads, group]`: each key row `[B, keys, kv_heads, D]` dotted with `vectors`
+    (`[B, kv_heads, group, D]`, fp32)."""
+    out = vectors.new_empty(*rows.shape[:3], vectors.shape[2])
+    for keys in _key_chunks(rows, vectors[0].numel()):
+        out[:, keys] = (rows[:, keys].unsqueeze(3) * vectors.unsqueeze(1)).sum(-1)
+    return out
+
+
+def _sum_over_keys(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """`[B, kv_heads, group, D]`: the key rows weighted by `weights` (`[B, keys, kv_heads, group]`), summed."""
+    out = 0
+    for keys in _key_chunks(rows, weights.shape[2] * weights.shape[3] * rows.shape[-1]):
+        out = out + (weights[:, keys].unsqueeze(-1) * rows[:, keys].unsqueeze(3)).sum(1)
+    return out
+
 
 def _one_token_keys(batch, device) -> torch.Tensor:
     """`[B, max_k]`: the padded key positions a one-token step attends to (key 0 always, so that a
@@ -312,7 +339,7 @@ def _one_token_rows(x: torch.Tensor, batch, kv_heads: int) -> torch.Tensor:
 def _one_token_probs(q32, k_rows, batch, scale: float, lse=None):
     """Probabilities `[B, keys, kv_heads, group]` of the queries `q32` (`[B, kv_heads, group, D]`) over
     `k_rows` (`[B, keys, kv_heads, D]`), and the log-sum-exp `[B, kv_heads, group]` (computed if not given)."""
-    scores = (k_rows.unsqueeze(3) * q32.unsqueeze(1)).sum(-1).mul_(scale)
+    scores = _dot_keys(k_rows, q32).mul_(scale)
     scores.masked_fill_(~_one_token_keys(batch, scores.device)[:, :, None, None], float("-inf"))
     if lse is None:
         lse = torch.logsumexp(scores, dim=1)
@@ -324,7 +351,7 @@ def _one_token_step(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
     kv_heads = k_pool.shape[2]
     q32 = _one_token_rows(q, batch, kv_heads)
     probs, step_lse = _one_token_probs(q32, _token_major_kv(k_pool, batch), batch, scale)
-    o = (probs.unsqueeze(-1) * _token_major_kv(v_pool, batch).unsqueeze(3)).sum(1)  # [B, kv, group, D]
+    o = _sum_over_keys(probs, _token_major_kv(v_pool, batch))  # [B, kv, group, D]
     out[: batch.num_tokens] = _unpad_rows(o.view(batch.num_seqs, 1, *q.shape[1:]), batch).to(out.dtype)
     if lse is not None:
         lse[:] = _unpad_rows(step_lse.view(batch.num_seqs, 1, q.shape[1]), batch)
@@ -337,9 +364,9 @@ def _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     step_lse = None if lse is None else _one_token_rows(lse, batch, kv_heads)
     k_rows, v_rows = _token_major_kv(k_pool, batch), _token_major_kv(v_pool, batch)
     probs, _ = _one_token_probs(q32, k_rows, batch, scale, step_lse)
-    grad_probs = (v_rows.unsqueeze(3) * do32.unsqueeze(1)).sum(-1)
+    grad_probs = _dot_keys(v_rows, do32)
     grad_scores = grad_probs.sub_((do32 * o32).sum(-1).unsqueeze(1)).mul_(probs)  # P (dP - rowsum(dO O))
-    dq = (grad_scores.unsqueeze(-1) * k_rows.unsqueeze(3)).sum(1).mul_(scale)
+    dq = _sum_over_keys(grad_scores, k_rows).mul_(scale)
     _add_one_token_grads(grad_k_pool, grad_scores, q32, batch, scale)
     _add_one_token_grads(grad_v_pool, probs, do32, batch, 1.0)
     return _unpad_rows(dq.view(batch.num_seqs, 1, *q.shape[1:]), batch).to(q.dtype)
@@ -353,7 +380,9 @@ def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> No
     if strided is not None and weights.shape[-1] == 1:
         strided[:, : batch.max_seqlen_k].addcmul_(weights, vectors[:, None, :, 0], value=scale)
         return
-    rows = (weights.unsqueeze(-1) * vectors.unsqueeze(1)).sum(3).mul_(scale)  # [B, keys, kv_heads, D]
+    rows = weights.new_empty(*weights.shape[:3], vectors.shape[-1])  # [B, keys, kv_heads, D]
+    for keys in _key_chunks(weights, vectors[0].numel()):
+        rows[:, keys] = (weights[:, keys].unsqueeze(-1) * vectors.unsqueeze(1)).sum(3).mul_(scale)
     if strided is not None:
         strided[:, : batch.max_seqlen_k] += rows
     else:

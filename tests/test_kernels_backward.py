@@ -202,3 +202,20 @@ def test_torch_backend_long_fresh_prefill(group, fused, strided, monkeypatch):
     want_q, want_k, want_v = oracle_grads(q, k_pool, v_pool, batch, dout)
     assert rel(dq, want_q) < 1e-4 and rel(grad_k, want_k) < 1e-4 and rel(grad_v, want_v) < 1e-4
     assert calls == names
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["gathered", "strided"])
+@pytest.mark.parametrize("group", [1, 2])
+def test_one_token_step_over_key_chunks(group, strided, monkeypatch):
+    """A one-token step whose broadcast products run over several chunks of keys (long contexts)
+    gives the reference's output, log-sum-exp and gradients."""
+    monkeypatch.setattr(torch_backend, "ONE_TOKEN_CHUNK_ELEMENTS", 6 * 2 * group * 32 * 7)  # 7 keys per chunk
+    monkeypatch.setattr(torch_backend, "uses_fused_kernels", lambda device: False)  # the forward runs here too
+    q, k_pool, v_pool, batch = make_case(group, 32, 8, torch.float32, lengths(8), [1, 1, 1, 0, 1, 1],
+                                         strided=strided)
+    scale = 32 ** -0.5
+    ref_out, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    out, lse = torch_backend.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+    check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
