@@ -107,7 +107,6 @@ class _Records:
         self.filled = 0
         self.activations: torch.Tensor | None = None
         self.grads_y: torch.Tensor | None = None
-        self.owned = False  # whether the two tensors are this object's buffers (else a call's own)
 
     def reserve(self, rows: int) -> None:
         self.rows += rows
@@ -117,13 +116,12 @@ class _Records:
         if self.filled + len(grad_y) > self.rows:
             # more rows than the forward made: a new backward through a retained graph, after one
             # that did not need this weight's gradient (its alias never ran): start over
-            self.filled = 0
+            self.filled, self.grads_y, self.activations = 0, None, None
         if self.filled == 0 and len(grad_y) == self.rows:  # the only call (the logits): keep, don't copy
-            self.grads_y, self.activations, self.owned = grad_y, a.to(grad_y.dtype), False
+            self.grads_y, self.activations = grad_y, a.to(grad_y.dtype)
             self.filled = self.rows
             return
-        if self.grads_y is None or not self.owned:
-            self.owned = True
+        if self.grads_y is None:
             self.grads_y = grad_y.new_empty(self.rows, grad_y.shape[1])
             self.activations = grad_y.new_empty(self.rows, a.shape[1])  # in dY's (the compute) dtype
         end = self.rows - self.filled  # backwards arrive last call first: fill from the end

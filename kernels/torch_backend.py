@@ -314,9 +314,10 @@ def _dot_keys(rows: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
 
 def _sum_over_keys(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """`[B, kv_heads, group, D]`: the key rows weighted by `weights` (`[B, keys, kv_heads, group]`), summed."""
-    out = 0
+    out = None
     for keys in _key_chunks(rows, weights.shape[2] * weights.shape[3] * rows.shape[-1]):
-        out = out + (weights[:, keys].unsqueeze(-1) * rows[:, keys].unsqueeze(3)).sum(1)
+        part = (weights[:, keys].unsqueeze(-1) * rows[:, keys].unsqueeze(3)).sum(1)
+        out = part if out is None else out.add_(part)
     return out
 
 
