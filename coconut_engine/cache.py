@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .errors import OutOfPagesError
+from .errors import InvalidArgumentError, OutOfPagesError
+from .validation import check_int, is_integer
 
 
 @dataclass
@@ -144,8 +145,8 @@ class PageAllocator:
     """
 
     def __init__(self, num_pages: int, page_size: int):
-        if num_pages <= 0 or page_size <= 0:
-            raise ValueError(f"num_pages and page_size must be positive, got {num_pages}, {page_size}")
+        check_int(num_pages, "num_pages", minimum=1)
+        check_int(page_size, "page_size", minimum=1)
         self.num_pages = num_pages
         self.page_size = page_size
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
@@ -245,8 +246,8 @@ class PageAllocator:
             raise ValueError(f"{len(seq_ids)} sequence ids but {len(counts)} token counts")
         if len(set(seq_ids)) != len(seq_ids):
             raise ValueError(f"duplicate sequence ids in one step: {list(seq_ids)}")
-        if any(c < 0 for c in counts):
-            raise ValueError(f"new-token counts must be >= 0, got {list(counts)}")
+        if not all(is_integer(c) and c >= 0 for c in counts):
+            raise InvalidArgumentError(f"new-token counts must be integers >= 0, got {list(counts)}")
         needed = sum(self.pages_needed(s, c) for s, c in zip(seq_ids, counts))
         if needed > len(self._free):
             raise OutOfPagesError(

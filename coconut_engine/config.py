@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .validation import is_integer
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 _GELU_TANH = {"gelu_new", "gelu_pytorch_tanh", "gelu_fast"}
@@ -96,10 +97,11 @@ class ModelConfig:
                 f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
 
-        def need(key: str, *aliases: str) -> Any:
+        def need(key: str, *aliases: str) -> int:
+            """A required positive integer field (the first of `key` and its aliases that is set)."""
             for name in (key, *aliases):
                 if raw.get(name) is not None:
-                    return raw[name]
+                    return _positive_int(raw, name, source)
             raise ConfigError(f"{source}: missing required field {key!r} for model_type {model_type}")
 
         if model_type == "gpt2":
@@ -108,9 +110,13 @@ class ModelConfig:
 
     @classmethod
     def _gpt2(cls, raw: dict, need, source: str) -> "ModelConfig":
-        hidden = int(need("n_embd", "hidden_size"))
-        heads = int(need("n_head", "num_attention_heads"))
+        hidden = need("n_embd", "hidden_size")
+        heads = need("n_head", "num_attention_heads")
+        if hidden % heads:
+            raise ConfigError(f"{source}: n_embd={hidden} is not a multiple of n_head={heads}")
         act = raw.get("activation_function", "gelu_new")
+        if not isinstance(act, str):
+            raise ConfigError(f"{source}: activation_function must be a string, got {act!r}")
         if act in _GELU_TANH:
             mlp = "gelu_tanh"
         elif act == "gelu":
@@ -124,33 +130,33 @@ class ModelConfig:
             raise ConfigError(f"{source}: scale_attn_weights=false is not supported")
         return cls(
             model_type="gpt2",
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            num_layers=int(need("n_layer", "num_hidden_layers")),
+            num_layers=need("n_layer", "num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            intermediate_size=int(raw.get("n_inner") or 4 * hidden),
-            max_position_embeddings=int(need("n_positions", "max_position_embeddings")),
+            intermediate_size=_positive_int(raw, "n_inner", source) if raw.get("n_inner") else 4 * hidden,
+            max_position_embeddings=need("n_positions", "max_position_embeddings"),
             norm="layernorm",
-            norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+            norm_eps=_positive_float(raw, "layer_norm_epsilon", source, 1e-5),
             positions="learned",
             mlp=mlp,
             qkv_bias=True,
             o_bias=True,
             mlp_bias=True,
             qk_norm=False,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=raw.get("eos_token_id"),
+            tie_word_embeddings=_flag(raw, "tie_word_embeddings", source, True),
+            bos_token_id=_token_id(raw, "bos_token_id", source),
+            eos_token_id=_token_id(raw, "eos_token_id", source),
             raw=dict(raw),
         )
 
     @classmethod
     def _llama_like(cls, raw: dict, need, source: str, model_type: str) -> "ModelConfig":
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = _positive_int(raw, "num_key_value_heads", source) if raw.get("num_key_value_heads") else heads
         if heads % kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -162,34 +168,42 @@ class ModelConfig:
         uses_sliding = raw.get("use_sliding_window", model_type == "mistral")
         if sliding is not None and uses_sliding:
             raise ConfigError(f"{source}: sliding-window attention (sliding_window={sliding}) is not supported")
-        if raw.get("layer_types") and any(t != "full_attention" for t in raw["layer_types"]):
+        layer_types = raw.get("layer_types")
+        if layer_types is not None and not isinstance(layer_types, list):
+            raise ConfigError(f"{source}: layer_types must be a list, got {type(layer_types).__name__}")
+        if layer_types and any(t != "full_attention" for t in layer_types):
             raise ConfigError(f"{source}: layer_types other than full_attention are not supported")
-        attention_bias = bool(raw.get("attention_bias", False))
+        attention_bias = _flag(raw, "attention_bias", source, False)
         theta, scaling = _parse_rope(raw, source)
-        head_dim = int(raw.get("head_dim") or hidden // heads)
+        if not raw.get("head_dim") and hidden % heads:
+            raise ConfigError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                              "(and there is no head_dim)")
+        head_dim = _positive_int(raw, "head_dim", source) if raw.get("head_dim") else hidden // heads
+        if head_dim % 2:
+            raise ConfigError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            num_layers=int(need("num_hidden_layers")),
+            num_layers=need("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            intermediate_size=int(need("intermediate_size")),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            intermediate_size=need("intermediate_size"),
+            max_position_embeddings=_positive_int(raw, "max_position_embeddings", source, 2048),
             norm="rmsnorm",
-            norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            norm_eps=_positive_float(raw, "rms_norm_eps", source, 1e-6),
             positions="rope",
             mlp="swiglu",
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias and model_type != "qwen2",
-            mlp_bias=bool(raw.get("mlp_bias", False)),
+            mlp_bias=_flag(raw, "mlp_bias", source, False),
             qk_norm=model_type == "qwen3",
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_flag(raw, "tie_word_embeddings", source, False),
             rope_theta=theta,
             rope_scaling=scaling,
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_id=raw.get("eos_token_id"),
+            bos_token_id=_token_id(raw, "bos_token_id", source),
+            eos_token_id=_token_id(raw, "eos_token_id", source),
             raw=dict(raw),
         )
 
@@ -214,26 +228,72 @@ class ModelConfig:
 def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling]:
     """RoPE theta and scaling from either `rope_parameters` (transformers 5) or the hub layout."""
     params = raw.get("rope_parameters")
-    if isinstance(params, dict) and params:
-        theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
-        scaling = params
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_parameters must be an object, got {type(params).__name__}")
+    if params:
+        theta = _positive_float(params, "rope_theta", f"{source}: rope_parameters",
+                                _positive_float(raw, "rope_theta", source, 10000.0))
+        scaling, key = params, "rope_parameters"
     else:
-        theta = raw.get("rope_theta", 10000.0)
-        scaling = raw.get("rope_scaling") or {}
+        theta = _positive_float(raw, "rope_theta", source, 10000.0)
+        scaling, key = raw.get("rope_scaling") or {}, "rope_scaling"
+    if not isinstance(scaling, dict):
+        raise ConfigError(f"{source}: {key} must be an object, got {type(scaling).__name__} {scaling!r}")
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    where = f"{source}: {kind} {key}"
     if kind == "default":
-        return float(theta), RopeScaling()
+        return theta, RopeScaling()
     if kind == "linear":
-        return float(theta), RopeScaling(kind="linear", factor=float(scaling["factor"]))
+        return theta, RopeScaling(kind="linear", factor=_positive_float(scaling, "factor", where))
     if kind == "llama3":
-        try:
-            return float(theta), RopeScaling(
-                kind="llama3",
-                factor=float(scaling["factor"]),
-                low_freq_factor=float(scaling["low_freq_factor"]),
-                high_freq_factor=float(scaling["high_freq_factor"]),
-                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-            )
-        except KeyError as exc:
-            raise ConfigError(f"{source}: llama3 rope scaling lacks field {exc.args[0]!r}") from exc
-    raise ConfigError(f"{source}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+        return theta, RopeScaling(
+            kind="llama3",
+            factor=_positive_float(scaling, "factor", where),
+            low_freq_factor=_positive_float(scaling, "low_freq_factor", where),
+            high_freq_factor=_positive_float(scaling, "high_freq_factor", where),
+            original_max_position_embeddings=_positive_int(scaling, "original_max_position_embeddings", where),
+        )
+    raise ConfigError(f"{where}: rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+_REQUIRED = object()
+
+
+def _positive_int(raw: dict, key: str, source: str, default=_REQUIRED) -> int:
+    """raw[key] as an int >= 1 (integral floats accepted, as some exporters write them)."""
+    value = raw.get(key, default)
+    if value is _REQUIRED:
+        raise ConfigError(f"{source} lacks field {key!r}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not is_integer(value) or value < 1:
+        raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _positive_float(raw: dict, key: str, source: str, default=_REQUIRED) -> float:
+    """raw[key] as a finite float > 0."""
+    value = raw.get(key, default)
+    if value is _REQUIRED:
+        raise ConfigError(f"{source} lacks field {key!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{source}: {key} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _flag(raw: dict, key: str, source: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _token_id(raw: dict, key: str, source: str) -> int | list[int] | None:
+    """A special token id: null, an integer >= 0 or a list of them."""
+    value = raw.get(key)
+    ids = value if isinstance(value, list) else [value] if value is not None else []
+    if not all(is_integer(t) and t >= 0 for t in ids):
+        raise ConfigError(f"{source}: {key} must be a token id (integer >= 0) or a list of them, got {value!r}")
+    return value

@@ -18,3 +18,7 @@ class ConfigError(CheckpointError):
 
 class OutOfPagesError(CoconutEngineError, RuntimeError):
     """The paged KV cache has too few free pages for a request; nothing was allocated or written."""
+
+
+class InvalidArgumentError(CoconutEngineError, ValueError):
+    """A function or command-line argument is of the wrong type or out of range; the message names it."""

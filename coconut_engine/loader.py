@@ -116,10 +116,7 @@ def weight_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if not index.is_file():
         raise CheckpointError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {exc}") from exc
+    weight_map = _read_weight_map(index)
     files = []
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = path / shard
@@ -130,12 +127,90 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto") -> Decoder:
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's `weight_map` (tensor name -> shard file name); shards must lie inside the model folder."""
+    try:
+        raw = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{index}: not valid JSON ({exc})") from exc
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: not a safetensors index (needs a non-empty 'weight_map' object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] must be a file name, got {shard!r}")
+        parts = Path(shard).parts
+        if Path(shard).is_absolute() or ".." in parts or len(parts) != 1 or "\\" in shard or "\x00" in shard:
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {shard!r} is not a file name inside the model "
+                                  "folder (absolute paths, '..' and sub-folders are refused)")
+    return weight_map
+
+
+def read_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...], str]]:
+    """Every tensor's (file, name as stored, shape, dtype) from the safetensors headers; no data is read."""
+    from safetensors import SafetensorError, safe_open
+
+    headers: dict[str, tuple[Path, str, tuple[int, ...], str]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for raw_name in f.keys():
+                    info = f.get_slice(raw_name)
+                    headers.setdefault(raw_name, (file, raw_name, tuple(info.get_shape()), info.get_dtype()))
+                    if headers[raw_name][0] != file:
+                        raise CheckpointError(f"{file}: tensor {raw_name!r} also appears in {headers[raw_name][0].name}")
+        except SafetensorError as exc:
+            raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
+        except OSError as exc:
+            raise CheckpointError(f"{file}: cannot read ({exc})") from exc
+    return headers
+
+
+def _check_headers(headers, layout: dict[str, TensorSlot], params: dict[str, torch.Tensor],
+                   config: ModelConfig, path: Path, files: list[Path]) -> dict[str, tuple[Path, str]]:
+    """Match the headers against the config's layout before anything is allocated; returns
+    engine name -> (file, stored name) of the tensors to load."""
+    wanted: dict[str, tuple[Path, str]] = {}
+    for raw_name, (file, _, shape, dtype) in headers.items():
+        name = _canonical_name(raw_name, config)
+        if _IGNORED.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        slot = layout.get(name)
+        if slot is None:
+            raise CheckpointError(f"{file}: unexpected tensor {raw_name!r} for a {config.model_type} model")
+        if name in wanted:
+            raise CheckpointError(f"{file}: tensor {raw_name!r} also appears in {wanted[name][0].name}")
+        if dtype not in _FLOAT_HEADER_DTYPES:
+            shown = _HEADER_DTYPE_NAMES.get(dtype, dtype)
+            raise CheckpointError(f"{file}: tensor {raw_name!r} has dtype {shown}, expected a floating type")
+        target = params[slot.param] if slot.start is None else params[slot.param][slot.start : slot.stop]
+        want = tuple(reversed(target.shape)) if slot.transposed else tuple(target.shape)
+        if shape != want:
+            raise CheckpointError(f"{file}: tensor {raw_name!r} has shape {shape}, expected {want} "
+                                  f"(from {path / 'config.json'})")
+        wanted[name] = (file, raw_name)
+    missing = [name for name in layout if name not in wanted]
+    if missing:
+        where = files[0] if len(files) == 1 else path / INDEX_FILE
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}")
+    return wanted
+
+
+_FLOAT_HEADER_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_HEADER_DTYPE_NAMES = {"BOOL": "torch.bool", "U8": "torch.uint8", "I8": "torch.int8", "I16": "torch.int16",
+                       "I32": "torch.int32", "I64": "torch.int64"}
+
+
+def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
+               allow_non_finite: bool = False) -> Decoder:
     """Build a Decoder from a Hugging Face model directory (config.json + safetensors).
 
     `dtype`: None (float32), "auto" (the config's dtype) or a floating dtype / name.
     Every missing, unexpected or mis-shaped tensor and every unreadable file raises CheckpointError
-    naming the file and the tensor; nothing is left at its initial value.
+    naming the file and the tensor; nothing is left at its initial value. Shapes are checked
+    against the files' headers before the weights are allocated. A tensor holding NaN or Inf is a
+    CheckpointError naming it unless `allow_non_finite`.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -149,34 +224,25 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto") 
     files = weight_files(path)
     with torch.device("meta"):
         model = Decoder(config, attention_backend=attention_backend)
+    layout = checkpoint_layout(config)
+    wanted = _check_headers(read_headers(files), layout, dict(model.named_parameters()), config, path, files)
     model = model.to(dtype).to_empty(device=device)
     model.reset_buffers()
     params = dict(model.named_parameters())
-    layout = checkpoint_layout(config)
-    loaded: dict[str, str] = {}
     for file in files:
+        names = [(name, raw_name) for name, (f_, raw_name) in wanted.items() if f_ == file]
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
-                for raw_name in f.keys():
-                    name = _canonical_name(raw_name, config)
-                    if _IGNORED.search(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-                        continue
-                    slot = layout.get(name)
-                    if slot is None:
-                        raise CheckpointError(f"{file}: unexpected tensor {raw_name!r} for a {config.model_type} model")
-                    if name in loaded:
-                        raise CheckpointError(f"{file}: tensor {raw_name!r} also appears in {loaded[name]}")
-                    _copy_into(params[slot.param], slot, f.get_tensor(raw_name), file, raw_name)
-                    loaded[name] = file.name
+                for name, raw_name in names:
+                    tensor = f.get_tensor(raw_name)
+                    if not allow_non_finite and not torch.isfinite(tensor).all():
+                        raise CheckpointError(f"{file}: tensor {raw_name!r} holds NaN or Inf values "
+                                              "(load_model(..., allow_non_finite=True) loads it anyway)")
+                    _copy_into(params[layout[name].param], layout[name], tensor, file, raw_name)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
         except OSError as exc:
             raise CheckpointError(f"{file}: cannot read ({exc})") from exc
-    missing = [name for name in layout if name not in loaded]
-    if missing:
-        where = files[0] if len(files) == 1 else path / INDEX_FILE
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:5])}{more}")
     return model
 
 
