@@ -35,12 +35,39 @@ def checkpoint_dirs(root: str | Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len("checkpoint-"):]))
 
 
+def remove_stale_tmp(root: str | Path) -> list[Path]:
+    """Remove temporary files and folders (`.NAME.tmp-PID`) that crashed processes left under `root`
+    and its `data` folder; those of live processes stay. Returns what was removed."""
+    removed = []
+    for folder in (Path(root), Path(root) / "data"):
+        for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+            pid = path.name.rsplit(".tmp-", 1)[-1]
+            if not pid.isdigit() or _process_alive(int(pid)):
+                continue
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
 def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, tokens: SpecialTokens, coconut_info: dict,
                     optimizer: torch.optim.Optimizer | None, state: dict, keep_last: int = 2,
                     before_rename=None) -> Path:
     """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(root)
     final = root / f"checkpoint-{epochs_done:04d}"
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

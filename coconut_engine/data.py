@@ -159,6 +159,20 @@ def eval_prompt(rec: TokenizedRecord, stage: int, rules: StageRules, tokens: Spe
     return question, thoughts, True
 
 
+def positions_needed(rec: TokenizedRecord, rules: StageRules, tokens: SpecialTokens,
+                     eval_new_tokens: int | None = None) -> int:
+    """The most positions a record takes at any stage: its longest training sample and, with
+    `eval_new_tokens`, its evaluation prompt and thoughts followed by that many generated tokens."""
+    stages = range(max(rules.max_latent_stage + 1, len(rec.steps)) + 1)
+    need = max(build_sample(rec, stage, rules, tokens).length for stage in stages)
+    if eval_new_tokens is not None:
+        for stage in stages:
+            prompt, thoughts, markers = eval_prompt(rec, stage, rules, tokens)
+            # prompt, <bot> thoughts <eot>, then the new tokens (the last one is never fed back)
+            need = max(need, len(prompt) + thoughts + (2 if markers else 0) + eval_new_tokens - 1)
+    return need
+
+
 def extract_answer(text: str) -> str:
     """The official answer extraction: the text after the last '#', commas dropped, stripped."""
     return text.split("#")[-1].replace(",", "").strip()

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from .cache import AttentionBatch, PagedKVCache
 from .coconut import SPECIAL_TOKEN_TEXTS, CoconutModel, SpecialTokens
+from .errors import InvalidArgumentError
 from .model import Decoder
+from .validation import check_sampling, is_integer
 
 
 @dataclass
@@ -80,7 +82,9 @@ class Generator:
     """Serve many prompts at once on a paged KV cache (see the module docstring)."""
 
     def __init__(self, model: Decoder | CoconutModel, tokenizer=None, max_pages: int = 1024, page_size: int = 16,
-                 special_tokens: SpecialTokens | None = None):
+                 special_tokens: SpecialTokens | None = None, allow_long_context: bool = False):
+        """`allow_long_context`: let a RoPE model run past `max_position_embeddings` (its trained
+        length); without it such a request is an error. Learned positions never allow it."""
         if isinstance(model, CoconutModel):
             special_tokens = special_tokens or model.tokens
             model = model.decoder
@@ -92,6 +96,7 @@ class Generator:
         self.cache = PagedKVCache(model.config, num_pages=max_pages, page_size=page_size, dtype=weight.dtype,
                                   device=self.device)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self.allow_long_context = allow_long_context
         self.peak_pages_in_use = 0  # high-water mark of the last generate call (shows page sharing)
 
     @property
@@ -102,21 +107,20 @@ class Generator:
     def generate(self, prompts: Sequence[str | Sequence[int]], num_thoughts: int | Sequence[int] = 0,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  stop: Sequence[int | str] | None = None, n: int = 1, seed: int = 0,
-                 thought_markers: bool | None = None, progress: bool = False) -> list[GenerationResult]:
+                 thought_markers: bool | None = None, progress: bool = False,
+                 on_result: Callable[[int, int, GenerationResult], None] | None = None) -> list[GenerationResult]:
         """Generate for every prompt; returns `len(prompts) * n` results, request-major.
 
         `num_thoughts`: one count for all prompts or one per prompt; with thoughts (or
         `thought_markers=True`, as in Coconut stage 0) the prompt is followed by `<bot>`, the thoughts
         and `<eot>`. `stop`: token ids and/or strings. A bad request gets an "error" result that
-        names it; the other requests still complete.
+        names it; the other requests still complete. `on_result(request, sample, result)` is called
+        as each result is ready (finishing order), e.g. to write it out before the rest are done.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        counts = [num_thoughts] * len(prompts) if isinstance(num_thoughts, int) else list(num_thoughts)
+        check_sampling(temperature, top_k, top_p, max_new_tokens, n, seed)
+        counts = list(num_thoughts) if isinstance(num_thoughts, (list, tuple)) else [num_thoughts] * len(prompts)
         if len(counts) != len(prompts):
-            raise ValueError(f"{len(counts)} thought counts for {len(prompts)} prompts")
+            raise InvalidArgumentError(f"num_thoughts: {len(counts)} thought counts for {len(prompts)} prompts")
         stop_ids, stop_texts, stop_error = _split_stop(stop)
         params = _Params(max_new_tokens, temperature, top_k, top_p, frozenset(stop_ids), tuple(stop_texts), seed, n)
         results: dict[tuple[int, int], GenerationResult] = {}
@@ -125,7 +129,9 @@ class Generator:
             request, error = self._request(i, prompt, k, thought_markers, stop_error, params)
             if error is not None:
                 for j in range(n):
-                    results[(i, j)] = GenerationResult(None, [], "error", 0, k if isinstance(k, int) else 0, error)
+                    results[(i, j)] = GenerationResult(None, [], "error", 0, k if is_integer(k) else 0, error)
+                    if on_result is not None:
+                        on_result(i, j, results[(i, j)])
             else:
                 queue.append(request)
 
@@ -137,23 +143,30 @@ class Generator:
         running: list[_Seq] = []
         reserved: dict[int, int] = {}  # request index -> pages held back for it
         self.peak_pages_in_use = 0
-        while queue or running:
-            while queue and sum(reserved.values()) + queue[0].pages <= self.cache.num_pages:
-                request = queue.popleft()
-                reserved[request.index] = request.pages
-                running.append(self._admit(request, params))
-            finished = self._step(running, params)
-            self.peak_pages_in_use = max(self.peak_pages_in_use, self.cache.num_pages - self.cache.num_free_pages)
-            for seq, reason in finished:
-                running.remove(seq)
-                self.cache.free(seq.key)
-                results[seq.key] = self._result(seq, reason, params)
-                if all((seq.key[0], j) in results for j in range(n)):
-                    del reserved[seq.key[0]]
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while queue or running:
+                while queue and sum(reserved.values()) + queue[0].pages <= self.cache.num_pages:
+                    request = queue.popleft()
+                    reserved[request.index] = request.pages
+                    running.append(self._admit(request, params))
+                finished = self._step(running, params)
+                self.peak_pages_in_use = max(self.peak_pages_in_use, self.cache.num_pages - self.cache.num_free_pages)
+                for seq, reason in finished:
+                    running.remove(seq)
+                    self.cache.free(seq.key)
+                    results[seq.key] = self._result(seq, reason, params)
+                    if on_result is not None:
+                        on_result(*seq.key, results[seq.key])
+                    if all((seq.key[0], j) in results for j in range(n)):
+                        del reserved[seq.key[0]]
+                    if bar is not None:
+                        bar.update(1)
+        finally:  # an exception (or Ctrl-C) mid-step: give every page back so the Generator stays usable
+            for seq in running:
+                if seq.key in self.cache.allocator:
+                    self.cache.free(seq.key)
+            if bar is not None:
+                bar.close()
         return [results[(i, j)] for i in range(len(prompts)) for j in range(n)]
 
     # -- requests -----------------------------------------------------------------------------------
@@ -172,8 +185,10 @@ class Generator:
             if self.tokenizer is None:
                 return None, f"request {index}: a text prompt needs a tokenizer"
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
-        else:
+        elif isinstance(prompt, (list, tuple)) and all(is_integer(t) for t in prompt):
             ids = [int(t) for t in prompt]
+        else:
+            return None, f"request {index}: a prompt must be a string or a list of token ids, got {prompt!r:.80}"
         if not ids:
             return None, f"request {index}: the prompt is empty"
         vocab = self.decoder.config.vocab_size
@@ -183,18 +198,35 @@ class Generator:
         if markers:  # <bot>; with no thoughts <eot> follows at once, else after the last thought
             ids = ids + [self.special_tokens.bot] + ([self.special_tokens.eot] if k == 0 else [])
         length = len(ids) + k + (1 if markers and k else 0) + params.max_new_tokens
+        error = self._position_error(length - 1)  # the last new token is sampled, never fed back
+        if error:
+            return None, (f"request {index}: {len(ids)} prompt tokens + {k} thoughts + {params.max_new_tokens} new "
+                          f"tokens {error}")
         pages = -(-length // self.page_size) * params.n  # conservative: every copy owns all its pages
         if pages > self.cache.num_pages:
             return None, (f"request {index}: needs up to {pages} pages ({len(ids)} prompt tokens + {k} thoughts + "
                           f"{params.max_new_tokens} new tokens, n={params.n}) but the pool has {self.cache.num_pages}")
         return _Request(index, ids, k, pages), None
 
+    def _position_error(self, positions: int) -> str | None:
+        """Why a sequence may not use `positions` positions on this model, or None."""
+        config = self.decoder.config
+        limit = config.max_position_embeddings
+        if positions <= limit:
+            return None
+        if config.positions == "learned":
+            return f"need {positions} positions but the model's learned positions stop at {limit}"
+        if self.allow_long_context:
+            return None
+        return (f"need {positions} positions, past the model's max_position_embeddings={limit} "
+                "(Generator(allow_long_context=True) runs RoPE past its trained length)")
+
     def _admit(self, request: _Request, params: _Params) -> _Seq:
-        key = (request.index, 0)
-        self.cache.add_sequence(key)
-        return _Seq(key=key, prompt_tokens=len(request.prompt), num_thoughts=request.num_thoughts,
-                    thoughts_left=request.num_thoughts, generator=_sample_generator(params.seed, 0),
-                    pending=list(request.prompt), forks=params.n - 1)
+        seq = _Seq(key=(request.index, 0), prompt_tokens=len(request.prompt), num_thoughts=request.num_thoughts,
+                   thoughts_left=request.num_thoughts, generator=_sample_generator(params.seed, 0),
+                   pending=list(request.prompt), forks=params.n - 1)
+        self.cache.add_sequence(seq.key)
+        return seq
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -313,6 +345,8 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
 
 def _split_stop(stop) -> tuple[set[int], list[str], str | None]:
     ids, texts = set(), []
+    if isinstance(stop, (str, int)):  # one stop string or id, not its characters
+        stop = [stop]
     for item in stop or ():
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             return set(), [], f"stop entries must be token ids (int) or strings, got {type(item).__name__} {item!r}"

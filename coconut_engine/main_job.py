@@ -27,7 +27,7 @@ PROSQA_VALID = Path(os.environ.get("COCONUT_PROSQA_VALID", "../shared/data/prosq
 def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = True) -> tuple[TrainConfig, TrainConfig]:
     """The Coconut run and the no-CoT baseline; `scale` < 1 shrinks data and epochs (for tests)."""
     save_dir = Path(save_dir)
-    common = dict(COMMON, progress=progress)
+    common = dict(COMMON, progress=progress, overwrite=True)  # a re-run of the main job replaces the last one
     common["task_train_size"] = max(64, int(common["task_train_size"] * scale))
     common["task_val_size"] = max(16, int(common["task_val_size"] * scale))
     cot_epochs = max(1, round(COCONUT_EPOCHS["cot"] * scale))

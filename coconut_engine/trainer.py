@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, load_checkpoint, load_optimizer_state, save_checkpoint
+from .checkpoint import checkpoint_dirs, load_checkpoint, load_optimizer_state, remove_stale_tmp, save_checkpoint
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt,
-                   extract_answer, load_records, tokenize_record)
+                   extract_answer, load_records, positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
+from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
+from .validation import first_non_finite
 
 
 class TrainingError(CoconutEngineError, RuntimeError):
@@ -81,6 +83,8 @@ class TrainConfig:
     attention_backend: str = "auto"
     page_size: int = 16
     progress: bool = True
+    overwrite: bool = False  # a fresh run in a non-empty save_dir replaces the earlier run's outputs
+    drop_long_records: bool = False  # drop (and count) records longer than the model's positions
 
     def __post_init__(self):
         self.validate()
@@ -90,6 +94,7 @@ class TrainConfig:
             if not cond:
                 raise TrainingError(f"config: {message}")
 
+        check_types_and_ranges(self, lambda message: TrainingError(f"config: {message}"))
         need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
         need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
         need(self.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
@@ -104,6 +109,9 @@ class TrainConfig:
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
+        need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
+        need(not self.model.startswith("builtin:") or self.model[len("builtin:"):] in BUILTIN_MODELS,
+             f"model {self.model!r}: unknown builtin model (known: {', '.join(BUILTIN_MODELS)})")
         need(not (self.mode in ("cot", "no_cot") and self.pad_latent_to_max),
              f"pad_latent_to_max has no meaning in mode {self.mode} (no thoughts)")
         try:
@@ -127,7 +135,11 @@ class TrainConfig:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise TrainingError(f"{source}: unknown key(s) {unknown}; known keys: {', '.join(known)}")
-        return cls(**{k: _coerce(v, known[k].type, k, source) for k, v in values.items()})
+        values = {k: _coerce(v, known[k].type, k, source) for k, v in values.items()}
+        try:
+            return cls(**values)
+        except TrainingError as exc:
+            raise TrainingError(str(exc).replace("config:", f"{source}:", 1)) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
@@ -206,12 +218,14 @@ def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], s
     generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens)
     results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
                                  thought_markers=markers, progress=progress)
-    correct = [extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
+    correct = [r.error is None and extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
     return {
         "accuracy": sum(correct) / len(correct),
+        "errors": [f"record {i}: {r.error}" for i, r in enumerate(results) if r.error is not None],
         "tokens_per_answer": sum(r.generated_tokens for r in results) / len(results),
         "thoughts_per_answer": sum(thoughts) / len(thoughts),
-        "generations": [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok}
+        "generations": [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
+                         **({"error": r.error} if r.error is not None else {})}
                         for rec, r, ok in zip(records, results, correct)],
     }
 
@@ -250,6 +264,10 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        if self.env.is_main:
+            prepare_save_dir(cfg, TrainingError)
+            remove_stale_tmp(self.out)
+        self.env.barrier()
         train_path, val_path = self._data_paths()
         self.train_records = load_records(train_path)
         self.val_records = load_records(val_path)
@@ -263,6 +281,12 @@ class Trainer:
                                                                       attention_backend=cfg.attention_backend)
             if info.get("mode") != cfg.mode:
                 raise TrainingError(f"{latest}: trained in mode {info.get('mode')!r}, config says {cfg.mode!r}")
+            changed = config_changes(state.get("config", {}), dataclasses.asdict(cfg))
+            if changed:
+                saved = state["config"]
+                diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+                raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
+                                    f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
             self.epochs_done = state["epochs_done"]
             self.global_step = state["global_step"]
             self.history = state["history"]
@@ -277,9 +301,34 @@ class Trainer:
         self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size)
         self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
         self.val_tok = [tokenize_record(r, tokenizer) for r in self.val_records]
+        self.train_records, self.train_tok = self._fit_positions(train_path, self.train_records, self.train_tok, None)
+        self.val_records, self.val_tok = self._fit_positions(val_path, self.val_records, self.val_tok,
+                                                             cfg.eval_max_new_tokens)
         self.optimizer = self._new_optimizer()
         if latest is not None and not self._resets_optimizer_at(self.epochs_done):
             load_optimizer_state(latest, self.optimizer)
+
+    def _fit_positions(self, path: Path, records: list[Record], tokenized: list, eval_new_tokens: int | None):
+        """Records whose samples (and evaluation) fit the model's positions: a longer one is an error
+        naming it, or with `drop_long_records` is dropped and counted."""
+        limit = self.decoder.config.max_position_embeddings
+        need = [positions_needed(rec, self.rules, self.tokens, eval_new_tokens) for rec in tokenized]
+        too_long = [i for i, n in enumerate(need) if n > limit]
+        if not too_long:
+            return records, tokenized
+        first = too_long[0]
+        if not self.cfg.drop_long_records:
+            raise TrainingError(f"{path}: record {first} needs {need[first]} positions, more than the model's "
+                                f"max_position_embeddings={limit} ({len(too_long)} record(s) too long; "
+                                "drop_long_records: true drops them)")
+        if len(too_long) == len(records):
+            raise TrainingError(f"{path}: every record needs more than max_position_embeddings={limit} positions")
+        if self.env.is_main:
+            print(f"{path}: dropped {len(too_long)} of {len(records)} records longer than {limit} positions "
+                  f"(first: record {first}, {need[first]} positions)", flush=True)
+        dropped = set(too_long)
+        return ([r for i, r in enumerate(records) if i not in dropped],
+                [t for i, t in enumerate(tokenized) if i not in dropped])
 
     def _data_paths(self) -> tuple[Path, Path]:
         cfg = self.cfg
@@ -358,10 +407,14 @@ class Trainer:
                 self.optimizer = self._new_optimizer()
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
+            self._check_finite_weights(epoch)
             metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
                        "train_seconds": time.perf_counter() - started}
             if self.env.is_main:
                 metrics.update(self._evaluate(epoch))
+                if not math.isfinite(metrics["val_loss"]):
+                    raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
+                                        f"saved; {self._last_good()}")
                 self.history.append(metrics)
                 self._save(epoch + 1)
                 self._log(metrics)
@@ -400,11 +453,13 @@ class Trainer:
                 torch.distributed.all_reduce(loss_sum)
             batch_loss = float(loss_sum) / labels
             if not math.isfinite(batch_loss):
-                last = checkpoint_dirs(self.out)
                 raise TrainingError(
                     f"loss is {batch_loss} at epoch {epoch + 1}, step {self.global_step + 1}: training stopped; "
-                    f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}")
-            torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.max_grad_norm)
+                    f"{self._last_good()}")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise TrainingError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {self.global_step + 1}: "
+                                    f"training stopped before the update; {self._last_good()}")
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.global_step += 1
@@ -417,6 +472,17 @@ class Trainer:
             bar.close()
         return epoch_loss / max(epoch_labels, 1)
 
+    def _last_good(self) -> str:
+        last = checkpoint_dirs(self.out)
+        return f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
+
+    def _check_finite_weights(self, epoch: int) -> None:
+        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the weights."""
+        bad = first_non_finite(self.decoder.named_parameters())
+        if bad is not None:
+            raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
+                                f"{self._last_good()}")
+
     def _evaluate(self, epoch: int) -> dict:
         stage = self.cfg.stage_of(epoch)
         self.decoder.eval()
@@ -424,6 +490,9 @@ class Trainer:
         result = evaluate(self.decoder, self.tokenizer, self.tokens, self.val_records, stage, self.rules,
                           self.cfg.eval_max_new_tokens, self.cfg.page_size)
         self.last_generations = result.pop("generations")
+        errors = result.pop("errors")
+        if errors:
+            raise TrainingError(f"evaluation after epoch {epoch + 1}: {len(errors)} request(s) failed, first: {errors[0]}")
         result["val_loss"] = validation_loss(self.model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
         self.decoder.train()
         return result
@@ -439,8 +508,7 @@ class Trainer:
         save_checkpoint(self.out, epochs_done, self.decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), self.optimizer, state,
                         keep_last=self.cfg.keep_checkpoints)
-        with open(self.out / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(m) + "\n" for m in self.history)
+        _atomic_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
         from .plots import plot_history
 
         plot_history(self.history, self.out / "training.png", title=self.cfg.name)
@@ -476,8 +544,12 @@ def _init_weights(decoder) -> None:
 
 
 def _atomic_json(path: Path, value) -> None:
+    _atomic_text(path, json.dumps(value))
+
+
+def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(value))
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

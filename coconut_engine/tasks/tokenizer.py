@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -10,13 +12,17 @@ EOS = "<|endoftext|>"
 
 def train_task_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int = 512):
     """Train a byte-level BPE on `texts`, save `tokenizer.json` + `tokenizer_config.json` in `path`,
-    and return it loaded as a transformers tokenizer (eos = `<|endoftext|>`)."""
+    and return it loaded as a transformers tokenizer (eos = `<|endoftext|>`). The folder is written
+    under a temporary name and renamed into place: a crash leaves no half-written tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from ..loader import load_tokenizer
 
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    path = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -27,4 +33,7 @@ def train_task_tokenizer(texts: Iterable[str], path: str | Path, vocab_size: int
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": EOS, "unk_token": EOS,
         "pad_token": EOS, "model_max_length": 4096, "clean_up_tokenization_spaces": False}))
-    return load_tokenizer(path)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(path, final)
+    return load_tokenizer(final)

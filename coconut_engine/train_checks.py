@@ -1,0 +1,119 @@
+"""What a training run checks before it starts: config types and ranges (by key), the save folder
+(never mix two runs), and on resume which config keys may differ from the checkpoint's run."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .validation import is_integer
+
+# Keys whose change on resume does not change the weights the remaining epochs compute (up to float
+# rounding): where files go and what is printed, how a step is split or computed, how much is
+# evaluated, and more epochs. Any other difference is refused, naming the keys.
+SAFE_RESUME_KEYS = frozenset({
+    "name", "save_dir", "resume", "overwrite", "keep_checkpoints", "progress", "device", "attention_backend",
+    "forward_mode", "gradient_accumulation_steps", "max_batch_tokens", "page_size", "num_epochs",
+    "eval_max_new_tokens", "max_eval_questions",
+})
+
+_MIN = {  # integer keys: smallest allowed value
+    "task_train_size": 1, "task_val_size": 1, "c_thought": 0, "epochs_per_stage": 1, "stage0_epochs": 0,
+    "max_latent_stage": 0, "batch_size": 1, "gradient_accumulation_steps": 1, "max_batch_tokens": 1,
+    "num_epochs": 1, "eval_max_new_tokens": 1, "max_eval_questions": 1, "keep_checkpoints": 0, "page_size": 1,
+}
+_FLOAT_RANGE = {  # float keys: (low, low excluded, high)
+    "lr": (0.0, True, None), "weight_decay": (0.0, False, None), "max_grad_norm": (0.0, True, None),
+    "uniform_prob": (0.0, False, 1.0),
+}
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+# What a run writes into its save folder (an `overwrite` removes these, and only these).
+RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "metrics.jsonl", "training.png", "data", "tokenizer")
+
+
+def check_types_and_ranges(cfg, error) -> None:
+    """Every field of a TrainConfig-like dataclass against its annotation and range; `error(msg)`
+    is raised naming the key."""
+    for f in dataclasses.fields(cfg):
+        value, kinds = getattr(cfg, f.name), [k.strip() for k in str(f.type).split("|")]
+        if value is None:
+            if "None" not in kinds:
+                raise error(f"{f.name} must be set (got null)")
+            continue
+        if not any(_matches(value, kind) for kind in kinds):
+            want = " or ".join(k for k in kinds if k != "None")
+            raise error(f"{f.name} must be {want}, got {type(value).__name__} {value!r}")
+        if f.name in _MIN and value < _MIN[f.name]:
+            raise error(f"{f.name} must be >= {_MIN[f.name]}, got {value}")
+        if f.name in _FLOAT_RANGE:
+            low, exclusive, high = _FLOAT_RANGE[f.name]
+            if not math.isfinite(value) or (value <= low if exclusive else value < low) or (high and value > high):
+                bound = f"{'>' if exclusive else '>='} {low}" + (f" and <= {high}" if high else "")
+                raise error(f"{f.name} must be finite and {bound}, got {value}")
+    if cfg.attention_backend not in ATTENTION_BACKENDS:
+        raise error(f"attention_backend {cfg.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
+    if cfg.device is not None:
+        try:
+            device = torch.device(cfg.device)
+        except (RuntimeError, ValueError) as exc:
+            raise error(f"device {cfg.device!r} is not a torch device ({exc})") from exc
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise error(f"device {cfg.device!r}: CUDA is not available on this machine")
+    for key in ("train_path", "val_path"):
+        path = getattr(cfg, key)
+        if path is not None and Path(path).is_dir():
+            raise error(f"{key} {path!r} is a folder; it must be an official-format JSON file")
+    if not str(cfg.save_dir).strip():
+        raise error("save_dir must not be empty")
+    if cfg.task_config is not None:
+        from .tasks import ProsQAConfig
+
+        try:
+            ProsQAConfig(**cfg.task_config)
+        except (TypeError, ValueError) as exc:
+            raise error(f"task_config {cfg.task_config!r}: {exc}") from exc
+
+
+def _matches(value, kind: str) -> bool:
+    if kind == "int":
+        return is_integer(value)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "dict":
+        return isinstance(value, dict)
+    return True
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The keys that differ between a checkpoint's run config and this one and are not safe to change."""
+    return sorted(key for key in saved.keys() & current.keys()
+                  if key not in SAFE_RESUME_KEYS and saved[key] != current[key])
+
+
+def prepare_save_dir(cfg, error) -> None:
+    """Refuse a save folder that already holds something unless the run resumes it or overwrites it;
+    with `overwrite`, remove the earlier run's outputs (checkpoints, metrics, generated data and
+    tokenizer) and nothing else."""
+    out = Path(cfg.save_dir)
+    if out.exists() and not out.is_dir():
+        raise error(f"save_dir {out} exists and is not a folder")
+    if cfg.resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not cfg.overwrite:
+        found = sorted(p.name for p in out.iterdir())
+        raise error(f"save_dir {out} is not empty ({', '.join(found[:5])}{' ...' if len(found) > 5 else ''}): "
+                    "set resume: true to continue that run, overwrite: true to replace it, or pick another folder")
+    keep = {"data"} if cfg.train_path is not None else set()
+    keep |= {"tokenizer"} if cfg.tokenizer is not None else set()
+    for pattern in RUN_OUTPUTS:
+        for path in out.glob(pattern):
+            if path.name in keep:
+                continue
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
