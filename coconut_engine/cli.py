@@ -41,59 +41,72 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_jsonl_prompts(path: Path) -> tuple[list[str], list[int | None]]:
-    """Prompts of a JSONL file: each line an object with "prompt" (used as is) or "question" (the
-    official Coconut format: followed by a newline), and optionally "num_thoughts"."""
-    prompts, thoughts = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SystemExit(f"{path}:{line_no}: not valid JSON ({exc})")
-            if not isinstance(record, dict) or not ("prompt" in record or "question" in record):
-                raise SystemExit(f"{path}:{line_no}: expected an object with a 'prompt' or 'question' field")
-            prompts.append(record["prompt"] if "prompt" in record else record["question"] + "\n")
-            thoughts.append(record.get("num_thoughts"))
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts")
-    return prompts, thoughts
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate (with continuous thoughts) for prompts given as arguments or in a JSONL file."""
+    from .errors import CoconutEngineError
+
+    if bool(args.prompts) == bool(args.input):
+        raise SystemExit("give prompts as arguments or --input FILE, not both (and not neither)")
+    try:
+        return _generate(args)
+    except CoconutEngineError as exc:
+        raise SystemExit(f"error: {exc}")
+
+
+def _generate(args: argparse.Namespace) -> int:
     import torch
 
     from .generate import Generator
     from .loader import load_model, load_tokenizer
+    from .requests import InOrder, PromptRequest, read_requests
 
-    if bool(args.prompts) == bool(args.input):
-        raise SystemExit("give prompts as arguments or --input FILE, not both (and not neither)")
-    prompts, per_prompt = _read_jsonl_prompts(args.input) if args.input else (args.prompts, [None] * len(args.prompts))
-    thoughts = [args.num_thoughts if k is None else int(k) for k in per_prompt]
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, dtype=args.dtype, device=device, attention_backend=args.backend)
-    generator = Generator(model, load_tokenizer(args.model), max_pages=args.max_pages, page_size=args.page_size)
-    results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 stop=args.stop, n=args.n, seed=args.seed, progress=bool(args.input))
-    rows = []
-    for i, result in enumerate(results):
-        prompt_index = i // args.n
-        rows.append({"index": prompt_index, "sample": i % args.n, "prompt": prompts[prompt_index], "text": result.text,
-                     "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                     "prompt_tokens": result.prompt_tokens, "num_thoughts": result.num_thoughts,
-                     "generated_tokens": result.generated_tokens, "error": result.error})
+    requests = read_requests(args.input) if args.input else [PromptRequest(p) for p in args.prompts]
+    prompts = [r.prompt for r in requests]
+    thoughts = [args.num_thoughts if r.num_thoughts is None else r.num_thoughts for r in requests]
+    out = _open_output(args.output)  # before the work: an unwritable path fails now, not after it
+    failed = []
+
+    def emit(index: int, sample: int, result) -> None:
+        if result.error is not None:
+            failed.append(index)
+        if out is None:
+            print(result.text if result.error is None else f"ERROR: {result.error}", flush=True)
+            return
+        out.write(json.dumps({"index": index, "sample": sample, "prompt": prompts[index], "text": result.text,
+                              "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                              "prompt_tokens": result.prompt_tokens, "num_thoughts": result.num_thoughts,
+                              "generated_tokens": result.generated_tokens, "error": result.error}) + "\n")
+        out.flush()
+
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(args.model, dtype=args.dtype, device=device, attention_backend=args.backend)
+        generator = Generator(model, load_tokenizer(args.model), max_pages=args.max_pages, page_size=args.page_size,
+                              allow_long_context=args.allow_long_context)
+        results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                     stop=args.stop, n=args.n, seed=args.seed, progress=bool(args.input),
+                                     on_result=InOrder(emit, args.n))
+    finally:
+        if out is not None:
+            out.close()
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        print(f"wrote {len(rows)} results to {args.output}", file=sys.stderr)
-    else:
-        for r in rows:
-            print(r["text"] if r["error"] is None else f"ERROR: {r['error']}")
-    return 1 if any(r["error"] for r in rows) else 0
+        print(f"wrote {len(results)} results to {args.output}", file=sys.stderr)
+    if failed:
+        print(f"{len(set(failed))} of {len(prompts)} request(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _open_output(path: Path | None):
+    """The output file opened for writing (None: stdout), or an error naming it."""
+    from .errors import InvalidArgumentError
+
+    if path is None:
+        return None
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise InvalidArgumentError(f"--output {path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -137,25 +150,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Answer accuracy of a trained checkpoint on an official-format JSON file."""
     from .checkpoint import load_checkpoint
     from .data import StageRules, load_records
-    from .errors import CoconutEngineError
+    from .errors import CoconutEngineError, InvalidArgumentError
     from .trainer import evaluate
 
     try:
-        decoder, tokenizer, tokens, info, _ = load_checkpoint(args.model, device=args.device or "cpu",
-                                                              attention_backend=args.backend)
-        rules = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0, info["mode"])
-        stage = info["stage"] if args.stage is None else args.stage
+        if args.stage is not None and args.stage < 0:
+            raise InvalidArgumentError(f"--stage must be >= 0, got {args.stage}")
+        if args.max_new_tokens < 1:
+            raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         records = load_records(args.data)
-        result = evaluate(decoder, tokenizer, tokens, records, stage, rules, args.max_new_tokens, progress=True)
+        out = _open_output(args.output)
+        try:
+            decoder, tokenizer, tokens, info, _ = load_checkpoint(args.model, device=args.device or "cpu",
+                                                                  attention_backend=args.backend)
+            rules = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0,
+                               info["mode"])
+            stage = info["stage"] if args.stage is None else args.stage
+            result = evaluate(decoder, tokenizer, tokens, records, stage, rules, args.max_new_tokens, progress=True)
+            if out is not None:
+                out.writelines(json.dumps(g) + "\n" for g in result["generations"])
+        finally:
+            if out is not None:
+                out.close()
     except (CoconutEngineError, KeyError) as exc:
         raise SystemExit(f"error: {exc}")
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(g) + "\n" for g in result["generations"])
     print(json.dumps({"accuracy": result["accuracy"], "tokens_per_answer": result["tokens_per_answer"],
                       "thoughts_per_answer": result["thoughts_per_answer"], "stage": stage,
-                      "questions": len(records)}))
-    return 0
+                      "questions": len(records), "failed": len(result["errors"])}))
+    for error in result["errors"]:
+        print(f"ERROR: {error}", file=sys.stderr)
+    if result["errors"]:
+        print(f"{len(result['errors'])} of {len(records)} request(s) failed: the accuracy counts them as wrong",
+              file=sys.stderr)
+    return 1 if result["errors"] else 0
 
 
 def _stages(text: str) -> list[int]:
@@ -275,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default float32)")
     gen.add_argument("--device", default=None)
     gen.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    gen.add_argument("--allow-long-context", action="store_true",
+                     help="let a RoPE model run past max_position_embeddings (its trained length)")
     gen.set_defaults(func=cmd_generate)
     return parser
 

@@ -1,0 +1,81 @@
+"""Generation requests from a JSONL file, and results handed on in request order as they finish.
+
+Each line of a requests file is an object with "prompt" (used as is) or "question" (the official
+Coconut format: followed by a newline), and optionally "num_thoughts" (an integer >= 0). Any other
+line is a DataError naming the file, the line and the key.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .data import DataError
+from .validation import is_integer
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """One line of a requests file."""
+
+    prompt: str
+    num_thoughts: int | None = None  # None: the command line's count
+
+
+def read_requests(path: str | Path) -> list[PromptRequest]:
+    """Parse a JSONL requests file (see the module docstring)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, expected a JSONL file") from None
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc})") from exc
+    requests = []
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            requests.append(_parse_line(line, f"{path}:{line_no}"))
+    if not requests:
+        raise DataError(f"{path}: no prompts")
+    return requests
+
+
+def _parse_line(line: str, where: str) -> PromptRequest:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc})") from None
+    if not isinstance(record, dict) or not ("prompt" in record or "question" in record):
+        raise DataError(f"{where}: expected an object with a 'prompt' or 'question' field")
+    key = "prompt" if "prompt" in record else "question"
+    text = record[key]
+    if not isinstance(text, str):
+        raise DataError(f"{where}: '{key}' must be a string, got {type(text).__name__} {text!r:.60}")
+    thoughts = record.get("num_thoughts")
+    if thoughts is not None and not (is_integer(thoughts) and thoughts >= 0):
+        raise DataError(f"{where}: 'num_thoughts' must be an integer >= 0, got {type(thoughts).__name__} "
+                        f"{thoughts!r:.60}")
+    return PromptRequest(text if key == "prompt" else text + "\n", thoughts)
+
+
+@dataclass
+class InOrder:
+    """Collect results that arrive in any order (request, sample) and pass each to `emit` as soon as
+    every result before it has been passed: output in request order, written while others run."""
+
+    emit: Callable[[int, int, object], None]
+    samples: int
+    _waiting: dict = field(default_factory=dict)
+    _next: int = 0
+
+    def __call__(self, request: int, sample: int, result) -> None:
+        self._waiting[(request, sample)] = result
+        while divmod(self._next, self.samples) in self._waiting:
+            key = divmod(self._next, self.samples)
+            self.emit(*key, self._waiting.pop(key))
+            self._next += 1

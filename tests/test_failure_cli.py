@@ -1,0 +1,102 @@
+"""Issue 18, command line: generate and eval report bad input as errors (no traceback), open the
+output first and write results as they finish, and exit non-zero when a request failed."""
+import json
+
+import pytest
+
+from coconut_engine import cli
+from coconut_engine.checkpoint import checkpoint_dirs
+from coconut_engine.generate import Generator
+from coconut_engine.trainer import Trainer
+from test_trainer import tiny
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    Trainer(tiny(root, num_epochs=1)).run()
+    return checkpoint_dirs(root / "run")[-1], root / "run" / "data" / "val.json"
+
+
+def run(*argv):
+    """`coconut-engine ARGV` in this process: (exit code, SystemExit message or None)."""
+    try:
+        return cli.main([*argv, "--backend", "torch"]), None
+    except SystemExit as exc:
+        return (exc.code if isinstance(exc.code, int) else 1), (None if isinstance(exc.code, int) else exc.code)
+
+
+@pytest.mark.parametrize("line,message", [
+    ({"prompt": 5}, r"q\.jsonl:2: 'prompt' must be a string, got int 5"),
+    ({"question": ["a"]}, r"q\.jsonl:2: 'question' must be a string, got list"),
+    ({"prompt": "hi", "num_thoughts": "abc"}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0, got str 'abc'"),
+    ({"prompt": "hi", "num_thoughts": 2.7}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0, got float 2\.7"),
+    ({"prompt": "hi", "num_thoughts": True}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0, got bool True"),
+])
+def test_generate_rejects_malformed_request_lines(checkpoint, tmp_path, line, message):
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(line) + "\n")
+    code, error = run("generate", "--model", str(checkpoint[0]), "--input", str(path))
+    assert code != 0 and error.startswith("error: ") and __import__("re").search(message, error)
+
+
+def test_generate_input_and_model_errors_are_clear(checkpoint, tmp_path):
+    model = str(checkpoint[0])
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"prompt": "caf\xe9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9"))
+    code, error = run("generate", "--model", model, "--input", str(tmp_path / "latin1.jsonl"))
+    assert code != 0 and "latin1.jsonl: not UTF-8 text" in error
+    code, error = run("generate", "--model", model, "--input", str(tmp_path / "missing.jsonl"))
+    assert code != 0 and "missing.jsonl: file not found" in error
+    code, error = run("generate", "--model", str(tmp_path), "hello")
+    assert code != 0 and error.startswith("error: ") and "config.json not found" in error
+    code, error = run("generate", "--model", model, "--top-p", "0", "hello")
+    assert code != 0 and "top_p must be > 0.0" in error
+
+
+def test_generate_opens_the_output_first_and_writes_results_as_they_finish(checkpoint, tmp_path, monkeypatch):
+    model = str(checkpoint[0])
+    loads = []
+    monkeypatch.setattr("coconut_engine.loader.load_model", lambda *a, **k: loads.append(a))
+    code, error = run("generate", "--model", model, "--output", str(tmp_path / "no" / "such" / "dir.jsonl"), "hi")
+    assert code != 0 and "--output" in error and "cannot write" in error and loads == []  # before the work
+    monkeypatch.undo()
+
+    step, calls = Generator._step, {"n": 0}
+
+    def crash_on_second_step(self, running, params):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return step(self, running, params)
+
+    monkeypatch.setattr(Generator, "_step", crash_on_second_step)
+    requests, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"prompt": ""}, {"prompt": "Tom is a"}, {"prompt": "Tom is a", "num_thoughts": 2}]))
+    with pytest.raises(KeyboardInterrupt):  # request 0 is bad, 1 finishes in step 1, 2 is in its thoughts
+        run("generate", "--model", model, "--input", str(requests), "--output", str(out), "--max-new-tokens", "1")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["index"], r["finish_reason"]) for r in rows] == [(0, "error"), (1, "length")]
+
+
+def test_generate_exits_non_zero_when_a_request_fails(checkpoint, tmp_path):
+    out = tmp_path / "a.jsonl"
+    code, _ = run("generate", "--model", str(checkpoint[0]), "--output", str(out), "--max-new-tokens", "2",
+                  "Tom is", "x " * 1100)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert code == 1 and rows[0]["error"] is None and "learned positions stop at 1024" in rows[1]["error"]
+
+
+def test_eval_reports_failed_requests_and_exits_non_zero(checkpoint, tmp_path, capsys):
+    model, data = map(str, checkpoint)
+    code, error = run("eval", "--model", model, "--data", data, "--stage", "-1")
+    assert code != 0 and "--stage must be >= 0, got -1" in error
+    code, error = run("eval", "--model", model, "--data", data, "--max-new-tokens", "1100")
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == 1 and summary["failed"] == summary["questions"] > 0
+    assert "ERROR: record 0: request 0:" in captured.err and "request(s) failed" in captured.err
+    code, _ = run("eval", "--model", model, "--data", data, "--max-new-tokens", "3")
+    assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed"] == 0
+    code, error = run("eval", "--model", model, "--data", str(tmp_path / "nope.json"))
+    assert code != 0 and "nope.json: file not found" in error

@@ -1,0 +1,100 @@
+"""Issue 18, generation: positions checked per request, pages released on every exit path, sampling
+arguments validated up front, malformed prompts and counts as per-request errors."""
+import pytest
+import torch
+
+from coconut_engine.coconut import SpecialTokens
+from coconut_engine.errors import InvalidArgumentError
+from coconut_engine.generate import Generator
+from coconut_engine.loader import load_model
+from tiny_models import build_hf_model
+
+TOKENS = SpecialTokens(bot=150, thought=151, eot=152)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    build_hf_model("gpt2", path, n_positions=64)
+    return load_model(path, attention_backend="torch")
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    build_hf_model("llama", path, max_position_embeddings=64)
+    return load_model(path, attention_backend="torch")
+
+
+def test_learned_positions_are_a_per_request_error(gpt2):
+    gen = Generator(gpt2, max_pages=64, page_size=8, special_tokens=TOKENS)
+    results = gen.generate([list(range(3, 70)), [5, 6, 7], [8, 9], [10, 11]], num_thoughts=[0, 0, 2000, 1],
+                           max_new_tokens=4)
+    assert results[0].finish_reason == "error"
+    assert "request 0: 67 prompt tokens + 0 thoughts + 4 new tokens need 70 positions but the model's learned " \
+           "positions stop at 64" in results[0].error
+    assert "request 2: " in results[2].error and "learned positions stop at 64" in results[2].error
+    assert [r.finish_reason for r in (results[1], results[3])] == ["length", "length"]
+    assert gen.cache.num_free_pages == 64
+    # exactly at the limit is allowed: 60 prompt tokens + 5 new use positions 0..63
+    assert gen.generate([list(range(3, 63))], max_new_tokens=5)[0].finish_reason == "length"
+
+
+def test_rope_past_its_trained_length_needs_permission(llama):
+    prompt = list(range(3, 63))
+    refused = Generator(llama, max_pages=64, page_size=8).generate([prompt], max_new_tokens=8)[0]
+    assert refused.finish_reason == "error" and "past the model's max_position_embeddings=64" in refused.error
+    allowed = Generator(llama, max_pages=64, page_size=8, allow_long_context=True).generate([prompt], max_new_tokens=8)
+    assert allowed[0].finish_reason == "length" and len(allowed[0].token_ids) == 8
+
+
+def test_an_exception_inside_generate_releases_every_page(gpt2, monkeypatch):
+    gen = Generator(gpt2, max_pages=32, page_size=4, special_tokens=TOKENS)
+    expected = gen.generate([[5, 6, 7], [8, 9]], num_thoughts=[1, 0], max_new_tokens=5, n=2)
+    step, calls = Generator._step, {"n": 0}
+
+    def fail_on_third_step(self, running, params):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("device lost")
+        return step(self, running, params)
+
+    monkeypatch.setattr(Generator, "_step", fail_on_third_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        gen.generate([[5, 6, 7], [8, 9]], num_thoughts=[1, 0], max_new_tokens=5, n=2)
+    assert gen.cache.num_free_pages == 32 and gen.cache.allocator.sequence_ids() == []
+    monkeypatch.undo()
+    again = gen.generate([[5, 6, 7], [8, 9]], num_thoughts=[1, 0], max_new_tokens=5, n=2)
+    assert [r.token_ids for r in again] == [r.token_ids for r in expected]
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"top_p": 0.0}, r"top_p must be > 0.0, got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be <= 1.0"),
+    ({"top_k": -1}, r"top_k must be >= 0, got -1"),
+    ({"temperature": -0.5}, r"temperature must be >= 0.0, got -0.5"),
+    ({"temperature": float("nan")}, r"temperature must be finite"),
+    ({"max_new_tokens": 2.5}, r"max_new_tokens must be an integer, got float 2.5"),
+    ({"n": 0}, r"n must be >= 1, got 0"),
+    ({"seed": "one"}, r"seed must be an integer"),
+    ({"num_thoughts": [1, 2, 3]}, r"num_thoughts: 3 thought counts for 2 prompts"),
+])
+def test_sampling_arguments_are_checked_up_front(gpt2, kwargs, message):
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    with pytest.raises(InvalidArgumentError, match=message):
+        gen.generate([[5, 6], [7, 8]], **{"temperature": 1.0, **kwargs})
+    assert gen.cache.num_free_pages == 16
+
+
+def test_malformed_prompts_and_counts_are_per_request_errors(gpt2):
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    results = gen.generate([[5, 6], [1.5, 2], None, [7, 8]], num_thoughts=[2.7, 0, 0, True], max_new_tokens=3)
+    assert "request 0: num_thoughts must be an integer >= 0, got 2.7" in results[0].error
+    assert "request 1: a prompt must be a string or a list of token ids" in results[1].error
+    assert "request 2: a prompt must be a string or a list of token ids, got None" in results[2].error
+    assert "request 3: num_thoughts must be an integer >= 0, got True" in results[3].error
+    one = gen.generate([[5, 6]], num_thoughts=2.7, max_new_tokens=3)  # one count for all, not a list
+    assert one[0].finish_reason == "error" and "got 2.7" in one[0].error
+    # a single stop id is one stop, not an iterable to unpack
+    greedy = gen.generate([[5, 6]], max_new_tokens=4)[0].token_ids
+    assert gen.generate([[5, 6]], max_new_tokens=4, stop=greedy[1])[0].token_ids == greedy[: greedy.index(greedy[1]) + 1]
