@@ -136,7 +136,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=heads,
             head_dim=hidden // heads,
-            intermediate_size=_positive_int(raw, "n_inner", source) if raw.get("n_inner") else 4 * hidden,
+            intermediate_size=_positive_int(raw, "n_inner", source) if raw.get("n_inner") is not None else 4 * hidden,
             max_position_embeddings=need("n_positions", "max_position_embeddings"),
             norm="layernorm",
             norm_eps=_positive_float(raw, "layer_norm_epsilon", source, 1e-5),
@@ -156,7 +156,7 @@ class ModelConfig:
     def _llama_like(cls, raw: dict, need, source: str, model_type: str) -> "ModelConfig":
         hidden = need("hidden_size")
         heads = need("num_attention_heads")
-        kv_heads = _positive_int(raw, "num_key_value_heads", source) if raw.get("num_key_value_heads") else heads
+        kv_heads = _positive_int(raw, "num_key_value_heads", source) if raw.get("num_key_value_heads") is not None else heads
         if heads % kv_heads:
             raise ConfigError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -167,7 +167,8 @@ class ModelConfig:
         sliding = raw.get("sliding_window")
         uses_sliding = raw.get("use_sliding_window", model_type == "mistral")
         if sliding is not None and uses_sliding:
-            raise ConfigError(f"{source}: sliding-window attention (sliding_window={sliding}) is not supported")
+            raise ConfigError(f"{source}: sliding-window attention (sliding_window={sliding}, "
+                              f"use_sliding_window={uses_sliding!r}) is not supported")
         layer_types = raw.get("layer_types")
         if layer_types is not None and not isinstance(layer_types, list):
             raise ConfigError(f"{source}: layer_types must be a list, got {type(layer_types).__name__}")
@@ -175,10 +176,10 @@ class ModelConfig:
             raise ConfigError(f"{source}: layer_types other than full_attention are not supported")
         attention_bias = _flag(raw, "attention_bias", source, False)
         theta, scaling = _parse_rope(raw, source)
-        if not raw.get("head_dim") and hidden % heads:
+        if raw.get("head_dim") is None and hidden % heads:
             raise ConfigError(f"{source}: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
                               "(and there is no head_dim)")
-        head_dim = _positive_int(raw, "head_dim", source) if raw.get("head_dim") else hidden // heads
+        head_dim = _positive_int(raw, "head_dim", source) if raw.get("head_dim") is not None else hidden // heads
         if head_dim % 2:
             raise ConfigError(f"{source}: head_dim={head_dim} must be even for rotary embeddings")
         return cls(

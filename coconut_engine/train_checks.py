@@ -88,7 +88,7 @@ def _matches(value, kind: str) -> bool:
         return isinstance(value, str)
     if kind == "dict":
         return isinstance(value, dict)
-    return True
+    return False  # "None" (value is not None here) or a kind this check does not know
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
