@@ -19,6 +19,7 @@ import torch
 from .coconut import SpecialTokens
 from .errors import CheckpointError
 from .loader import load_model, load_tokenizer, save_model
+from .validation import is_integer
 
 STATE_FILE = "trainer_state.json"
 COCONUT_FILE = "coconut.json"
@@ -94,9 +95,9 @@ def read_coconut_info(path: str | Path) -> tuple[SpecialTokens, dict]:
         raise CheckpointError(f"{path} not found: the model directory has no Coconut special tokens "
                               "(train it with coconut-engine, or add coconut.json with 'special_tokens')")
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_text(encoding="utf-8"))
         tokens = SpecialTokens(**info.pop("special_tokens"))
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed ({exc})") from exc
     return tokens, info
 
@@ -109,10 +110,17 @@ def load_checkpoint(path: str | Path, device="cpu", attention_backend: str = "au
     tokens, info = read_coconut_info(path)
     vocab = decoder.config.vocab_size
     for name, token_id in asdict(tokens).items():
-        if not 0 <= token_id < vocab:
-            raise CheckpointError(f"{path / COCONUT_FILE}: special token {name}={token_id} is outside the "
+        if not is_integer(token_id) or not 0 <= token_id < vocab:
+            raise CheckpointError(f"{path / COCONUT_FILE}: special token {name}={token_id!r} is outside the "
                                   f"model's vocabulary of {vocab}")
-    state = json.loads((path / STATE_FILE).read_text()) if (path / STATE_FILE).is_file() else {}
+    state = {}
+    if (path / STATE_FILE).is_file():
+        try:
+            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc})") from exc
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path / STATE_FILE}: expected a JSON object")
     return decoder, tokenizer, tokens, info, state
 
 

@@ -287,9 +287,11 @@ class Trainer:
                 diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
                 raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
                                     f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
-            self.epochs_done = state["epochs_done"]
-            self.global_step = state["global_step"]
-            self.history = state["history"]
+            try:
+                self.epochs_done, self.global_step = int(state["epochs_done"]), int(state["global_step"])
+                self.history = list(state["history"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise TrainingError(f"{latest / 'trainer_state.json'}: cannot resume from it ({exc!r})") from exc
             self.resumed_from = latest
         else:
             decoder, tokenizer, tokens = self._fresh_model()

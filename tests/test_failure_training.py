@@ -10,6 +10,7 @@ import torch
 
 from coconut_engine.checkpoint import checkpoint_dirs, load_checkpoint, remove_stale_tmp
 from coconut_engine.coconut import CoconutModel
+from coconut_engine.errors import CheckpointError
 from coconut_engine.loader import load_model
 from coconut_engine.train_checks import SAFE_RESUME_KEYS
 from coconut_engine.trainer import TrainConfig, Trainer, TrainingError
@@ -186,3 +187,20 @@ def test_records_longer_than_the_positions_are_errors_or_dropped(tmp_path, capsy
     assert len(trainer.train_records) == 23
     assert f"{train}: dropped 1 of 24 records longer than 1024 positions (first: record 23" in capsys.readouterr().out
     trainer.run()
+
+
+def test_malformed_checkpoint_state_files_are_named(tmp_path):
+    Trainer(tiny(tmp_path, num_epochs=1)).run()
+    checkpoint = checkpoint_dirs(tmp_path / "run")[-1]
+    state = checkpoint / "trainer_state.json"
+    state.write_text(json.dumps({"history": []}))
+    with pytest.raises(TrainingError, match=r"trainer_state\.json: cannot resume from it \(KeyError\('epochs_done'\)"):
+        Trainer(tiny(tmp_path, num_epochs=2, resume=True))
+    state.write_text("{half")
+    with pytest.raises(CheckpointError, match=r"trainer_state\.json: not valid JSON"):
+        load_checkpoint(checkpoint)
+    coconut = checkpoint / "coconut.json"
+    coconut.write_text(json.dumps({**json.loads(coconut.read_text()), "special_tokens": {"bot": "x", "thought": 1,
+                                                                                          "eot": 2}}))
+    with pytest.raises(CheckpointError, match=r"coconut\.json: special token bot='x' is outside"):
+        load_checkpoint(checkpoint)
