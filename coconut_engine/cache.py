@@ -40,6 +40,11 @@ class AttentionBatch:
     # (a training cache reserves its sequences so): every row's K/V is then a slice of one strided
     # view of the pool, with nothing to gather. None otherwise.
     strided_pages: tuple[int, int] | None = None
+    # Per sequence, its keys as runs of consecutive pool slots, `(first slot, keys)` in key order
+    # (one run where its pages are consecutive, as the Generator reserves them): a one-token step
+    # then reads each run as a view of the pool instead of gathering pages. None: not known (a batch
+    # not built by `PagedKVCache.prepare`, or one whose pages are strided runs).
+    kv_runs: tuple[tuple[tuple[int, int], ...], ...] | None = None
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def memo(self, key: str, build):
@@ -130,6 +135,26 @@ def _strided_pages(page_lists: Sequence[Sequence[int]]) -> tuple[int, int] | Non
     return first, stride
 
 
+def kv_runs(page_lists: Sequence[Sequence[int]], k_lens: Sequence[int], page_size: int
+            ) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Each sequence's first `k_lens[b]` keys as runs of consecutive pool slots, `(first slot, keys)`."""
+    out = []
+    for pages, k_len in zip(page_lists, k_lens):
+        used = -(-k_len // page_size)
+        if used and pages[used - 1] - pages[0] == used - 1 and list(pages[:used]) == list(range(pages[0], pages[0] + used)):
+            out.append(((pages[0] * page_size, k_len),))  # the common case: one run
+            continue
+        runs, start = [], 0
+        while start < used:
+            end = start + 1
+            while end < used and pages[end] == pages[end - 1] + 1:
+                end += 1
+            runs.append((pages[start] * page_size, min(end * page_size, k_len) - start * page_size))
+            start = end
+        out.append(tuple(runs))
+    return tuple(out)
+
+
 @dataclass
 class _Sequence:
     pages: list[int]
@@ -217,8 +242,22 @@ class PageAllocator:
                 f"paged KV cache out of pages: reserving {num_tokens} tokens for sequence {seq_id!r} needs "
                 f"{needed} free pages, {len(self._free)} of {self.num_pages} are free (page_size={self.page_size})"
             )
-        for _ in range(needed):
-            seq.pages.append(self._take())
+        seq.pages.extend(self._take_run(needed))
+
+    def _take_run(self, count: int) -> list[int]:
+        """`count` free pages: the lowest run of consecutive ones where the free list has one (a sequence
+        whose pages are one run is read in place by a one-token step), else the next ones it hands out."""
+        if count <= 1 or self._free[-count:] == list(range(self._free[-1] + count - 1, self._free[-1] - 1, -1)):
+            return [self._take() for _ in range(count)]  # the next pages handed out are a run already
+        free = sorted(self._free)
+        for i in range(len(free) - count + 1):
+            if free[i + count - 1] - free[i] == count - 1:
+                run = set(range(free[i], free[i] + count))
+                self._free = [p for p in self._free if p not in run]
+                for page in sorted(run):
+                    self._refs[page] = 1
+                return sorted(run)
+        return [self._take() for _ in range(count)]
 
     def reset(self) -> None:
         """Drop every sequence; the free list goes back to ascending page order, so that sequences
@@ -396,6 +435,7 @@ class PagedKVCache:
         q_lens = tuple(int(c) for c in num_new_tokens)
         k_lens = tuple(start + count for start, count in zip(old_lens, q_lens))
         dev = self.device
+        strided = _strided_pages(page_lists)
         return AttentionBatch(
             cu_seqlens_q=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(dev, torch.int32),
             seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=dev),
@@ -406,7 +446,8 @@ class PagedKVCache:
             max_seqlen_k=max(k_lens, default=0),
             q_lens=q_lens,
             k_lens=k_lens,
-            strided_pages=_strided_pages(page_lists),
+            strided_pages=strided,
+            kv_runs=kv_runs(page_lists, k_lens, self.page_size) if strided is None else None,
         )
 
 

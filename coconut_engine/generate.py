@@ -62,6 +62,7 @@ class _Request:
     prompt: list[int]
     num_thoughts: int
     pages: int  # pages reserved for the request's whole life, all samples included
+    tokens: int  # the most tokens one sample can hold: its pages are reserved as one run at admission
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ class Generator:
         if pages > self.cache.num_pages:
             return None, (f"request {index}: needs up to {pages} pages ({len(ids)} prompt tokens + {k} thoughts + "
                           f"{params.max_new_tokens} new tokens, n={params.n}) but the pool has {self.cache.num_pages}")
-        return _Request(index, ids, k, pages), None
+        return _Request(index, ids, k, pages, length), None
 
     def _position_error(self, positions: int) -> str | None:
         """Why a sequence may not use `positions` positions on this model, or None."""
@@ -226,6 +227,13 @@ class Generator:
                    thoughts_left=request.num_thoughts, generator=_sample_generator(params.seed, 0),
                    pending=list(request.prompt), forks=params.n - 1)
         self.cache.add_sequence(seq.key)
+        try:
+            # the pages `generate` holds back for it anyway, taken now as one run where the pool has one:
+            # its decode steps then read its K/V in place (AttentionBatch.kv_runs)
+            self.cache.reserve(seq.key, request.tokens)
+        except BaseException:  # not yet in `running`: give its pages back here
+            self.cache.free(seq.key)
+            raise
         return seq
 
     # -- one step ----------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ A step reads every sequence's K/V as padded `[B, kv_heads, max_k, D]` (a strided
 where the batch's pages are equal runs, as a training cache lays them out; else gathered through
 the block table) and pads the new tokens to `[B, heads, max_q, D]`; a long ragged prefill from
 empty runs per sequence instead (plain causal over its own rows: no padding, no mask), and a step of
-one token per sequence (a thought, a decode step) works on the pool's own layout (see below).
+one token per sequence (a thought, a decode step) works on the pool's own layout (see below). On CPU a
+one-token step whose pages are not strided runs (a decode step: the Generator reserves each request's
+pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`).
 
 On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
 and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
@@ -62,6 +64,9 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
     fused = uses_fused_kernels(q.device)
+    if batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch):
+        _one_token_runs(q, k_pool, v_pool, batch, scale, out, lse)
+        return (out, lse) if return_lse else out
     if batch.max_seqlen_q == 1 and not fused:
         _one_token_step(q, k_pool, v_pool, batch, scale, out, lse)
         return (out, lse) if return_lse else out
@@ -388,6 +393,38 @@ def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> No
         strided[:, : batch.max_seqlen_k] += rows
     else:
         _add_into_pool(grad_pool, rows.transpose(1, 2), batch)
+
+
+def _reads_runs_in_place(pool: torch.Tensor, batch) -> bool:
+    """Whether a one-token step reads each sequence's keys as runs of the pool (`AttentionBatch.kv_runs`):
+    where the pages are not strided runs (those are one view for the whole batch)."""
+    return batch.kv_runs is not None and _strided_rows(pool, batch) is None
+
+
+def _one_token_runs(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
+    """A one-token step over pages that are not strided runs (a decode step): each sequence's query
+    attends to its keys run by run, each run a view of the pool, with the fused kernel (no gather, no
+    padding to the longest sequence, no mask: a ragged step costs what an equal-length one does);
+    a sequence of several runs merges them by their log-sum-exps."""
+    forward = _fused_cpu_kernels()[0]
+    k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
+    rows = (row for row, _ in _sequences(batch))
+    for q_len, runs in zip(batch.q_lens, batch.kv_runs):
+        if not q_len:
+            continue
+        row = next(rows)
+        q_b = _heads_first(q[row])
+        parts = [forward(q_b, _heads_first(k_flat[s : s + n].to(q.dtype)), _heads_first(v_flat[s : s + n].to(q.dtype)),
+                         0.0, False, scale=scale)[:2] for s, n in runs]
+        o, lse_b = parts[0]
+        if len(parts) > 1:  # [1, heads, 1, D] outputs weighted by exp(run lse - total lse)
+            lses = torch.stack([p[1] for p in parts])
+            lse_b = torch.logsumexp(lses, dim=0)
+            weights = (lses - lse_b).exp_().unsqueeze(-1)
+            o = (torch.stack([p[0].float() for p in parts]) * weights).sum(0)
+        out[row] = o[0].transpose(0, 1).to(out.dtype)
+        if lse is not None:
+            lse[row] = lse_b[0].transpose(0, 1)
 
 
 def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

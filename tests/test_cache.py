@@ -178,3 +178,26 @@ def test_fork_of_a_reserved_sequence_shares_only_written_pages():
     cache.prepare(["a"], [1])  # the shared half page is copied before "a" writes into it
     pages_a, pages_b = cache.allocator.pages("a"), cache.allocator.pages("b")
     assert pages_a[0] == pages_b[0] and pages_a[1] != pages_b[1] and len(pages_a) == 3
+
+
+def test_reserve_takes_a_run_of_pages_and_prepare_reports_key_runs():
+    """`reserve` takes consecutive pages where the free list has a run of them (the Generator reserves
+    each request's pages at admission, so its decode steps read the keys in place), even when the
+    pages it would hand out next are not one; `prepare` reports each sequence's keys as runs of slots."""
+    cache = PagedKVCache(CONFIG, num_pages=12, page_size=4)
+    for name, tokens in (("a", 8), ("b", 4), ("c", 12), ("d", 4)):
+        cache.add_sequence(name)
+        cache.reserve(name, tokens)
+    assert [cache.allocator.pages(s) for s in "abcd"] == [[0, 1], [2], [3, 4, 5], [6]]
+    cache.free("b")
+    cache.free("d")  # free list, next out first: 6, 2, then 7..11
+    cache.add_sequence("e")
+    cache.reserve("e", 12)
+    assert cache.allocator.pages("e") == [6, 7, 8]  # not [6, 2, 7]: the lowest run of three
+    cache.add_sequence("f")
+    cache.reserve("f", 16)  # no run of four left: the pages in the order the free list hands them out
+    assert cache.allocator.pages("f") == [2, 9, 10, 11]
+    batch = cache.prepare(["a", "c", "e", "f"], [5, 9, 12, 14])
+    assert batch.strided_pages is None
+    assert batch.kv_runs == (((0, 5),), ((12, 9),), ((24, 12),), ((8, 4), (36, 10)))
+    assert cache.prepare(["f"], [1]).kv_runs == (((8, 4), (36, 11)),)

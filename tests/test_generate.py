@@ -57,6 +57,29 @@ def test_thoughts_equal_the_no_cache_reference(models, backend):
     assert gen.cache.num_free_pages == 64
 
 
+def test_one_token_steps_read_the_pages_in_place(models, monkeypatch):
+    """Ragged prompts: every thought and decode step reads each sequence's K/V as views of the pool (its
+    pages reserved as one run at admission; a forked copy's as several), never through a gather of
+    pages padded to the longest sequence; greedy results still equal the no-cache reference."""
+    from coconut_engine.kernels import torch_backend
+
+    _, decoder = models
+    original = torch_backend._token_major_kv
+
+    def token_major_kv(pool, batch):
+        assert batch.max_seqlen_q > 1, "a one-token step gathered the pages"
+        return original(pool, batch)
+
+    monkeypatch.setattr(torch_backend, "_token_major_kv", token_major_kv)
+    gen = Generator(decoder, max_pages=160, page_size=4, special_tokens=TOKENS)
+    prompts = make_prompts()
+    results = gen.generate(prompts, num_thoughts=THOUGHTS, max_new_tokens=8, n=2)
+    for i, (prompt, k) in enumerate(zip(prompts, THOUGHTS)):
+        want = generate_no_cache(decoder, prompt, k, 8, TOKENS, eos_ids=gen.eos_ids)
+        assert results[2 * i].token_ids == want and results[2 * i + 1].token_ids == want
+    assert gen.cache.num_free_pages == 160
+
+
 def test_results_do_not_depend_on_batch_pool_or_page_size(models):
     _, decoder = models
     prompts = make_prompts()

@@ -117,3 +117,31 @@ def test_torch_backend_matches_reference(strided, fused, q_kind, group, head_dim
     assert out.dtype == dtype and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), ref_out.float(), atol=TOL[dtype], rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("runs", ["permuted", "consecutive"])
+@pytest.mark.parametrize("q_kind", ["decode", "ragged-decode"])
+@pytest.mark.parametrize("group,head_dim,page,dtype", SHAPES)
+def test_one_token_step_reads_key_runs_in_place(runs, q_kind, group, head_dim, page, dtype, monkeypatch):
+    """A one-token step over pages that are not strided runs (a decode step) reads each sequence's keys
+    run by run as views of the pool: nothing is gathered through the block table and nothing padded
+    to the longest sequence; a sequence of several runs merges them by log-sum-exp. Output and
+    log-sum-exp equal the loop reference."""
+    def no_gather(*args):
+        raise AssertionError("a one-token step with key runs gathered or padded the K/V")
+
+    monkeypatch.setattr(torch_backend, "_token_major_kv", no_gather)
+    prefix = lengths(page) if q_kind == "decode" else [page * 3 + 5, page - 1, 2 * page, 7 * page + 3]
+    q_lens = [1, 1, 1, 0, 1, 1][: len(prefix)]
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens, runs=runs)
+    if runs == "consecutive":
+        assert all(len(r) == 1 for r in batch.kv_runs)
+    else:
+        assert max(len(r) for r in batch.kv_runs) > 1
+    scale = head_dim ** -0.5
+    ref_out, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    out = torch.full((q.shape[0] + 2, *q.shape[1:]), float("nan"), dtype=dtype)
+    out, lse = torch_backend.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True, out=out)
+    torch.testing.assert_close(out[: q.shape[0]].float(), ref_out.float(), atol=TOL[dtype], rtol=0)
+    assert out[q.shape[0]:].isnan().all()
+    torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=0)
