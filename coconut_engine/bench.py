@@ -42,6 +42,7 @@ SHAPES = {
                      "rms_norm_eps": 1e-6},
 }
 TRAIN_MODES = ("paged", "two_pass", "multipass", "recompute", "transformers", "floor")
+TENSOR_MEMORY_CHOICES = ("all", "last", "none")  # which stages of `bench train` get a tensor-memory point
 
 
 @dataclass
@@ -436,16 +437,24 @@ def run_train_point_subprocess(preload: Sequence[str] = ("coconut_engine.bench",
 
 
 def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batch: int = 8, reps: int = 3,
-                device: str = "cpu", backend: str = "auto", prompt_len: int = 250, tensor_memory: bool = True,
+                device: str = "cpu", backend: str = "auto", prompt_len: int = 250, tensor_memory: str | bool = "last",
                 interleave: bool = True, progress=None) -> list[dict]:
     """Every (stage, mode) point: peak memory from a subprocess of its own; step time from one
     subprocess per stage in which the modes take turns (`interleaved_stage_timing`), or with
-    `interleave=False` from the point's own subprocess (median of `reps` after a warm-up). On CPU
-    with `tensor_memory`, each point also gets `tensor_mb` from a further subprocess
-    (`tensor_memory_point`). The subprocesses fork from a fork server, which imports the calling
+    `interleave=False` from the point's own subprocess (median of `reps` after a warm-up). On CPU,
+    `tensor_memory` says which points also get `tensor_mb` from a further subprocess
+    (`tensor_memory_point`, a profiled step: the costliest process of a point): "all", "last" (the
+    last stage's points, where a curriculum's memory peaks: one profiled point per mode, the default)
+    or "none" (True / False mean "all" / "none"). The subprocesses fork from a fork server, which imports the calling
     script's main module again: a script that calls this needs the `if __name__ == "__main__":`
     guard of any multiprocessing program."""
-    modes = list(modes)
+    modes, stages = list(modes), list(stages)
+    tensor_memory = {True: "all", False: "none"}.get(tensor_memory, tensor_memory)
+    if tensor_memory not in TENSOR_MEMORY_CHOICES:
+        raise ValueError(f"tensor_memory must be one of {TENSOR_MEMORY_CHOICES}, got {tensor_memory!r}")
+    profiled = {"all": stages, "last": stages[-1:], "none": []}[tensor_memory]
+    if torch.device(device).type != "cpu":
+        profiled = []  # the CUDA allocator's peak is exact already
     # the fork server imports transformers once if a point needs it (then every point carries it alike)
     preload = ("coconut_engine.bench", "transformers") if "transformers" in modes else ("coconut_engine.bench",)
     rows = []
@@ -461,7 +470,7 @@ def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batc
                 row["median_ms"] = timing[mode]
                 row["tokens_per_s"] = row["tokens"] / (timing[mode] / 1e3)
             row["timing"] = "interleaved" if interleave else "own process"
-            if tensor_memory and torch.device(device).type == "cpu":
+            if stage in profiled:
                 row.update(run_train_point_subprocess(**common, mode=mode, measure="tensor_memory"))
             rows.append(row)
             if progress is not None:
@@ -562,3 +571,98 @@ def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int
     record(f"official style (batch 1, no cache) k={thoughts} new={thought_new_tokens}", per_question * batch,
            generated / official_questions * batch, note=f"measured on {official_questions} questions, x{batch}")
     return rows
+
+
+def prompt_lengths(batch: int, mean: int, ragged: bool, seed: int = 0) -> list[int]:
+    """`batch` prompt lengths: all `mean`, or drawn uniformly from mean +-20 % (ragged, as users send them)."""
+    if not ragged:
+        return [mean] * batch
+    gen = torch.Generator().manual_seed(seed)
+    return [int(mean * 0.8) + int(n) for n in torch.randint(0, int(mean * 0.4) + 1, (batch,), generator=gen)]
+
+
+def bench_decode_steps(shape: str = "smollm2-135m", batches: Sequence[int] = (1, 16, 64), prompt_len: int = 400,
+                       steps: int = 5, device: str = "cpu", backend: str = "auto", progress=None) -> list[dict]:
+    """The time of one greedy decode step (decoder call, LM head, argmax) per batch size, with equal and
+    with ragged prompt lengths (+-20 %), the engine against transformers' forward with its cache, both
+    continuing from caches of random K/V (no prefill is run: only the steps are timed). For each batch
+    the four contenders take turns, `steps` rounds after a warm-up; medians in ms."""
+    device = torch.device(device)
+    decoder = build_random_model(shape, device=device, attention_backend=backend).eval()
+    hf = _as_transformers(decoder, device)
+    rows = []
+    for batch in batches:
+        contenders = {}
+        for ragged in (False, True):
+            lens = prompt_lengths(batch, prompt_len, ragged)
+            kind = "ragged" if ragged else "equal"
+            contenders[f"engine {kind}"] = _engine_decode_step(decoder, lens, steps + 1)
+            contenders[f"transformers {kind}"] = _transformers_decode_step(hf, decoder.config, lens, device)
+        times = {name: [] for name in contenders}
+        for fn in contenders.values():
+            fn()
+        for rep in range(steps):
+            names = list(contenders)
+            for i in range(len(names)):  # the order rotates each round
+                name = names[(rep + i) % len(names)]
+                t0 = time.perf_counter()
+                contenders[name]()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        for name, samples in times.items():
+            rows.append({"batch": batch, "contender": name, "median_ms": statistics.median(samples),
+                         "ms_per_token": statistics.median(samples) / batch})
+            if progress is not None:
+                progress(rows[-1])
+    return rows
+
+
+def _engine_decode_step(decoder, lens: Sequence[int], max_steps: int) -> Callable[[], list[int]]:
+    """A decode step of the engine over sequences of `lens` tokens of random K/V, their pages reserved
+    as the Generator reserves them (each request's whole life at admission)."""
+    from .cache import PagedKVCache
+
+    device = decoder.embed_tokens.weight.device
+    cache = PagedKVCache(decoder.config, num_pages=sum(-(-(n + max_steps) // 16) for n in lens), page_size=16,
+                         dtype=decoder.embed_tokens.weight.dtype, device=device)
+    seqs = list(range(len(lens)))
+    for s, n in zip(seqs, lens):
+        cache.add_sequence(s)
+        cache.reserve(s, n + max_steps)
+    cache.prepare(seqs, lens)
+    cache.kv.normal_()
+    ids = torch.zeros(len(lens), dtype=torch.long, device=device)
+
+    @torch.inference_mode()
+    def step():
+        batch = cache.prepare(seqs, [1] * len(seqs))
+        hidden = decoder(batch, input_ids=ids, cache=cache)
+        return decoder.logits(hidden[batch.last_token_indices()]).argmax(-1).tolist()
+
+    return step
+
+
+def _transformers_decode_step(hf, config, lens: Sequence[int], device) -> Callable[[], list[int]]:
+    """A decode step of transformers over a left-padded DynamicCache of random K/V (`lens` real tokens
+    per row, as `generate` holds a ragged batch), with its attention mask and positions."""
+    from transformers import DynamicCache
+
+    width = max(lens)
+    cache = DynamicCache(config=hf.config)
+    for layer in range(config.num_layers):
+        k, v = (torch.randn(len(lens), config.num_kv_heads, width, config.head_dim, device=device) for _ in range(2))
+        cache.update(k, v, layer)
+    mask = (torch.arange(width, device=device)[None, :] >= width - torch.tensor(lens, device=device)[:, None]).long()
+    state = {"mask": mask, "pos": torch.tensor(lens, device=device)[:, None]}
+    ids = torch.zeros(len(lens), 1, dtype=torch.long, device=device)
+
+    @torch.inference_mode()
+    def step():
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(lens), 1)], dim=1)
+        out = hf(input_ids=ids, attention_mask=state["mask"], position_ids=state["pos"], past_key_values=cache,
+                 use_cache=True)
+        state["pos"] = state["pos"] + 1
+        return out.logits[:, -1].argmax(-1).tolist()
+
+    return step

@@ -279,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     be.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="train: time each point in its own process instead of a stage's modes taking turns in one")
-    be.add_argument("--no-tensor-memory", dest="tensor_memory", action="store_false",
-                    help="train on CPU: skip the exact tensor-memory point (a profiled step) next to each timed one")
+    be.add_argument("--tensor-memory", choices=["all", "last", "none"], default="last",
+                    help="train on CPU: which stages' points also get the exact tensor memory (a profiled step in a "
+                         "process of its own): every stage, the last one (default: one profiled point per mode), none")
+    be.add_argument("--no-tensor-memory", dest="tensor_memory", action="store_const", const="none",
+                    help="the same as --tensor-memory none")
     be.add_argument("--out", default="runs/bench")
     be.set_defaults(func=cmd_bench)
 

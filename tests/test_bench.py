@@ -1,6 +1,8 @@
 """`coconut-engine bench train`'s measurements: exact tensor memory on CPU, interleaved timing."""
+import pytest
 import torch
 
+from coconut_engine import bench
 from coconut_engine.bench import bench_train, interleaved_stage_timing, peak_tensor_bytes
 
 MB = 2**20
@@ -42,3 +44,26 @@ def test_bench_train_without_interleaving_times_each_point_in_its_own_process():
                        tensor_memory=False, interleave=False)
     assert [(r["mode"], r["timing"]) for r in rows] == [("paged", "own process"), ("floor", "own process")]
     assert all(r["median_ms"] > 0 and r["peak_mb"] > 0 and "tensor_mb" not in r for r in rows)
+
+
+@pytest.mark.parametrize("tensor_memory,profiled", [("last", [6]), ("all", [0, 3, 6]), ("none", []), (True, [0, 3, 6])])
+def test_bench_train_profiles_tensor_memory_at_the_stages_asked(tensor_memory, profiled, monkeypatch):
+    """By default only the last stage's points get a tensor-memory process (one profiled point per mode,
+    where a curriculum's memory peaks): the costliest process of a point, run for every stage before."""
+    calls = []
+
+    def fake_point(**kwargs):
+        calls.append((kwargs.get("measure", "time"), kwargs["stage"], kwargs.get("mode")))
+        if kwargs.get("measure") == "interleaved":
+            return {mode: 1.0 for mode in kwargs["modes"]}
+        if kwargs.get("measure") == "tensor_memory":
+            return {"tensor_mb": 2.0, "tensor_step_mb": 1.0}
+        return {"stage": kwargs["stage"], "mode": kwargs["mode"], "median_ms": 1.0, "peak_mb": 1.0, "tokens": 10}
+
+    monkeypatch.setattr(bench, "run_train_point_subprocess", fake_point)
+    rows = bench_train("tiny", stages=[0, 3, 6], modes=["paged", "floor"], tensor_memory=tensor_memory)
+    assert sorted({stage for measure, stage, _ in calls if measure == "tensor_memory"}) == profiled
+    assert [(r["stage"], "tensor_mb" in r) for r in rows] == [(s, s in profiled) for s in (0, 3, 6) for _ in range(2)]
+    assert len([c for c in calls if c[0] == "tensor_memory"]) == 2 * len(profiled)
+    with pytest.raises(ValueError, match="tensor_memory"):
+        bench_train("tiny", stages=[0], modes=["paged"], tensor_memory="some")
