@@ -194,7 +194,8 @@ def _stages(text: str) -> list[int]:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Benchmarks: train (modes by stage), generate (vs transformers and the official style), kernels."""
+    """Benchmarks: train (modes by stage), generate (vs transformers and the official style), decode (one step
+    with equal and ragged prompts vs transformers), kernels."""
     import torch
 
     from . import bench
@@ -225,6 +226,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
                                     progress=lambda r: print(f"{r['name']}: {r['tokens_per_s']:.1f} tok/s", flush=True))
         table = "\n".join(["| what | seconds | tokens/s |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in rows])
+    elif args.what == "decode":
+        rows = bench.bench_decode_steps(args.shape, batches=[int(b) for b in args.batches.split(",")],
+                                        prompt_len=args.prompt_len, steps=args.reps, device=device,
+                                        backend=args.backend,
+                                        progress=lambda r: print(f"B={r['batch']} {r['contender']}: {r['median_ms']:.1f} ms",
+                                                                 flush=True))
+        table = "\n".join(["| batch | contender | ms per step | ms per token |", "|---:|---|---:|---:|"] +
+                          [f"| {r['batch']} | {r['contender']} | {r['median_ms']:.1f} | {r['ms_per_token']:.2f} |"
+                           for r in rows])
     else:
         timings = bench.bench_kernels(device=device)
         rows = [t.as_dict() for t in timings]
@@ -268,11 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_eval)
 
     be = sub.add_parser("bench", help=cmd_bench.__doc__)
-    be.add_argument("what", choices=["train", "generate", "kernels"])
+    be.add_argument("what", choices=["train", "generate", "decode", "kernels"])
     be.add_argument("--shape", default="tiny", help="model shape: tiny, gpt2-6l, gpt2, smollm2-135m, qwen2.5-0.5b")
     be.add_argument("--stages", default="0-6", help="curriculum stages, e.g. 0-6 or 0,3,6 (train)")
     be.add_argument("--modes", default=None, help="comma-separated train modes (default: all)")
     be.add_argument("--batch", type=int, default=8)
+    be.add_argument("--batches", default="1,16,64", help="decode: the batch sizes whose step is timed")
     be.add_argument("--prompt-len", type=int, default=250)
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--device", default=None)

@@ -67,3 +67,16 @@ def test_bench_train_profiles_tensor_memory_at_the_stages_asked(tensor_memory, p
     assert len([c for c in calls if c[0] == "tensor_memory"]) == 2 * len(profiled)
     with pytest.raises(ValueError, match="tensor_memory"):
         bench_train("tiny", stages=[0], modes=["paged"], tensor_memory="some")
+
+
+def test_bench_decode_steps_times_equal_and_ragged_steps():
+    rows = bench.bench_decode_steps("tiny", batches=[1, 3], prompt_len=20, steps=1, backend="torch")
+    assert [(r["batch"], r["contender"]) for r in rows] == [
+        (b, f"{who} {kind}") for b in (1, 3) for kind in ("equal", "ragged") for who in ("engine", "transformers")]
+    assert all(r["median_ms"] > 0 and r["ms_per_token"] == r["median_ms"] / r["batch"] for r in rows)
+
+
+def test_ragged_prompt_lengths_are_within_a_fifth_of_the_mean():
+    lens = bench.prompt_lengths(64, 400, ragged=True)
+    assert min(lens) >= 320 and max(lens) <= 480 and len(set(lens)) > 10
+    assert bench.prompt_lengths(3, 400, ragged=False) == [400] * 3
