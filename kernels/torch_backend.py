@@ -95,11 +95,12 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
     runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
     it the probabilities are recomputed by a softmax. A one-token step (a thought, a decode step) has
-    its own backward, from the log-sum-exp where given.
+    its own backward, from the log-sum-exp where given, except a small one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
     """
-    if batch.max_seqlen_q == 1:
+    fused = lse is not None and uses_fused_kernels(q.device)
+    if batch.max_seqlen_q == 1 and not (fused and _small_one_token_step(q, batch)):
         return _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
-    if lse is not None and uses_fused_kernels(q.device):
+    if fused:
         if _per_sequence_prefill(batch):
             return _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
         return _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
@@ -300,6 +301,11 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
 # The broadcast products run over chunks of keys, so their temporaries stay bounded at long contexts.
 
 ONE_TOKEN_CHUNK_ELEMENTS = 1 << 22  # elements of one chunk's broadcast product (16 MB in fp32)
+# Up to this many query-head x key x head_dim elements (B * heads * max_k * D), a one-token step's
+# backward is the fused flash kernel's after all: its fixed cost beats the ~20 elementwise ops'
+# (tiny shape, 8 x 4 x 282 x 16: 0.24 vs 0.41 ms); at 2^18 the two are level within this machine's
+# noise, from 2^19 the elementwise path wins (8 x 8 x 250 x 64: 15 vs 27 ms).
+ONE_TOKEN_FUSED_MAX_ELEMENTS = 1 << 18
 
 
 def _key_chunks(rows: torch.Tensor, per_key: int) -> list[slice]:
@@ -324,6 +330,11 @@ def _sum_over_keys(weights: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         part = (weights[:, keys].unsqueeze(-1) * rows[:, keys].unsqueeze(3)).sum(1)
         out = part if out is None else out.add_(part)
     return out
+
+
+def _small_one_token_step(q: torch.Tensor, batch) -> bool:
+    """A one-token step small enough that the fused kernel's backward is the cheaper (ONE_TOKEN_FUSED_MAX_ELEMENTS)."""
+    return batch.num_seqs * q.shape[1] * batch.max_seqlen_k * q.shape[2] <= ONE_TOKEN_FUSED_MAX_ELEMENTS
 
 
 def _one_token_keys(batch, device) -> torch.Tensor:

@@ -219,3 +219,20 @@ def test_one_token_step_over_key_chunks(group, strided, monkeypatch):
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
     check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
+
+
+@pytest.mark.parametrize("strided", [False, True], ids=["gathered", "strided"])
+@pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
+def test_one_token_backward_picks_the_fused_kernel_for_small_steps(small, strided, monkeypatch):
+    """On CPU a one-token step's backward is the fused flash kernel's up to ONE_TOKEN_FUSED_MAX_ELEMENTS
+    (its fixed cost is the lower one there) and the elementwise one above; both give the reference's
+    gradients."""
+    q, k_pool, v_pool, batch = make_case(2, 32, 8, torch.float32, lengths(8), [1, 1, 1, 0, 1, 1], strided=strided)
+    size = batch.num_seqs * q.shape[1] * batch.max_seqlen_k * q.shape[2]
+    monkeypatch.setattr(torch_backend, "ONE_TOKEN_FUSED_MAX_ELEMENTS", size if small else size - 1)
+    calls = []
+    for name in ("_fused_backward", "_one_token_step_backward"):
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
+    assert calls == ["_fused_backward" if small else "_one_token_step_backward"]
