@@ -87,8 +87,7 @@ class _StoreKV(torch.autograd.Function):
         ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
         # Every slot an attention reads in this training step was written by a store of this step,
         # so zeroing the written slots' gradient rows here keeps the gradient pages clean.
-        cache.grad_k_pool(layer).flatten(0, 1).index_fill_(0, batch.slot_mapping, 0)
-        cache.grad_v_pool(layer).flatten(0, 1).index_fill_(0, batch.slot_mapping, 0)
+        cache.grad_kv_slots(layer).index_fill_(1, batch.slot_mapping, 0)  # K's and V's rows in one op
         ctx.cache, ctx.layer, ctx.slots, ctx.generation = cache, layer, batch.slot_mapping, cache.generation
         ctx.dtypes = (k.dtype, v.dtype)
         return dependency.detach().clone()
@@ -97,9 +96,8 @@ class _StoreKV(torch.autograd.Function):
     def backward(ctx, _):
         cache = ctx.cache
         _check_generation(cache, ctx.generation)
-        grad_k = cache.grad_k_pool(ctx.layer).flatten(0, 1)[ctx.slots].to(ctx.dtypes[0])
-        grad_v = cache.grad_v_pool(ctx.layer).flatten(0, 1)[ctx.slots].to(ctx.dtypes[1])
-        return grad_k, grad_v, None, None, None, None, None
+        grad_k, grad_v = cache.grad_kv_slots(ctx.layer).index_select(1, ctx.slots)  # one gather for both
+        return grad_k.to(ctx.dtypes[0]), grad_v.to(ctx.dtypes[1]), None, None, None, None, None
 
 
 class _PagedAttention(torch.autograd.Function):

@@ -377,6 +377,10 @@ class PagedKVCache:
     def grad_v_pool(self, layer: int) -> torch.Tensor:
         return self.grad_kv[1, layer]
 
+    def grad_kv_slots(self, layer: int) -> torch.Tensor:
+        """One layer's K and V gradient pages by slot, `[2, pages * page_size, kv_heads, head_dim]` (a view)."""
+        return self.grad_kv[:, layer].flatten(1, 2)
+
     @property
     def num_pages(self) -> int:
         return self.allocator.num_pages
