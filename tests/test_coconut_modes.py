@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from coconut_engine.coconut import CoconutModel, CoconutSample, SpecialTokens, add_special_tokens
+from coconut_engine.linear import DeferredWeightGrads
 from coconut_engine.loader import load_model
 from tiny_models import CORE_FAMILIES, build_hf_model
 
@@ -57,6 +58,40 @@ def test_modes_agree(coconut, reference_result, mode, backend):
         ref = ref_grads[name]
         assert (grad - ref).norm() <= 1e-4 * ref.norm() + 1e-12, name
     coconut.decoder.attention_backend = "torch"
+
+
+@pytest.mark.parametrize("mode", ["paged", "multipass"])
+def test_deferred_weight_gradients_agree(coconut, reference_result, mode):
+    """The tiny test models (hidden 64) train without deferred weight gradients by default; with them
+    (as models from hidden DEFER_WEIGHT_GRADS_MIN_HIDDEN on do) loss and gradients are the same."""
+    assert not coconut.defers_weight_grads
+    coconut.defer_weight_grads = True
+    try:
+        loss, grads = loss_and_grads(coconut, ragged_samples(), mode)
+    finally:
+        coconut.defer_weight_grads = None
+    ref_loss, ref_grads = reference_result
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+    for name, grad in grads.items():
+        assert (grad - ref_grads[name]).norm() <= 1e-4 * ref_grads[name].norm() + 1e-12, name
+
+
+def test_weight_gradients_are_deferred_from_a_hidden_size_on(coconut, monkeypatch):
+    """By default a training forward defers weight gradients only from DEFER_WEIGHT_GRADS_MIN_HIDDEN on
+    (below it the alias and record nodes cost more than the products they merge)."""
+    from coconut_engine import coconut as coconut_module
+
+    made = []
+    monkeypatch.setattr(coconut_module, "DeferredWeightGrads", lambda: made.append(1) or DeferredWeightGrads())
+    hidden = coconut.decoder.config.hidden_size
+    for threshold, deferred in ((hidden + 1, False), (hidden, True)):
+        monkeypatch.setattr(coconut_module, "DEFER_WEIGHT_GRADS_MIN_HIDDEN", threshold)
+        made.clear()
+        coconut(ragged_samples(), mode="paged").backward()
+        assert made == ([1] if deferred else [])
+        with torch.no_grad():
+            coconut(ragged_samples(), mode="paged")
+        assert made == ([1] if deferred else [])  # never without autograd
 
 
 def test_batch_without_thoughts_is_one_paged_step(coconut, monkeypatch):
