@@ -443,7 +443,7 @@ def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batc
     subprocess per stage in which the modes take turns (`interleaved_stage_timing`), or with
     `interleave=False` from the point's own subprocess (median of `reps` after a warm-up). On CPU,
     `tensor_memory` says which points also get `tensor_mb` from a further subprocess
-    (`tensor_memory_point`, a profiled step: the costliest process of a point): "all", "last" (the
+    (`tensor_memory_point`, a profiled step): "all", "last" (the
     last stage's points, where a curriculum's memory peaks: one profiled point per mode, the default)
     or "none" (True / False mean "all" / "none"). The subprocesses fork from a fork server, which imports the calling
     script's main module again: a script that calls this needs the `if __name__ == "__main__":`

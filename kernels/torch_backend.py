@@ -303,8 +303,9 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
 ONE_TOKEN_CHUNK_ELEMENTS = 1 << 22  # elements of one chunk's broadcast product (16 MB in fp32)
 # Up to this many query-head x key x head_dim elements (B * heads * max_k * D), a one-token step's
 # backward is the fused flash kernel's after all: its fixed cost beats the ~20 elementwise ops'
-# (tiny shape, 8 x 4 x 282 x 16: 0.24 vs 0.41 ms); at 2^18 the two are level within this machine's
-# noise, from 2^19 the elementwise path wins (8 x 8 x 250 x 64: 15 vs 27 ms).
+# (8 sequences x 4 heads x 250-320 keys x 16, the tiny shape's thought step: 0.24 vs 0.41 ms); at 2^18
+# the two are level within this machine's noise, from 2^19 the elementwise path wins (8 x 8 x 250-320
+# x 64: 15 vs 27 ms). Measured in benchmarks/README.md (issue 19).
 ONE_TOKEN_FUSED_MAX_ELEMENTS = 1 << 18
 
 
