@@ -141,8 +141,9 @@ def kv_runs(page_lists: Sequence[Sequence[int]], k_lens: Sequence[int], page_siz
     out = []
     for pages, k_len in zip(page_lists, k_lens):
         used = -(-k_len // page_size)
-        if used and pages[used - 1] - pages[0] == used - 1 and list(pages[:used]) == list(range(pages[0], pages[0] + used)):
-            out.append(((pages[0] * page_size, k_len),))  # the common case: one run
+        first = pages[0] if used else 0
+        if used and pages[used - 1] == first + used - 1 and list(pages[:used]) == list(range(first, first + used)):
+            out.append(((first * page_size, k_len),))  # the common case: one run
             continue
         runs, start = [], 0
         while start < used:
@@ -247,16 +248,18 @@ class PageAllocator:
     def _take_run(self, count: int) -> list[int]:
         """`count` free pages: the lowest run of consecutive ones where the free list has one (a sequence
         whose pages are one run is read in place by a one-token step), else the next ones it hands out."""
-        if count <= 1 or self._free[-count:] == list(range(self._free[-1] + count - 1, self._free[-1] - 1, -1)):
-            return [self._take() for _ in range(count)]  # the next pages handed out are a run already
-        free = sorted(self._free)
-        for i in range(len(free) - count + 1):
-            if free[i + count - 1] - free[i] == count - 1:
-                run = set(range(free[i], free[i] + count))
-                self._free = [p for p in self._free if p not in run]
-                for page in sorted(run):
-                    self._refs[page] = 1
-                return sorted(run)
+        if count > 1:
+            upcoming = self._free[: -count - 1 : -1]  # the pages `_take` hands out next, in order
+            if upcoming != list(range(upcoming[0], upcoming[0] + count)):
+                free = sorted(self._free)
+                for i in range(len(free) - count + 1):
+                    if free[i + count - 1] - free[i] == count - 1:
+                        run = list(range(free[i], free[i] + count))
+                        taken = set(run)
+                        self._free = [p for p in self._free if p not in taken]
+                        for page in run:
+                            self._refs[page] = 1
+                        return run
         return [self._take() for _ in range(count)]
 
     def reset(self) -> None:
