@@ -237,6 +237,26 @@ def _jit_kernels():
             paged_attention_bwd._bwd_one_token_kernel, store_kv._store_kv_kernel]
 
 
+def _new_compiled_kernels(seen: set[int], arch: str) -> list[CompiledKernel]:
+    """Kernels in the Triton JIT caches of our kernels that are not in `seen` (ids), with the resources
+    the active driver reported when it loaded them; adds them to `seen`."""
+    found = []
+    for fn in _jit_kernels():
+        for cache in fn.device_caches.values():
+            for compiled in cache[0].values():
+                if id(compiled) in seen:
+                    continue
+                seen.add(id(compiled))
+                constants = {fn.arg_names[k[0]] if isinstance(k, tuple) else k: val
+                             for k, val in compiled.src.constants.items()}
+                compiled._init_handles()
+                found.append(CompiledKernel(
+                    arch, fn.__name__, {k: val for k, val in constants.items() if isinstance(val, (int, bool))},
+                    compiled.metadata.num_warps, compiled.metadata.num_stages, compiled.n_regs,
+                    4 * compiled.n_spills, compiled.metadata.shared))
+    return found
+
+
 def check_on_device(variants: list[Variant]) -> tuple[list[CompiledKernel], list[VariantResult]]:
     """The same variants launched on the current CUDA device with the real driver; resources as it reports
     them (`n_regs`, `n_spills`, `metadata.shared`). `launched` lists the kernels each variant compiled."""
@@ -251,19 +271,9 @@ def check_on_device(variants: list[Variant]) -> tuple[list[CompiledKernel], list
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - reported per variant
             result.error = f"{type(exc).__name__}: {exc}"[:4000]
-        for fn in _jit_kernels():
-            for cache in fn.device_caches.values():
-                for compiled in cache[0].values():
-                    if id(compiled) in seen:
-                        continue
-                    seen.add(id(compiled))
-                    names = fn.arg_names
-                    constants = {names[k[0]] if isinstance(k, tuple) else k: val for k, val in compiled.src.constants.items()}
-                    result.launched.append(len(kernels))
-                    kernels.append(CompiledKernel(
-                        result.arch, fn.__name__, {k: val for k, val in constants.items() if isinstance(val, (int, bool))},
-                        compiled.metadata.num_warps, compiled.metadata.num_stages, compiled.n_regs, 4 * compiled.n_spills,
-                        compiled.metadata.shared))
+        for compiled in _new_compiled_kernels(seen, result.arch):
+            result.launched.append(len(kernels))
+            kernels.append(compiled)
         result.compiled = list(result.launched)
         results.append(result)
     return kernels, results
@@ -298,17 +308,22 @@ def default_variants() -> list[Variant]:
     return out
 
 
+def head_dim_variants() -> list[Variant]:
+    """Every op and dtype over the head dims 64-256 (GQA 4, page 16), and the exact fp32 (IEEE) variants
+    the comparison tests launch: the resource table of benchmarks/README.md."""
+    out = [Variant(op, dtype, hd) for dtype in ("bf16", "fp16", "fp32") for op in OPS for hd in (64, 80, 96, 128, 256)]
+    for op in ("extend", "decode", "backward", "backward-one-token"):
+        out += [Variant(op, "fp32", hd, ieee=True) for hd in (64, 128, 256)]
+    return out
+
+
 def full_variants() -> list[Variant]:
-    """The full matrix: every op and dtype over the head dims; GQA groups and page sizes swept at head_dim 128;
-    exact fp32 (IEEE) variants as the comparison tests launch them."""
-    out = []
+    """The full matrix: `head_dim_variants`, plus GQA groups 1-16 and page sizes 8-128 swept at head_dim 128."""
+    out = head_dim_variants()
     for dtype in ("bf16", "fp16", "fp32"):
         for op in OPS:
-            shapes = [(hd, 4, 16) for hd in (64, 80, 96, 128, 256)]
-            shapes += [(128, g, 16) for g in (1, 2, 7, 8, 16)] + [(128, 4, p) for p in (8, 64, 128)]
+            shapes = [(128, g, 16) for g in (1, 2, 7, 8, 16)] + [(128, 4, p) for p in (8, 64, 128)]
             out += [Variant(op, dtype, hd, g, p) for hd, g, p in shapes]
-    for op in ("extend", "decode", "backward", "backward-one-token"):
-        out += [Variant(op, "fp32", hd, 4, 16, ieee=True) for hd in (64, 128, 256)]
     return out
 
 
@@ -332,13 +347,39 @@ def markdown_table(kernels: list[dict], results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(kernels: list[dict], results: list[dict]) -> str:
+    """One row per (target, kernel, dtype, head_dim) over every GQA group, page size and op of the matrix:
+    the variants compiled, the range of registers, the worst spill and shared memory, warps and tiles."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        v = r["variant"]
+        for i in r["launched"]:
+            k = kernels[i]
+            key = (k["arch"], k["kernel"].lstrip("_"), v["dtype"] + (" ieee" if v["ieee"] else ""), v["head_dim"])
+            if k not in groups.setdefault(key, []):
+                groups[key].append(k)
+    lines = ["| arch | kernel | dtype | head_dim | variants | regs | max spill B | max shared KB | warps | BLOCK_M x N |",
+             "|---|---|---|---:|---:|---|---:|---:|---|---|"]
+    for (arch, name, dtype, head_dim), ks in sorted(groups.items()):
+        regs = sorted({k["registers"] for k in ks})
+        warps = "/".join(str(w) for w in sorted({k["num_warps"] for k in ks}))
+        tiles = ", ".join(sorted({f"{k['constants']['BLOCK_M']}x{k['constants']['BLOCK_N']}" for k in ks
+                                  if "BLOCK_M" in k["constants"]}))
+        lines.append(f"| {arch} | {name} | {dtype} | {head_dim} | {len(ks)} | {regs[0]}-{regs[-1]} "
+                     f"| {max(k['spill_bytes'] for k in ks)} | {max(k['shared_bytes'] for k in ks) / 1024:.0f} "
+                     f"| {warps} | {tiles} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     """CLI: `--json-request -` answers a subprocess request; otherwise compile a matrix and print its table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json-request", help="read {variants, capabilities} JSON from this file ('-' = stdin)")
-    parser.add_argument("--matrix", choices=["default", "full"], default="default")
+    parser.add_argument("--matrix", choices=["default", "head-dims", "full"], default="default")
     parser.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     parser.add_argument("--out", help="also write kernels and results as JSON here")
+    parser.add_argument("--summary", action="store_true", help="one row per target, kernel, dtype and head_dim")
+    parser.add_argument("--from-json", help="print the table of an earlier --out file instead of compiling")
     parser.add_argument("--device", choices=["stand-in", "cuda"], default="stand-in",
                         help="cuda: launch on the GPU with the real driver (run without TRITON_INTERPRET)")
     args = parser.parse_args(argv)
@@ -347,8 +388,12 @@ def main(argv=None) -> int:
         kernels, results = check([Variant(**v) for v in request["variants"]], tuple(request["capabilities"]))
         print(json.dumps({"kernels": [asdict(k) for k in kernels], "results": [asdict(r) for r in results]}))
         return 0
-    variants = default_variants() if args.matrix == "default" else full_variants()
-    if args.device == "cuda":
+    variants = {"default": default_variants, "head-dims": head_dim_variants, "full": full_variants}[args.matrix]()
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        kernels, results = saved["kernels"], saved["results"]
+    elif args.device == "cuda":
         found, ran = check_on_device(variants)
         kernels, results = [asdict(k) for k in found], [asdict(r) for r in ran]
     else:
@@ -356,7 +401,7 @@ def main(argv=None) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"kernels": kernels, "results": results}, f, indent=1)
-    print(markdown_table(kernels, results))
+    print(summary_table(kernels, results) if args.summary else markdown_table(kernels, results))
     failed = [r for r in results if r["error"]]
     print(f"\n{len(kernels)} kernels compiled for {len(results)} variant launches; {len(failed)} failed")
     return 1 if failed else 0

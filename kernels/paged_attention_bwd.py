@@ -193,19 +193,21 @@ def backward_config(group: int, head_dim: int, dtype: torch.dtype, ieee: bool, o
     """Tiles and launch options of the backward kernels, by head_dim (the interpreter: big tiles).
 
     dK/dV keeps two [BLOCK_N, head_dim] fp32 accumulators live: from head_dim 80 up it runs 8 warps
-    with smaller key tiles so that nothing spills; exact fp32 (IEEE) dots get smaller tiles still.
+    with smaller key tiles so that nothing spills (kernels/aot_check.py checks it for sm_90a and sm_80);
+    exact fp32 (IEEE) dots get smaller tiles still.
     """
     rows = max(16, triton.next_power_of_2(group))
     if interpreting():
         return TileConfig(max(rows, 64), 64, 4, 1)
     exact = ieee and dtype == torch.float32
+    tf32 = dtype == torch.float32 and not exact  # fp32 operands are twice as wide: smaller tiles, 4 warps fit
     if one_token:
-        return TileConfig(rows, 16 if exact else (64 if head_dim <= 64 else 32), 4 if head_dim <= 64 else 8, 2)
+        return TileConfig(rows, 16 if exact else 32, 8, 2)
     if head_dim <= 64:
-        return TileConfig(max(rows, 32 if exact else 64), 32 if exact else 64, 4, 2)
+        return TileConfig(max(rows, 32 if exact or tf32 else 64), 32, 4, 2)
     if head_dim <= 128:
-        if dtype == torch.float32 and not exact:  # TF32: fp32 operands are twice as wide; 4 warps fit
-            return TileConfig(max(rows, 32), 32, 4, 2)
+        if tf32:
+            return TileConfig(max(rows, 32), 16, 4, 2)
         return TileConfig(max(rows, 32), 16 if exact else 32, 8, 2)
     return TileConfig(max(rows, 16), 16, 8, 2)
 
