@@ -348,26 +348,34 @@ def markdown_table(kernels: list[dict], results: list[dict]) -> str:
 
 
 def summary_table(kernels: list[dict], results: list[dict]) -> str:
-    """One row per (target, kernel, dtype, head_dim) over every GQA group, page size and op of the matrix:
-    the variants compiled, the range of registers, the worst spill and shared memory, warps and tiles."""
-    groups: dict[tuple, list[dict]] = {}
+    """One row per (kernel, dtype, head_dim) over every GQA group, page size and op of the matrix, the
+    targets side by side (`sm_90a / sm_80`): range of registers, worst spill, most shared memory."""
+    groups: dict[tuple, dict[str, list[dict]]] = {}
     for r in results:
         v = r["variant"]
         for i in r["launched"]:
             k = kernels[i]
-            key = (k["arch"], k["kernel"].lstrip("_"), v["dtype"] + (" ieee" if v["ieee"] else ""), v["head_dim"])
-            if k not in groups.setdefault(key, []):
-                groups[key].append(k)
-    lines = ["| arch | kernel | dtype | head_dim | variants | regs | max spill B | max shared KB | warps | BLOCK_M x N |",
-             "|---|---|---|---:|---:|---|---:|---:|---|---|"]
-    for (arch, name, dtype, head_dim), ks in sorted(groups.items()):
-        regs = sorted({k["registers"] for k in ks})
+            key = (k["kernel"].lstrip("_"), v["dtype"] + (" ieee" if v["ieee"] else ""), v["head_dim"])
+            per_arch = groups.setdefault(key, {}).setdefault(k["arch"], [])
+            if k not in per_arch:
+                per_arch.append(k)
+    archs = sorted({k["arch"] for k in kernels}, reverse=True)
+    names = " / ".join(archs)
+    lines = [f"| kernel | dtype | head_dim | warps | BLOCK_M x N | regs ({names}) | spill B | shared KB |",
+             "|---|---|---:|---|---|---|---|---|"]
+    for (name, dtype, head_dim), by_arch in sorted(groups.items()):
+        ks = [k for a in archs for k in by_arch.get(a, [])]
         warps = "/".join(str(w) for w in sorted({k["num_warps"] for k in ks}))
         tiles = ", ".join(sorted({f"{k['constants']['BLOCK_M']}x{k['constants']['BLOCK_N']}" for k in ks
                                   if "BLOCK_M" in k["constants"]}))
-        lines.append(f"| {arch} | {name} | {dtype} | {head_dim} | {len(ks)} | {regs[0]}-{regs[-1]} "
-                     f"| {max(k['spill_bytes'] for k in ks)} | {max(k['shared_bytes'] for k in ks) / 1024:.0f} "
-                     f"| {warps} | {tiles} |")
+
+        def per_arch(fn):
+            return " / ".join(fn(by_arch[a]) if a in by_arch else "-" for a in archs)
+
+        regs = per_arch(lambda g: f"{min(k['registers'] for k in g)}-{max(k['registers'] for k in g)}")
+        spill = per_arch(lambda g: str(max(k["spill_bytes"] for k in g)))
+        shared = per_arch(lambda g: f"{max(k['shared_bytes'] for k in g) / 1024:.0f}")
+        lines.append(f"| {name} | {dtype} | {head_dim} | {warps} | {tiles} | {regs} | {spill} | {shared} |")
     return "\n".join(lines)
 
 
