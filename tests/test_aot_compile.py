@@ -19,9 +19,14 @@ KERNELS = {"_paged_attention_fwd_kernel", "_merge_splits_kernel", "_bwd_dq_kerne
 LIMIT = {f"sm_{c}{'a' if c == 90 else ''}": SHARED_LIMIT[c] for c in SHARED_LIMIT}
 
 
+TOO_WIDE = Variant("extend", "bf16", head_dim=512)  # the wrapper rejects it before compiling
+
+
 @pytest.fixture(scope="session")
 def default_run():
-    return check_in_subprocess(default_variants(), (90,), cache_dir=CACHE)
+    """The default variants, and one the check must report as failed, compiled in one subprocess."""
+    kernels, results = check_in_subprocess(default_variants() + [TOO_WIDE], (90,), cache_dir=CACHE)
+    return kernels, [r for r in results if r["variant"]["head_dim"] != 512], results[-1]
 
 
 def launched(kernels, results, **match):
@@ -45,7 +50,7 @@ def assert_resources(kernels, results):
 
 
 def test_every_kernel_compiles_for_sm90a_in_bf16_and_fp32(default_run):
-    kernels, results = default_run
+    kernels, results, _ = default_run
     assert_no_errors(results)
     for dtype in ("bf16", "fp32"):
         names = {k["kernel"] for _, k in launched(kernels, results, dtype=dtype)}
@@ -55,26 +60,26 @@ def test_every_kernel_compiles_for_sm90a_in_bf16_and_fp32(default_run):
 
 def test_no_spills_and_shared_memory_within_the_limit(default_run):
     """Also fp32 inputs, which run TF32 dots with their own tiles (exact IEEE dots spilled 16 KB per thread)."""
-    assert_resources(*default_run)
+    assert_resources(*default_run[:2])
 
 
 def test_a_new_split_count_compiles_nothing(default_run):
-    kernels, results = default_run
+    kernels, results, _ = default_run
     first, second = [r for r in results if r["variant"]["op"] == "decode-split" and r["variant"]["dtype"] == "bf16"]
     assert (first["variant"]["splits"], second["variant"]["splits"]) == (4, 7)
     assert second["compiled"] == [] and second["launched"] == first["launched"]
 
 
 def test_dkdv_runs_eight_warps_without_spills_from_head_dim_80(default_run):
-    kernels, results = default_run
+    kernels, results, _ = default_run
     dkdv = [k for v, k in launched(kernels, results, op="backward", dtype="bf16") if k["kernel"] == "_bwd_dkdv_kernel"]
     assert dkdv and all(k["num_warps"] == 8 and k["spill_bytes"] == 0 for k in dkdv), dkdv
 
 
-def test_a_compile_error_is_reported_with_its_variant():
+def test_a_failing_variant_is_reported_with_its_error(default_run):
     """The check reports, it does not hide: head_dim 512 is rejected by the wrapper before compiling."""
-    _, results = check_in_subprocess([Variant("extend", "bf16", head_dim=512)], (90,), cache_dir=CACHE)
-    assert "head_dim 512 > 256" in results[0]["error"]
+    too_wide = default_run[2]
+    assert too_wide["variant"]["head_dim"] == 512 and "head_dim 512 > 256" in too_wide["error"]
 
 
 @pytest.mark.slow
