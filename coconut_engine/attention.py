@@ -25,7 +25,7 @@ BACKENDS = ("auto", "triton", "torch")
 
 
 def triton_available(device: torch.device) -> bool:
-    """Whether the Triton kernels can run for tensors on `device`."""
+    """Whether the Triton kernels can run for tensors on `device` (compiled on CUDA, or interpreted)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True
     if device.type != "cuda":
@@ -37,6 +37,14 @@ def triton_available(device: torch.device) -> bool:
     return True
 
 
+def triton_preferred(device: torch.device) -> bool:
+    """What "auto" picks Triton for: compiled kernels on CUDA, the interpreter for CPU tensors (tests).
+    Interpreted kernels on CUDA tensors would run, slowly, through host copies: auto uses torch there."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return device.type != "cuda"
+    return triton_available(device)
+
+
 def resolve_backend(requested: str | None, device: torch.device) -> str:
     """Turn "auto" (or None) into "triton" or "torch" for `device`; validate explicit choices."""
     name = requested or "auto"
@@ -45,7 +53,7 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     if name not in BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
     if name == "auto":
-        return "triton" if triton_available(device) else "torch"
+        return "triton" if triton_preferred(device) else "torch"
     if name == "triton" and not triton_available(device):
         raise ValueError(
             f"attention backend 'triton' cannot run on {device}: use CUDA, or set TRITON_INTERPRET=1 "

@@ -22,3 +22,7 @@ class OutOfPagesError(CoconutEngineError, RuntimeError):
 
 class InvalidArgumentError(CoconutEngineError, ValueError):
     """A function or command-line argument is of the wrong type or out of range; the message names it."""
+
+
+class KernelInputError(InvalidArgumentError):
+    """A tensor handed to a kernel wrapper has the wrong dtype, device or layout; the message names it."""

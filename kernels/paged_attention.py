@@ -7,15 +7,22 @@ tile with the group's heads). Keys are read position by position through the blo
 key tile is independent of the page size. Softmax is online with fp32 accumulators.
 
 For decode steps (every q_len <= 1) the key range can be split across programs ("flash-decoding");
-each split writes a partial output and its log-sum-exp, merged afterwards.
+each split writes a partial output and its log-sum-exp, and one merge kernel combines them on the
+device (nothing is built on the host per layer). The split count is a runtime argument: a new count
+compiles nothing new.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting
+from coconut_engine.errors import KernelInputError
+
+from ._launch import (ATTENTION_DTYPES, check_batch, check_dtype, check_same_device, check_same_dtype, device_guard,
+                      interpreting, multiprocessor_count)
 
 _LOG2E = 1.4426950408889634
 
@@ -44,14 +51,14 @@ def _query_rows(tile, q_len, k_len, kv_head, GROUP: tl.constexpr, BLOCK_M: tl.co
 
 
 @triton.jit
-def _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
+def _load_kv_tile(K_POOL, V_POOL, table, stride_bp, k_pos, k_ok, kv_head, dims, dim_ok,
                   stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                   PAGE_SIZE: tl.constexpr, UPCAST: tl.constexpr):
-    """K and V rows of key positions `k_pos` of one sequence, read through its block table.
-
-    Returns (k, v, page, offset in page); the tile size is independent of the page size.
+    """K and V rows of key positions `k_pos` of one sequence, read through its block table row `table`
+    (entries `stride_bp` apart). Returns (k, v, page, offset in page); the tile size is independent of
+    the page size.
     """
-    page = tl.load(table + k_pos // PAGE_SIZE, mask=k_ok, other=0).to(tl.int64)
+    page = tl.load(table + (k_pos // PAGE_SIZE) * stride_bp, mask=k_ok, other=0).to(tl.int64)
     in_page = k_pos % PAGE_SIZE
     mask = k_ok[:, None] & dim_ok[None, :]
     k = tl.load(K_POOL + page[:, None] * stride_kp + in_page[:, None] * stride_ks + kv_head * stride_kh
@@ -64,22 +71,23 @@ def _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
     return k, v, page, in_page
 
 
-@triton.jit
+# The split count and the strides that follow from it are not specialised: a new count compiles nothing.
+@triton.jit(do_not_specialize=["num_splits", "stride_lt", "stride_ls"])
 def _paged_attention_fwd_kernel(
     Q, K_POOL, V_POOL, O, LSE,
     CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
-    scale_log2, split_size,
+    scale_log2, split_size, num_splits,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_os,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_bt, stride_lt, stride_ls,
+    stride_bt, stride_bp, stride_lt, stride_ls,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
-    kv_head = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+    kv_head = tl.program_id(2) // num_splits
+    split = tl.program_id(2) % num_splits
     TOKENS: tl.constexpr = BLOCK_M // GROUP
 
     q_begin = tl.load(CU_SEQLENS_Q + seq)
@@ -108,7 +116,7 @@ def _paged_attention_fwd_kernel(
         for start in range(kv_lo, kv_hi, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_ok = k_pos < kv_hi
-            k, v, _, _ = _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
+            k, v, _, _ = _load_kv_tile(K_POOL, V_POOL, table, stride_bp, k_pos, k_ok, kv_head, dims, dim_ok,
                                        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                                        PAGE_SIZE, UPCAST)
             s = _dot(q, tl.trans(k), IEEE)
@@ -132,21 +140,111 @@ def _paged_attention_fwd_kernel(
             tl.store(LSE + q_row * stride_lt + head * stride_ls + split, lse, mask=row_ok)
 
 
-def _tiles(group: int, head_dim: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): big tiles under the interpreter (its cost is programs x iterations)."""
-    base_m = 64 if interpreting() else (64 if head_dim <= 128 else 32)
-    block_m = max(16, triton.next_power_of_2(group), base_m)
-    block_n = 64 if interpreting() else (64 if head_dim <= 128 else 32)
-    return block_m, block_n
+
+@triton.jit(do_not_specialize=["num_splits", "stride_lpt", "stride_lph"])
+def _merge_splits_kernel(
+    O_PARTS, LSE_PARTS, OUT, LSE, CU_SEQLENS_Q, num_splits,
+    stride_pt, stride_ph, stride_ps, stride_lpt, stride_lph, stride_ot, stride_oh, stride_lt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+):
+    """Flash-decoding's second stage: one program per (sequence, query head) combines the split
+    partial outputs of the sequence's one new token by their log-sum-exp."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_begin = tl.load(CU_SEQLENS_Q + seq)
+    q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_begin
+    if q_len > 0:
+        row = q_begin.to(tl.int64)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        lse_row = LSE_PARTS + row * stride_lpt + head * stride_lph
+        m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)
+        for s0 in range(0, num_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            m = tl.maximum(m, tl.max(tl.load(lse_row + s, mask=s < num_splits, other=float("-inf")), 0))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros([BLOCK_D], tl.float32)
+        weight = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+        for s0 in range(0, num_splits, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            s_ok = s < num_splits
+            w = tl.exp(tl.load(lse_row + s, mask=s_ok, other=float("-inf")) - m_safe)
+            o = tl.load(O_PARTS + row * stride_pt + head * stride_ph + s[:, None] * stride_ps + dims[None, :],
+                        mask=s_ok[:, None] & dim_ok[None, :], other=0.0)
+            total += tl.sum(w[:, None] * o, 0)
+            weight += tl.sum(w, 0)
+        out = total / tl.where(weight == 0.0, 1.0, weight)
+        tl.store(OUT + row * stride_ot + head * stride_oh + dims, out.to(OUT.dtype.element_ty), mask=dim_ok)
+        if STORE_LSE:
+            tl.store(LSE + row * stride_lt + head, tl.where(weight == 0.0, float("-inf"), m_safe + tl.log(weight)))
 
 
-def _decode_splits(batch, num_kv_heads: int, device: torch.device) -> int:
-    """How many programs share one (sequence, kv head) key range in a decode step."""
-    if interpreting() or device.type != "cuda":
+@dataclass(frozen=True)
+class TileConfig:
+    """Tile sizes and launch options of one kernel variant."""
+
+    block_m: int  # query rows (token, head) per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+MAX_SPLITS = 128
+MIN_KEYS_PER_SPLIT = 256
+_MERGE_BLOCK_S = 16
+
+
+def forward_config(group: int, head_dim: int, dtype: torch.dtype, ieee: bool, decode: bool) -> TileConfig:
+    """Tiles of the forward kernel. Under the interpreter: big tiles (its cost is programs x iterations).
+
+    Compiled: a one-token step fills a tile with the kv group's heads only; exact fp32 (IEEE) dots keep
+    three times the products live, so they get smaller key tiles.
+    """
+    rows = max(16, triton.next_power_of_2(group))
+    if interpreting():
+        return TileConfig(max(rows, 64), 64, 4, 1)
+    exact = ieee and dtype == torch.float32
+    block_m = rows if decode else max(rows, 64 if head_dim <= 128 and not exact else 32)
+    if exact:
+        block_n = 32 if head_dim <= 64 else 16
+    else:
+        block_n = 64 if head_dim <= 128 else 32
+    return TileConfig(block_m, block_n, 4 if head_dim <= 64 else 8, 2)
+
+
+def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, num_sms: int) -> int:
+    """Split count of a one-token step for occupancy (FlashAttention-2's num_splits idea).
+
+    A step with at least one program per SM is not split. Otherwise aim at ~4 programs per SM, with at
+    least MIN_KEYS_PER_SPLIT keys per split and at most MAX_SPLITS splits.
+    """
+    programs = max(1, num_seqs * num_kv_heads)
+    if programs >= num_sms:
         return 1
-    programs = max(1, batch.num_seqs * num_kv_heads)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(batch.max_seqlen_k, 512), 16))
+    wanted = triton.cdiv(4 * num_sms, programs)
+    return max(1, min(wanted, triton.cdiv(max(max_seqlen_k, 1), MIN_KEYS_PER_SPLIT), MAX_SPLITS))
+
+
+def check_attention_inputs(op: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch,
+                           **more: torch.Tensor) -> None:
+    """Dtypes, devices and shapes a paged-attention kernel relies on, each failure a KernelInputError."""
+    check_dtype(op, "q", q, ATTENTION_DTYPES)
+    check_same_dtype(op, {"q": q, "k_pool": k_pool, "v_pool": v_pool})
+    meta = check_batch(op, batch)
+    check_same_device(op, {"q": q, "k_pool": k_pool, "v_pool": v_pool, **more, **meta})
+    if q.dim() != 3 or k_pool.dim() != 4 or v_pool.shape != k_pool.shape:
+        raise KernelInputError(f"{op}: q must be [tokens, heads, head_dim] and k_pool, v_pool one shape "
+                               f"[pages, page_size, kv_heads, head_dim]; got q {tuple(q.shape)}, "
+                               f"k_pool {tuple(k_pool.shape)}, v_pool {tuple(v_pool.shape)}")
+    if k_pool.shape[3] != q.shape[2]:
+        raise KernelInputError(f"{op}: q head_dim {q.shape[2]} != k_pool head_dim {k_pool.shape[3]}")
+    if q.shape[1] % k_pool.shape[2]:
+        raise KernelInputError(f"{op}: {q.shape[1]} query heads are not a multiple of {k_pool.shape[2]} kv heads")
+    if q.shape[2] > 256:
+        raise KernelInputError(f"{op}: head_dim {q.shape[2]} > 256 is not supported")
+    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
+        if t.stride(-1) != 1:
+            raise KernelInputError(f"{op}: {name} must be contiguous in its last dimension, strides {t.stride()}")
 
 
 def paged_attention(
@@ -164,33 +262,37 @@ def paged_attention(
 
     `batch` is the step's AttentionBatch. Returns `out` (q's dtype), plus the natural-log
     log-sum-exp (`[T, heads]` fp32) when `return_lse`. `num_splits` forces the decode split count
-    (only used when every q_len <= 1); `ieee` forces exact fp32 dots (default: for fp32 inputs).
-    Rows of `out` that belong to no sequence's new tokens are never written.
+    (only used when every q_len <= 1); `ieee` asks for exact fp32 dots (default: TF32 dots for fp32
+    inputs on the GPU). Rows of `out` that belong to no sequence's new tokens are never written.
+    Reads only device metadata and the batch's host ints: no host-device synchronisation.
     """
+    op = "paged_attention"
+    check_attention_inputs(op, q, k_pool, v_pool, batch, **({"out": out} if out is not None else {}))
+    if out is not None:
+        check_dtype(op, "out", out, q.dtype)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
-    if num_heads % num_kv_heads:
-        raise ValueError(f"paged_attention: {num_heads} query heads are not a multiple of {num_kv_heads} kv heads")
-    if head_dim > 256:
-        raise ValueError(f"paged_attention: head_dim {head_dim} > 256 is not supported")
-    for name, t in (("q", q), ("k_pool", k_pool), ("v_pool", v_pool)):
-        if t.stride(-1) != 1:
-            raise ValueError(f"paged_attention: {name} must be contiguous in its last dimension")
+    num_seqs = batch.cu_seqlens_q.shape[0] - 1
     group = num_heads // num_kv_heads
-    page_size = k_pool.shape[1]
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty((num_tokens, num_heads), dtype=torch.float32, device=q.device) if return_lse else None
-    if num_tokens == 0 or batch.num_seqs == 0:
+    if num_tokens == 0 or num_seqs == 0:
         return (out, lse) if return_lse else out
 
-    block_m, block_n = _tiles(group, head_dim)
-    tokens_per_tile = block_m // group
+    ieee = bool(ieee)
     decode = batch.max_seqlen_q <= 1
-    splits = (num_splits or _decode_splits(batch, num_kv_heads, q.device)) if decode else 1
-    split_size = triton.cdiv(triton.cdiv(max(batch.max_seqlen_k, 1), splits), block_n) * block_n
-    upcast = interpreting() or q.dtype == torch.float32
-    ieee = (q.dtype == torch.float32) if ieee is None else ieee
+    cfg = forward_config(group, head_dim, q.dtype, ieee, decode)
+    if not decode:
+        splits = 1
+    elif num_splits is not None:
+        splits = max(1, int(num_splits))
+    elif interpreting() or q.device.type != "cuda":
+        splits = 1
+    else:
+        splits = choose_num_splits(num_seqs, num_kv_heads, batch.max_seqlen_k, multiprocessor_count(q.device))
+    split_size = triton.cdiv(triton.cdiv(max(batch.max_seqlen_k, 1), splits), cfg.block_n) * cfg.block_n
+    block_d = max(16, triton.next_power_of_2(head_dim))
     if splits > 1:
         o_dst = torch.empty((num_tokens, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
         lse_dst = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32, device=q.device)
@@ -200,31 +302,27 @@ def paged_attention(
         o_dst, lse_dst = out, lse
         o_strides = (out.stride(0), out.stride(1), 0)
         lse_strides = (lse.stride(0), lse.stride(1)) if lse is not None else (0, 0)
-    grid = (batch.num_seqs, triton.cdiv(batch.max_seqlen_q, tokens_per_tile), num_kv_heads * splits)
-    _paged_attention_fwd_kernel[grid](
-        q, k_pool, v_pool, o_dst, lse_dst if lse_dst is not None else out,
-        batch.cu_seqlens_q, batch.seq_lens_k, batch.block_table,
-        scale * _LOG2E, split_size,
-        q.stride(0), q.stride(1), *o_strides,
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
-        v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        batch.block_table.stride(0), *lse_strides,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group,
-        BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=page_size,
-        NUM_SPLITS=splits, STORE_LSE=lse_dst is not None, UPCAST=upcast, IEEE=ieee,
-    )
-    if splits > 1:
-        _merge_splits(o_dst, lse_dst, batch, out, lse)
+    table = batch.block_table
+    grid = (num_seqs, triton.cdiv(batch.max_seqlen_q, cfg.block_m // group), num_kv_heads * splits)
+    with device_guard(q.device):
+        _paged_attention_fwd_kernel[grid](
+            q, k_pool, v_pool, o_dst, lse_dst if lse_dst is not None else out,
+            batch.cu_seqlens_q, batch.seq_lens_k, table,
+            scale * _LOG2E, split_size, splits,
+            q.stride(0), q.stride(1), *o_strides,
+            k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
+            v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
+            table.stride(0), table.stride(1), *lse_strides,
+            HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=k_pool.shape[1],
+            STORE_LSE=lse_dst is not None, UPCAST=interpreting() or q.dtype == torch.float32, IEEE=ieee,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+        if splits > 1:
+            _merge_splits_kernel[(num_seqs, num_heads)](
+                o_dst, lse_dst, out, lse if lse is not None else lse_dst, batch.cu_seqlens_q, splits,
+                o_dst.stride(0), o_dst.stride(1), o_dst.stride(2), lse_dst.stride(0), lse_dst.stride(1),
+                out.stride(0), out.stride(1), lse.stride(0) if lse is not None else 0,
+                HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_MERGE_BLOCK_S, STORE_LSE=lse is not None,
+            )
     return (out, lse) if return_lse else out
-
-
-def _merge_splits(o_parts: torch.Tensor, lse_parts: torch.Tensor, batch, out: torch.Tensor, lse: torch.Tensor | None) -> None:
-    """Combine split-KV partial results by their log-sum-exp, for the rows that exist."""
-    rows = batch.last_token_indices()  # decode: each sequence has at most one new token
-    part_lse = lse_parts[rows]
-    total = torch.logsumexp(part_lse, dim=-1)
-    weights = torch.exp(part_lse - total[..., None])
-    out[rows] = (weights[..., None] * o_parts[rows]).sum(dim=-2).to(out.dtype)
-    if lse is not None:
-        lse[rows] = total
-

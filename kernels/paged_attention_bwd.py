@@ -7,6 +7,11 @@
   adds the result into the gradient pages that mirror the K/V pools. Without atomics: a key slot
   belongs to one sequence and one program per step. Sequences that share pages (forks) exist only in
   generation, never in a training step, so no two programs of a step write the same gradient slot.
+- One-token steps (every q_len <= 1, a continuous-thought step): one fused kernel per (sequence, kv
+  head, key split) reads each K/V tile once for dK/dV and dQ; each split accumulates its share of dQ
+  in fp32 and the shares are summed on the device.
+
+Launch configurations come from a small table keyed on head_dim (the interpreter uses big tiles).
 """
 from __future__ import annotations
 
@@ -14,8 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting
-from .paged_attention import _LOG2E, _dot, _load_kv_tile, _query_rows, _tiles
+from coconut_engine.errors import KernelInputError
+
+from ._launch import check_dtype, check_same_device, device_guard, interpreting, multiprocessor_count
+from .paged_attention import (_LOG2E, TileConfig, _dot, _load_kv_tile, _query_rows, check_attention_inputs,
+                              choose_num_splits)
 
 
 @triton.jit
@@ -24,7 +32,7 @@ def _bwd_dq_kernel(
     CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
     scale, scale_log2,
     stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lt,
-    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt, stride_bp,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -49,7 +57,7 @@ def _bwd_dq_kernel(
         for start in range(0, kv_end, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_ok = k_pos < kv_end
-            k, v, _, _ = _load_kv_tile(K_POOL, V_POOL, table, k_pos, k_ok, kv_head, dims, dim_ok,
+            k, v, _, _ = _load_kv_tile(K_POOL, V_POOL, table, stride_bp, k_pos, k_ok, kv_head, dims, dim_ok,
                                        stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
                                        PAGE_SIZE, UPCAST)
             s = _dot(q, tl.trans(k), IEEE) * scale_log2
@@ -85,7 +93,7 @@ def _bwd_dkdv_kernel(
     scale, scale_log2,
     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_gkp, stride_gks, stride_gkh, stride_gvp, stride_gvs, stride_gvh, stride_bt,
+    stride_gkp, stride_gks, stride_gkh, stride_gvp, stride_gvs, stride_gvh, stride_bt, stride_bp,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
     UPCAST: tl.constexpr, IEEE: tl.constexpr,
@@ -102,7 +110,8 @@ def _bwd_dkdv_kernel(
         dim_ok = dims < HEAD_DIM
         k_pos = k_start + tl.arange(0, BLOCK_N)
         k_ok = k_pos < k_len
-        k, v, page, in_page = _load_kv_tile(K_POOL, V_POOL, BLOCK_TABLE + seq.to(tl.int64) * stride_bt, k_pos, k_ok,
+        k, v, page, in_page = _load_kv_tile(K_POOL, V_POOL, BLOCK_TABLE + seq.to(tl.int64) * stride_bt, stride_bp,
+                                            k_pos, k_ok,
                                             kv_head, dims, dim_ok, stride_kp, stride_ks, stride_kh,
                                             stride_vp, stride_vs, stride_vh, PAGE_SIZE, UPCAST)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -126,42 +135,155 @@ def _bwd_dkdv_kernel(
         tl.store(gv, tl.load(gv, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
 
 
+@triton.jit(do_not_specialize=["num_splits"])
+def _bwd_one_token_kernel(
+    Q, DO, LSE, DELTA, K_POOL, V_POOL, DK_POOL, DV_POOL, DQ,
+    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
+    scale, scale_log2, split_size, num_splits,
+    stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, stride_dqs,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
+    stride_gkp, stride_gks, stride_gkh, stride_gvp, stride_gvs, stride_gvh, stride_bt, stride_bp,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    """Backward of a step whose sequences have at most one new token: each K/V tile is read once for
+    dK, dV and this split's share of dQ."""
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1) // num_splits
+    split = tl.program_id(1) % num_splits
+    q_begin = tl.load(CU_SEQLENS_Q + seq)
+    q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_begin
+    if q_len > 0:
+        k_len = tl.load(SEQ_LENS_K + seq)
+        tok, head, row_ok, q_pos = _query_rows(0, q_len, k_len, kv_head, GROUP, BLOCK_M)
+        dims = tl.arange(0, BLOCK_D)
+        dim_ok = dims < HEAD_DIM
+        q, do, lse2, delta, t = _load_query_grads(Q, DO, LSE, DELTA, q_begin, tok, head, row_ok, dims, dim_ok,
+                                                  stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, UPCAST)
+        kv_lo = split * split_size
+        kv_hi = tl.minimum(k_len, kv_lo + split_size)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        table = BLOCK_TABLE + seq.to(tl.int64) * stride_bt
+        for start in range(kv_lo, kv_hi, BLOCK_N):
+            k_pos = start + tl.arange(0, BLOCK_N)
+            k_ok = k_pos < kv_hi
+            k, v, page, in_page = _load_kv_tile(K_POOL, V_POOL, table, stride_bp, k_pos, k_ok, kv_head, dims,
+                                                dim_ok, stride_kp, stride_ks, stride_kh, stride_vp, stride_vs,
+                                                stride_vh, PAGE_SIZE, UPCAST)
+            s = _dot(q, tl.trans(k), IEEE) * scale_log2
+            visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
+            p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+            dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
+            dq += _dot(ds.to(k.dtype), k, IEEE)
+            kv_mask = k_ok[:, None] & dim_ok[None, :]
+            gk = (DK_POOL + page[:, None] * stride_gkp + in_page[:, None] * stride_gks + kv_head * stride_gkh
+                  + dims[None, :])
+            gv = (DV_POOL + page[:, None] * stride_gvp + in_page[:, None] * stride_gvs + kv_head * stride_gvh
+                  + dims[None, :])
+            tl.store(gk, tl.load(gk, mask=kv_mask, other=0.0) + dk, mask=kv_mask)
+            tl.store(gv, tl.load(gv, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
+        tl.store(DQ + t[:, None] * stride_dqt + head[:, None] * stride_dqh + split * stride_dqs + dims[None, :],
+                 (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None] & dim_ok[None, :])
+
+
+def backward_config(group: int, head_dim: int, dtype: torch.dtype, ieee: bool, one_token: bool) -> TileConfig:
+    """Tiles and launch options of the backward kernels, by head_dim (the interpreter: big tiles).
+
+    dK/dV keeps two [BLOCK_N, head_dim] fp32 accumulators live: from head_dim 80 up it runs 8 warps
+    with smaller key tiles so that nothing spills (kernels/aot_check.py checks it for sm_90a and sm_80);
+    exact fp32 (IEEE) dots get smaller tiles still.
+    """
+    rows = max(16, triton.next_power_of_2(group))
+    if interpreting():
+        return TileConfig(max(rows, 64), 64, 4, 1)
+    exact = ieee and dtype == torch.float32
+    tf32 = dtype == torch.float32 and not exact  # fp32 operands are twice as wide: smaller tiles, 4 warps fit
+    if one_token:
+        return TileConfig(rows, 16 if exact else 32, 8, 2)
+    if head_dim <= 64:
+        return TileConfig(max(rows, 32 if exact or tf32 else 64), 32, 4, 2)
+    if head_dim <= 128:
+        if tf32:
+            return TileConfig(max(rows, 32), 16, 4, 2)
+        return TileConfig(max(rows, 32), 16 if exact else 32, 8, 2)
+    return TileConfig(max(rows, 16), 16, 8, 2)
+
+
 def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float,
-                             ieee: bool | None = None) -> torch.Tensor:
-    """Gradients of `paged_attention`: returns dq; adds dK/dV (fp32) into the gradient pools."""
+                             ieee: bool | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Gradients of `paged_attention`: returns dq; adds dK/dV (fp32) into the gradient pools.
+
+    A step whose sequences have at most one new token each runs the fused one-token kernel (its keys
+    split across programs as the forward's; `num_splits` forces the count). `ieee` asks for exact fp32
+    dots (default: TF32 dots for fp32 inputs on the GPU).
+    """
+    op = "paged_attention_backward"
+    check_attention_inputs(op, q, k_pool, v_pool, batch)
+    check_same_device(op, {"q": q, "dout": dout, "out": out, "lse": lse, "grad_k_pool": grad_k_pool,
+                           "grad_v_pool": grad_v_pool})
+    for name, t in (("dout", dout), ("out", out)):
+        check_dtype(op, name, t, q.dtype)
+    for name, t in (("lse", lse), ("grad_k_pool", grad_k_pool), ("grad_v_pool", grad_v_pool)):
+        check_dtype(op, name, t, torch.float32)
+    if grad_k_pool.shape != k_pool.shape or grad_v_pool.shape != k_pool.shape:
+        raise KernelInputError(f"{op}: grad_k_pool {tuple(grad_k_pool.shape)} and grad_v_pool "
+                               f"{tuple(grad_v_pool.shape)} must have k_pool's shape {tuple(k_pool.shape)}")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
+    num_seqs = batch.cu_seqlens_q.shape[0] - 1
     group = num_heads // num_kv_heads
     dq = torch.empty_like(q)
-    if num_tokens == 0:
+    if num_tokens == 0 or num_seqs == 0:
         return dq
-    if grad_k_pool.dtype != torch.float32 or grad_v_pool.dtype != torch.float32:
-        raise ValueError("paged_attention_backward: gradient pools must be float32")
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1).contiguous()
     lse = lse.contiguous()
-    block_m, block_n = _tiles(group, head_dim)
-    tokens_per_tile = block_m // group
-    upcast = interpreting() or q.dtype == torch.float32
-    ieee = (q.dtype == torch.float32) if ieee is None else ieee
+    ieee = bool(ieee)
+    one_token = batch.max_seqlen_q <= 1
+    cfg = backward_config(group, head_dim, q.dtype, ieee, one_token)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group,
-                  BLOCK_M=block_m, BLOCK_N=block_n, PAGE_SIZE=k_pool.shape[1], UPCAST=upcast, IEEE=ieee)
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=k_pool.shape[1],
+                  UPCAST=interpreting() or q.dtype == torch.float32, IEEE=ieee,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     pools = (k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2))
-    _bwd_dq_kernel[(batch.num_seqs, triton.cdiv(batch.max_seqlen_q, tokens_per_tile), num_kv_heads)](
-        q, dout, lse, delta, k_pool, v_pool, dq,
-        batch.cu_seqlens_q, batch.seq_lens_k, batch.block_table,
-        scale, scale * _LOG2E,
-        q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
-        *pools, batch.block_table.stride(0), **common,
-    )
-    _bwd_dkdv_kernel[(batch.num_seqs, triton.cdiv(batch.max_seqlen_k, block_n), num_kv_heads)](
-        q, dout, lse, delta, k_pool, v_pool, grad_k_pool, grad_v_pool,
-        batch.cu_seqlens_q, batch.seq_lens_k, batch.block_table,
-        scale, scale * _LOG2E,
-        q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
-        *pools,
-        grad_k_pool.stride(0), grad_k_pool.stride(1), grad_k_pool.stride(2),
-        grad_v_pool.stride(0), grad_v_pool.stride(1), grad_v_pool.stride(2), batch.block_table.stride(0),
-        **common,
-    )
+    grads = (grad_k_pool.stride(0), grad_k_pool.stride(1), grad_k_pool.stride(2),
+             grad_v_pool.stride(0), grad_v_pool.stride(1), grad_v_pool.stride(2))
+    table = batch.block_table
+    meta = (batch.cu_seqlens_q, batch.seq_lens_k, table)
+    with device_guard(q.device):
+        if one_token:
+            if num_splits is not None:
+                splits = max(1, int(num_splits))
+            elif interpreting() or q.device.type != "cuda":
+                splits = 1
+            else:
+                splits = choose_num_splits(num_seqs, num_kv_heads, batch.max_seqlen_k, multiprocessor_count(q.device))
+            split_size = triton.cdiv(triton.cdiv(max(batch.max_seqlen_k, 1), splits), cfg.block_n) * cfg.block_n
+            dq_dst = dq if splits == 1 else torch.empty((num_tokens, num_heads, splits, head_dim),
+                                                        dtype=torch.float32, device=q.device)
+            _bwd_one_token_kernel[(num_seqs, num_kv_heads * splits)](
+                q, dout, lse, delta, k_pool, v_pool, grad_k_pool, grad_v_pool, dq_dst, *meta,
+                scale, scale * _LOG2E, split_size, splits,
+                q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
+                dq_dst.stride(0), dq_dst.stride(1), dq_dst.stride(2) if splits > 1 else 0,
+                *pools, *grads, table.stride(0), table.stride(1), **common,
+            )
+            if splits > 1:
+                dq.copy_(dq_dst.sum(2))
+            return dq
+        _bwd_dq_kernel[(num_seqs, triton.cdiv(batch.max_seqlen_q, cfg.block_m // group), num_kv_heads)](
+            q, dout, lse, delta, k_pool, v_pool, dq, *meta,
+            scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
+            *pools, table.stride(0), table.stride(1), **common,
+        )
+        _bwd_dkdv_kernel[(num_seqs, triton.cdiv(batch.max_seqlen_k, cfg.block_n), num_kv_heads)](
+            q, dout, lse, delta, k_pool, v_pool, grad_k_pool, grad_v_pool, *meta,
+            scale, scale * _LOG2E,
+            q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
+            *pools, *grads, table.stride(0), table.stride(1), **common,
+        )
     return dq

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import interpreting
+from ._launch import ATTENTION_DTYPES, check_dtype, check_same_device, device_guard, interpreting
 
 
 @triton.jit
@@ -25,7 +25,15 @@ def _store_kv_kernel(K, V, K_POOL, V_POOL, SLOTS, num_tokens, stride_k, stride_v
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write `k`, `v` (`[T, kv_heads, head_dim]`, heads and dims contiguous) at `slot_mapping` (-1 = skip)."""
+    """Write `k`, `v` (`[T, kv_heads, head_dim]`, heads and dims contiguous) at `slot_mapping` (-1 = skip).
+
+    k and v are converted to the pools' dtype on the way; wrong dtypes or devices raise KernelInputError.
+    """
+    op = "store_kv"
+    for name, t in (("k", k), ("v", v), ("k_pool", k_pool), ("v_pool", v_pool)):
+        check_dtype(op, name, t, ATTENTION_DTYPES)
+    check_dtype(op, "slot_mapping", slot_mapping, torch.int64)
+    check_same_device(op, {"k": k, "v": v, "k_pool": k_pool, "v_pool": v_pool, "slot_mapping": slot_mapping})
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return
@@ -38,5 +46,6 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
             raise ValueError(f"store_kv: {name} must be contiguous")
     block_t = 64 if interpreting() else 8
     grid = (triton.cdiv(num_tokens, block_t),)
-    _store_kv_kernel[grid](k, v, k_pool, v_pool, slot_mapping, num_tokens, k.stride(0), v.stride(0),
-                           ROW=row, BLOCK_T=block_t, BLOCK_R=triton.next_power_of_2(row))
+    with device_guard(k.device):
+        _store_kv_kernel[grid](k, v, k_pool, v_pool, slot_mapping, num_tokens, k.stride(0), v.stride(0),
+                               ROW=row, BLOCK_T=block_t, BLOCK_R=triton.next_power_of_2(row))

@@ -11,16 +11,20 @@ THOUGHTS = [2, 0, 4, 1]
 DECODE = [[11, 12], [13, 14], [15, 16], [17, 18]]
 
 
-def run_on_cache(model, page_size):
-    """Prefill, thought steps (hidden state fed back), decode steps; returns per-sequence hidden rows."""
-    cache = PagedKVCache(model.config, num_pages=64, page_size=page_size)
+def run_on_cache(model, page_size, pool_dtype=torch.float32):
+    """Prefill, thought steps (hidden state fed back), decode steps; returns per-sequence hidden rows.
+
+    The cache (pools of `pool_dtype`) and the token ids live on the model's device.
+    """
+    device = model.embed_tokens.weight.device
+    cache = PagedKVCache(model.config, num_pages=64, page_size=page_size, dtype=pool_dtype, device=device)
     seqs = list(range(len(PROMPTS)))
     for s in seqs:
         cache.add_sequence(s)
     rows = {s: [] for s in seqs}
     inputs = {s: [] for s in seqs}  # what each position was fed, for the reference
     batch = cache.prepare(seqs, [len(p) for p in PROMPTS])
-    hidden = model(batch, input_ids=torch.tensor(sum(PROMPTS, [])), cache=cache)
+    hidden = model(batch, input_ids=torch.tensor(sum(PROMPTS, []), device=device), cache=cache)
     start = 0
     for s, p in zip(seqs, PROMPTS):
         rows[s] += list(hidden[start : start + len(p)])
@@ -36,7 +40,7 @@ def run_on_cache(model, page_size):
             rows[s].append(hidden[i])
     for step in range(len(DECODE[0])):
         ids = [DECODE[s][step] for s in seqs]
-        hidden = model(cache.prepare(seqs, [1] * len(seqs)), input_ids=torch.tensor(ids), cache=cache)
+        hidden = model(cache.prepare(seqs, [1] * len(seqs)), input_ids=torch.tensor(ids, device=device), cache=cache)
         for i, s in enumerate(seqs):
             inputs[s].append(model.embed_tokens.weight[ids[i]])
             rows[s].append(hidden[i])

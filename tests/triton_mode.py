@@ -1,0 +1,29 @@
+"""How the test run executes Triton kernels: in the CPU interpreter, or compiled for a CUDA GPU.
+
+One process can only do one of the two (`@triton.jit` reads TRITON_INTERPRET when a kernel is defined).
+The default is the interpreter even on a CUDA host, so the CPU tests (which hand CPU tensors to the
+kernels) pass everywhere; COCONUT_GPU_TESTS=1 asks for compiled kernels, which the GPU tests
+(tests/test_gpu_kernels.py) need and which benchmarks/gpu_check.sh runs in a second pytest process.
+An explicit TRITON_INTERPRET wins.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+INTERPRET = "interpret"
+COMPILED = "compiled"
+
+
+class TritonModeError(Exception):
+    """The environment asks for a mode this machine cannot run."""
+
+
+def choose(cuda_available: bool, environ: Mapping[str, str]) -> str:
+    """INTERPRET or COMPILED for this run, from the CUDA check and the environment."""
+    if "TRITON_INTERPRET" in environ:
+        return INTERPRET if environ["TRITON_INTERPRET"] == "1" else COMPILED
+    if environ.get("COCONUT_GPU_TESTS", "0") == "1":
+        if not cuda_available:
+            raise TritonModeError("COCONUT_GPU_TESTS=1 needs a CUDA GPU, and torch sees none")
+        return COMPILED
+    return INTERPRET
