@@ -140,3 +140,17 @@ def test_prepare_takes_integer_counts_only(counts):
     assert cache.seq_len(0) == 0 and cache.num_free_pages == 4
     with pytest.raises(InvalidArgumentError, match="page_size must be an integer"):
         PagedKVCache(config, num_pages=4, page_size=4.0)
+
+
+def test_weights_that_overflow_the_load_dtype_are_refused(llama_dir):
+    # finite in the file (float32), Inf once converted to float16: as bad as an Inf in the file
+    tensors = load_file(llama_dir / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].float()
+    tensors["model.layers.0.mlp.down_proj.weight"][1, 2] = 1e6
+    save_file(tensors, llama_dir / "model.safetensors")
+    assert torch.isfinite(load_model(llama_dir).layers[0].mlp.down_proj.weight).all()  # float32 holds it
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' holds values outside "
+                                              r"the range of torch\.float16"):
+        load_model(llama_dir, dtype="float16")
+    model = load_model(llama_dir, dtype="float16", allow_non_finite=True)
+    assert not torch.isfinite(model.layers[0].mlp.down_proj.weight).all()
