@@ -118,7 +118,7 @@ class Generator:
         as each result is ready (finishing order), e.g. to write it out before the rest are done.
         """
         check_sampling(temperature, top_k, top_p, max_new_tokens, n, seed)
-        counts = list(num_thoughts) if isinstance(num_thoughts, (list, tuple)) else [num_thoughts] * len(prompts)
+        counts = _per_request(num_thoughts, len(prompts))
         if len(counts) != len(prompts):
             raise InvalidArgumentError(f"num_thoughts: {len(counts)} thought counts for {len(prompts)} prompts")
         stop_ids, stop_texts, stop_error = _split_stop(stop)
@@ -175,8 +175,9 @@ class Generator:
         """Validate and tokenize one request; returns (request, None) or (None, error message)."""
         if stop_error:
             return None, f"request {index}: {stop_error}"
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        if not is_integer(k) or k < 0:
             return None, f"request {index}: num_thoughts must be an integer >= 0, got {k!r}"
+        k = int(k)
         markers = (k > 0) if thought_markers is None else thought_markers
         if markers and self.special_tokens is None:
             return None, (f"request {index}: thoughts need the special tokens {SPECIAL_TOKEN_TEXTS}: pass a "
@@ -341,6 +342,17 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
         filtered[order[keep]] = sorted_probs[keep]
         probs = filtered / filtered.sum()
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _per_request(num_thoughts, count: int) -> list:
+    """One thought count per prompt: a sequence of counts (list, tuple, range, array) as is, anything
+    else (one count, or a bad value that each request then reports) repeated for every prompt."""
+    if is_integer(num_thoughts) or isinstance(num_thoughts, (str, bytes, dict)):
+        return [num_thoughts] * count
+    try:
+        return list(num_thoughts)
+    except TypeError:  # not iterable: a float, None, ...
+        return [num_thoughts] * count
 
 
 def _split_stop(stop) -> tuple[set[int], list[str], str | None]:

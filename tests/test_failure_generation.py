@@ -98,3 +98,16 @@ def test_malformed_prompts_and_counts_are_per_request_errors(gpt2):
     # a single stop id is one stop, not an iterable to unpack
     greedy = gen.generate([[5, 6]], max_new_tokens=4)[0].token_ids
     assert gen.generate([[5, 6]], max_new_tokens=4, stop=greedy[1])[0].token_ids == greedy[: greedy.index(greedy[1]) + 1]
+
+
+def test_any_sequence_of_thought_counts_is_one_count_per_prompt(gpt2):
+    # a range or a numpy array is one count per prompt (as before the type checks), numpy ints are integers
+    import numpy as np
+
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    expected = [r.token_ids for r in gen.generate([[5, 6], [7, 8]], num_thoughts=[0, 1], max_new_tokens=3)]
+    for counts in (range(2), np.array([0, 1]), (np.int64(0), np.int32(1))):
+        results = gen.generate([[5, 6], [7, 8]], num_thoughts=counts, max_new_tokens=3)
+        assert [r.error for r in results] == [None, None] and [r.token_ids for r in results] == expected
+        assert [r.num_thoughts for r in results] == [0, 1]
+    assert gen.generate([[7, 8]], num_thoughts=np.int64(1), max_new_tokens=3)[0].token_ids == expected[1]
