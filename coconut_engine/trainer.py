@@ -281,9 +281,12 @@ class Trainer:
                                                                       attention_backend=cfg.attention_backend)
             if info.get("mode") != cfg.mode:
                 raise TrainingError(f"{latest}: trained in mode {info.get('mode')!r}, config says {cfg.mode!r}")
-            changed = config_changes(state.get("config", {}), dataclasses.asdict(cfg))
+            saved = state.get("config", {})  # checkpoints written before the run config was recorded: {}
+            if not isinstance(saved, dict):
+                raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got "
+                                    f"{type(saved).__name__}")
+            changed = config_changes(saved, dataclasses.asdict(cfg))
             if changed:
-                saved = state["config"]
                 diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
                 raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
                                     f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
