@@ -100,3 +100,21 @@ def test_eval_reports_failed_requests_and_exits_non_zero(checkpoint, tmp_path, c
     assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed"] == 0
     code, error = run("eval", "--model", model, "--data", str(tmp_path / "nope.json"))
     assert code != 0 and "nope.json: file not found" in error
+
+
+def test_requests_keep_unicode_line_separators_inside_prompts(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, \x0c, \x85 raw inside a string: still one line each
+    from coconut_engine.requests import read_requests
+
+    path = tmp_path / "q.jsonl"
+    prompts = ["a\u2028b", "form\x0cfeed \x85 next", "plain"]
+    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\r\n" for p in prompts), encoding="utf-8")
+    assert [r.prompt for r in read_requests(path)] == prompts
+    path.write_text('{"prompt": "ok"}\n\u2028\n{"prompt": 5}\n', encoding="utf-8")
+    with pytest.raises(Exception, match=r"q\.jsonl:3: 'prompt' must be a string"):  # line numbers as an editor's
+        read_requests(path)
+
+
+def test_eval_data_that_cannot_be_read_is_an_error_naming_it(checkpoint, tmp_path):
+    code, error = run("eval", "--model", str(checkpoint[0]), "--data", str(tmp_path))
+    assert code != 0 and error == f"error: {tmp_path}: cannot read (Is a directory)"
