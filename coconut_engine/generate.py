@@ -362,6 +362,8 @@ def _split_stop(stop) -> tuple[set[int], list[str], str | None]:
     for item in stop or ():
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             return set(), [], f"stop entries must be token ids (int) or strings, got {type(item).__name__} {item!r}"
+        if item == "":  # "" is in every text: every request would stop after one token
+            return set(), [], "stop strings must not be empty"
         (ids.add(item) if isinstance(item, int) else texts.append(item))
     return ids, texts, None
 

@@ -8,9 +8,7 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
-
-from .validation import is_integer
+from .validation import check_device, is_integer
 
 # Keys whose change on resume does not change the weights the remaining epochs compute (up to float
 # rounding): where files go and what is printed, how a step is split or computed, how much is
@@ -62,12 +60,7 @@ def check_types_and_ranges(cfg, error) -> None:
     if cfg.attention_backend not in ATTENTION_BACKENDS:
         raise error(f"attention_backend {cfg.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
     if cfg.device is not None:
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError) as exc:
-            raise error(f"device {cfg.device!r} is not a torch device ({exc})") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise error(f"device {cfg.device!r}: CUDA is not available on this machine")
+        check_device(cfg.device, "device", error)
     for key in ("train_path", "val_path"):
         path = getattr(cfg, key)
         if path is not None and Path(path).is_dir():

@@ -118,3 +118,33 @@ def test_requests_keep_unicode_line_separators_inside_prompts(tmp_path):
 def test_eval_data_that_cannot_be_read_is_an_error_naming_it(checkpoint, tmp_path):
     code, error = run("eval", "--model", str(checkpoint[0]), "--data", str(tmp_path))
     assert code != 0 and error == f"error: {tmp_path}: cannot read (Is a directory)"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"c_thought": "x"}, r"coconut\.json: c_thought must be an integer >= 0, got 'x'"),
+    ({"stage": "2"}, r"coconut\.json: stage must be an integer >= 0, got '2'"),
+    ({"pad_latent_to_max": "no"}, r"coconut\.json: pad_latent_to_max must be true or false, got 'no'"),
+    ({"mode": "weird"}, r"coconut\.json: mode 'weird' is not one of"),
+    ({"c_thought": None}, r"coconut\.json: c_thought must be an integer >= 0, got None"),
+    ("c_thought", r"coconut\.json lacks c_thought \(needed to evaluate\)"),
+])
+def test_eval_names_malformed_curriculum_settings_in_coconut_json(checkpoint, tmp_path, change, message):
+    # before: raw TypeErrors, "error: 'c_thought'", or "no" taken as true
+    import re
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint[0], model)
+    info = json.loads((model / "coconut.json").read_text())
+    info.pop(change) if isinstance(change, str) else info.update(change)
+    (model / "coconut.json").write_text(json.dumps(info))
+    code, error = run("eval", "--model", str(model), "--data", str(checkpoint[1]), "--max-new-tokens", "2")
+    assert code != 0 and error.startswith("error: ") and re.search(message, error), error
+
+
+def test_a_bad_device_is_an_error_naming_the_argument(checkpoint):
+    model, data = map(str, checkpoint)
+    code, error = run("generate", "--model", model, "--device", "gpu9", "hi")
+    assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
+    code, error = run("eval", "--model", model, "--data", data, "--device", "gpu9")
+    assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")

@@ -111,3 +111,10 @@ def test_any_sequence_of_thought_counts_is_one_count_per_prompt(gpt2):
         assert [r.error for r in results] == [None, None] and [r.token_ids for r in results] == expected
         assert [r.num_thoughts for r in results] == [0, 1]
     assert gen.generate([[7, 8]], num_thoughts=np.int64(1), max_new_tokens=3)[0].token_ids == expected[1]
+
+
+def test_an_empty_stop_string_is_a_request_error(gpt2):
+    # "" is in every text: before, every request silently stopped after its first token
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    result = gen.generate([[5, 6]], max_new_tokens=4, stop=["", 7])[0]
+    assert result.finish_reason == "error" and "stop strings must not be empty" in result.error
