@@ -330,7 +330,11 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     top_k, top_p = params.top_k, params.top_p
-    logits = logits.cpu() / params.temperature
+    logits = logits.cpu()
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is shift-invariant)
+        scaled = (logits - logits.max()) / params.temperature
+    logits = scaled
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -118,3 +118,12 @@ def test_an_empty_stop_string_is_a_request_error(gpt2):
     gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
     result = gen.generate([[5, 6]], max_new_tokens=4, stop=["", 7])[0]
     assert result.finish_reason == "error" and "stop strings must not be empty" in result.error
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_crashing(gpt2):
+    # logits / 1e-39 overflowed to inf in float32 and torch.multinomial killed the whole batch
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    greedy = gen.generate([[5, 6], [7, 8]], max_new_tokens=3)
+    for temperature in (1e-39, 1e-45):
+        sampled = gen.generate([[5, 6], [7, 8]], max_new_tokens=3, temperature=temperature)
+        assert [r.token_ids for r in sampled] == [r.token_ids for r in greedy]
