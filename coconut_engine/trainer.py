@@ -94,17 +94,10 @@ class TrainConfig:
             if not cond:
                 raise TrainingError(f"config: {message}")
 
-        check_types_and_ranges(self, lambda message: TrainingError(f"config: {message}"))
+        check_types_and_ranges(self, lambda message: TrainingError(f"config: {message}"))  # types, ranges
         need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
-        need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
-        need(self.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
-        need(self.stage0_epochs is None or self.stage0_epochs >= 0, "stage0_epochs must be >= 0")
         need(not (self.stage0_epochs is not None and self.mode in ("cot", "no_cot")),
              f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1")
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need((self.train_path is None) == (self.val_path is None),
