@@ -148,3 +148,27 @@ def test_a_bad_device_is_an_error_naming_the_argument(checkpoint):
     assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
     code, error = run("eval", "--model", model, "--data", data, "--device", "gpu9")
     assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
+
+
+def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
+    # evaluate() counts failed requests as wrong; the main job printed that accuracy without a word
+    import coconut_engine.main_job as main_job
+
+    class Finished:
+        def __init__(self, config):
+            self.decoder = self.tokenizer = self.tokens = self.rules = None
+
+        def run(self):
+            return [{"epoch": 1, "stage": 0, "accuracy": 0.5, "tokens_per_answer": 3.0, "val_loss": 1.0,
+                     "thoughts_per_answer": 0.0}]
+
+    valid = tmp_path / "valid.json"
+    valid.write_text(json.dumps([{"question": "q?", "steps": [], "answer": "a"}] * 2))
+    monkeypatch.setattr(main_job, "Trainer", Finished)
+    monkeypatch.setattr(main_job, "PROSQA_VALID", valid)
+    monkeypatch.setattr(main_job, "evaluate", lambda *args, **kwargs: {
+        "accuracy": 0.5, "errors": ["record 1: request 1: need 1100 positions"]})
+    result = main_job.run_main_job(tmp_path / "out", scale=0.01, progress=False)
+    assert result["prosqa_valid_failed"] == 1
+    assert "1 of 2 ProsQA requests failed and count as wrong (first: record 1: request 1: need 1100 positions)" \
+        in (tmp_path / "out" / "results.md").read_text()
