@@ -166,6 +166,19 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...
     return headers
 
 
+_LAYER_INDEX = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.")
+
+
+def _check_layer_count(headers, config: ModelConfig, path: Path) -> None:
+    """A config with more layers than the files hold is an error naming the key: building even a meta
+    Decoder of 10**6 layers takes minutes and gigabytes of host memory."""
+    found = {int(m.group(1)) for name in headers if (m := _LAYER_INDEX.match(_canonical_name(name, config)))}
+    if config.num_layers - 1 not in found:
+        key = "n_layer" if config.model_type == "gpt2" else "num_hidden_layers"
+        raise CheckpointError(f"{path / 'config.json'}: {key}={config.num_layers}, but the weights hold "
+                              f"{len(found)} layer(s) (no tensor of layer {config.num_layers - 1})")
+
+
 def _check_headers(headers, layout: dict[str, TensorSlot], params: dict[str, torch.Tensor],
                    config: ModelConfig, path: Path, files: list[Path]) -> dict[str, tuple[Path, str]]:
     """Match the headers against the config's layout before anything is allocated; returns
@@ -223,10 +236,12 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
     config = ModelConfig.from_file(path)
     dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
+    headers = read_headers(files)
+    _check_layer_count(headers, config, path)  # before a Decoder of the config's depth is built, even on meta
     with torch.device("meta"):
         model = Decoder(config, attention_backend=attention_backend)
     layout = checkpoint_layout(config)
-    wanted = _check_headers(read_headers(files), layout, dict(model.named_parameters()), config, path, files)
+    wanted = _check_headers(headers, layout, dict(model.named_parameters()), config, path, files)
     model = model.to(dtype).to_empty(device=device)
     model.reset_buffers()
     params = dict(model.named_parameters())

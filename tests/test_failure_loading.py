@@ -154,3 +154,18 @@ def test_weights_that_overflow_the_load_dtype_are_refused(llama_dir):
         load_model(llama_dir, dtype="float16")
     model = load_model(llama_dir, dtype="float16", allow_non_finite=True)
     assert not torch.isfinite(model.layers[0].mlp.down_proj.weight).all()
+
+
+def test_a_config_deeper_than_the_weights_fails_before_building_the_model(llama_dir, monkeypatch):
+    # before: a meta Decoder of num_hidden_layers blocks was built first (10**6: minutes, gigabytes)
+    import coconut_engine.loader as loader
+
+    edit_config(llama_dir, num_hidden_layers=10**6)
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("a Decoder was built before the layer count was checked")
+
+    monkeypatch.setattr(loader, "Decoder", not_yet)
+    with pytest.raises(CheckpointError, match=r"config\.json: num_hidden_layers=1000000, but the weights hold 2 "
+                                              r"layer\(s\) \(no tensor of layer 999999\)"):
+        load_model(llama_dir)
