@@ -316,7 +316,10 @@ class Trainer:
             return records, tokenized
         first = too_long[0]
         if not self.cfg.drop_long_records:
-            raise TrainingError(f"{path}: record {first} needs {need[first]} positions, more than the model's "
+            by_eval = (eval_new_tokens is not None
+                       and positions_needed(tokenized[first], self.rules, self.tokens) <= limit)
+            why = f" (its evaluation prompt and thoughts + eval_max_new_tokens={eval_new_tokens})" if by_eval else ""
+            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than the model's "
                                 f"max_position_embeddings={limit} ({len(too_long)} record(s) too long; "
                                 "drop_long_records: true drops them)")
         if len(too_long) == len(records):

@@ -245,3 +245,11 @@ def test_resume_names_a_malformed_run_config(tmp_path):
     state.write_text(json.dumps({**json.loads(state.read_text()), "config": ["lr", 1]}))
     with pytest.raises(TrainingError, match=r"trainer_state\.json: 'config' must be an object, got list"):
         Trainer(tiny(tmp_path, num_epochs=2, resume=True))
+
+
+def test_a_record_too_long_only_for_evaluation_names_eval_max_new_tokens(tmp_path):
+    # every sample fits; the evaluation prompt + eval_max_new_tokens does not: say which key makes it long
+    with pytest.raises(TrainingError, match=r"val\.json: record 0 needs \d+ positions \(its evaluation prompt and "
+                                            r"thoughts \+ eval_max_new_tokens=1100\), more than the model's "
+                                            r"max_position_embeddings=1024"):
+        Trainer(tiny(tmp_path, eval_max_new_tokens=1100))
