@@ -118,6 +118,9 @@ class Generator:
         as each result is ready (finishing order), e.g. to write it out before the rest are done.
         """
         check_sampling(temperature, top_k, top_p, max_new_tokens, n, seed)
+        if isinstance(prompts, (str, bytes)):  # would be one request per character
+            raise InvalidArgumentError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
+                                       f"{prompts!r:.40}: pass [prompt]")
         counts = _per_request(num_thoughts, len(prompts))
         if len(counts) != len(prompts):
             raise InvalidArgumentError(f"num_thoughts: {len(counts)} thought counts for {len(prompts)} prompts")

@@ -127,3 +127,10 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_crashing(gpt2):
     for temperature in (1e-39, 1e-45):
         sampled = gen.generate([[5, 6], [7, 8]], max_new_tokens=3, temperature=temperature)
         assert [r.token_ids for r in sampled] == [r.token_ids for r in greedy]
+
+
+def test_one_string_as_prompts_is_refused_not_split_into_characters(gpt2):
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    with pytest.raises(InvalidArgumentError, match=r"prompts must be a list of prompts, got one str 'hello'"):
+        gen.generate("hello", max_new_tokens=2)
+    assert gen.cache.num_free_pages == 16
