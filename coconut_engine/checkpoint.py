@@ -99,7 +99,32 @@ def read_coconut_info(path: str | Path) -> tuple[SpecialTokens, dict]:
         tokens = SpecialTokens(**info.pop("special_tokens"))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed ({exc})") from exc
+    for key, kind in _INFO_FIELDS.items():  # optional (a model trained elsewhere has only the tokens)
+        value = info.get(key)
+        ok = isinstance(value, str) if kind is str else isinstance(value, bool) if kind is bool else \
+            is_integer(value) and value >= 0
+        if key in info and not ok:
+            want = {str: "a string", bool: "true or false"}.get(kind, "an integer >= 0")
+            raise CheckpointError(f"{path}: {key} must be {want}, got {value!r}")
     return tokens, info
+
+
+# The curriculum settings of coconut.json and their types (int: an integer >= 0).
+_INFO_FIELDS = {"mode": str, "c_thought": int, "max_latent_stage": int, "pad_latent_to_max": bool, "stage": int}
+
+
+def coconut_rules(path: str | Path, info: dict):
+    """The StageRules and stage a checkpoint was trained with (its coconut.json), for evaluation."""
+    from .data import StageRules
+
+    missing = [key for key in _INFO_FIELDS if key not in info]
+    if missing:
+        raise CheckpointError(f"{Path(path) / COCONUT_FILE} lacks {', '.join(missing)} (needed to evaluate)")
+    try:
+        rules = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0, info["mode"])
+    except ValueError as exc:  # DataError: an inconsistent curriculum
+        raise CheckpointError(f"{Path(path) / COCONUT_FILE}: {exc}") from exc
+    return rules, info["stage"]
 
 
 def load_checkpoint(path: str | Path, device="cpu", attention_backend: str = "auto"):

@@ -59,7 +59,10 @@ def _generate(args: argparse.Namespace) -> int:
     from .generate import Generator
     from .loader import load_model, load_tokenizer
     from .requests import InOrder, PromptRequest, read_requests
+    from .validation import check_device
 
+    if args.device is not None:
+        check_device(args.device, "--device")
     requests = read_requests(args.input) if args.input else [PromptRequest(p) for p in args.prompts]
     prompts = [r.prompt for r in requests]
     thoughts = [args.num_thoughts if r.num_thoughts is None else r.num_thoughts for r in requests]
@@ -148,24 +151,26 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Answer accuracy of a trained checkpoint on an official-format JSON file."""
-    from .checkpoint import load_checkpoint
-    from .data import StageRules, load_records
+    from .checkpoint import coconut_rules, load_checkpoint
+    from .data import load_records
     from .errors import CoconutEngineError, InvalidArgumentError
     from .trainer import evaluate
+    from .validation import check_device
 
     try:
         if args.stage is not None and args.stage < 0:
             raise InvalidArgumentError(f"--stage must be >= 0, got {args.stage}")
         if args.max_new_tokens < 1:
             raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        if args.device is not None:
+            check_device(args.device, "--device")
         records = load_records(args.data)
         out = _open_output(args.output)
         try:
             decoder, tokenizer, tokens, info, _ = load_checkpoint(args.model, device=args.device or "cpu",
                                                                   attention_backend=args.backend)
-            rules = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0,
-                               info["mode"])
-            stage = info["stage"] if args.stage is None else args.stage
+            rules, trained_stage = coconut_rules(args.model, info)
+            stage = trained_stage if args.stage is None else args.stage
             result = evaluate(decoder, tokenizer, tokens, records, stage, rules, args.max_new_tokens, progress=True)
             if out is not None:
                 out.writelines(json.dumps(g) + "\n" for g in result["generations"])

@@ -99,6 +99,8 @@ def load_records(path: str | Path) -> list[Record]:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    except OSError as exc:  # a folder, no permission, ...
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:

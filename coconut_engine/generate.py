@@ -119,7 +119,10 @@ class Generator:
         as each result is ready (finishing order), e.g. to write it out before the rest are done.
         """
         check_sampling(temperature, top_k, top_p, max_new_tokens, n, seed)
-        counts = list(num_thoughts) if isinstance(num_thoughts, (list, tuple)) else [num_thoughts] * len(prompts)
+        if isinstance(prompts, (str, bytes)):  # would be one request per character
+            raise InvalidArgumentError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
+                                       f"{prompts!r:.40}: pass [prompt]")
+        counts = _per_request(num_thoughts, len(prompts))
         if len(counts) != len(prompts):
             raise InvalidArgumentError(f"num_thoughts: {len(counts)} thought counts for {len(prompts)} prompts")
         stop_ids, stop_texts, stop_error = _split_stop(stop)
@@ -176,8 +179,9 @@ class Generator:
         """Validate and tokenize one request; returns (request, None) or (None, error message)."""
         if stop_error:
             return None, f"request {index}: {stop_error}"
-        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        if not is_integer(k) or k < 0:
             return None, f"request {index}: num_thoughts must be an integer >= 0, got {k!r}"
+        k = int(k)
         markers = (k > 0) if thought_markers is None else thought_markers
         if markers and self.special_tokens is None:
             return None, (f"request {index}: thoughts need the special tokens {SPECIAL_TOKEN_TEXTS}: pass a "
@@ -337,7 +341,11 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
     if params.temperature <= 0:
         return int(torch.argmax(logits))
     top_k, top_p = params.top_k, params.top_p
-    logits = logits.cpu() / params.temperature
+    logits = logits.cpu()
+    scaled = logits / params.temperature
+    if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is shift-invariant)
+        scaled = (logits - logits.max()) / params.temperature
+    logits = scaled
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -351,6 +359,17 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _per_request(num_thoughts, count: int) -> list:
+    """One thought count per prompt: a sequence of counts (list, tuple, range, array) as is, anything
+    else (one count, or a bad value that each request then reports) repeated for every prompt."""
+    if is_integer(num_thoughts) or isinstance(num_thoughts, (str, bytes, dict)):
+        return [num_thoughts] * count
+    try:
+        return list(num_thoughts)
+    except TypeError:  # not iterable: a float, None, ...
+        return [num_thoughts] * count
+
+
 def _split_stop(stop) -> tuple[set[int], list[str], str | None]:
     ids, texts = set(), []
     if isinstance(stop, (str, int)):  # one stop string or id, not its characters
@@ -358,6 +377,8 @@ def _split_stop(stop) -> tuple[set[int], list[str], str | None]:
     for item in stop or ():
         if isinstance(item, bool) or not isinstance(item, (int, str)):
             return set(), [], f"stop entries must be token ids (int) or strings, got {type(item).__name__} {item!r}"
+        if item == "":  # "" is in every text: every request would stop after one token
+            return set(), [], "stop strings must not be empty"
         (ids.add(item) if isinstance(item, int) else texts.append(item))
     return ids, texts, None
 

@@ -166,6 +166,19 @@ def read_headers(files: list[Path]) -> dict[str, tuple[Path, str, tuple[int, ...
     return headers
 
 
+_LAYER_INDEX = re.compile(r"^(?:transformer\.h|model\.layers)\.(\d+)\.")
+
+
+def _check_layer_count(headers, config: ModelConfig, path: Path) -> None:
+    """A config with more layers than the files hold is an error naming the key: building even a meta
+    Decoder of 10**6 layers takes minutes and gigabytes of host memory."""
+    found = {int(m.group(1)) for name in headers if (m := _LAYER_INDEX.match(_canonical_name(name, config)))}
+    if config.num_layers - 1 not in found:
+        key = "n_layer" if config.model_type == "gpt2" else "num_hidden_layers"
+        raise CheckpointError(f"{path / 'config.json'}: {key}={config.num_layers}, but the weights hold "
+                              f"{len(found)} layer(s) (no tensor of layer {config.num_layers - 1})")
+
+
 def _check_headers(headers, layout: dict[str, TensorSlot], params: dict[str, torch.Tensor],
                    config: ModelConfig, path: Path, files: list[Path]) -> dict[str, tuple[Path, str]]:
     """Match the headers against the config's layout before anything is allocated; returns
@@ -209,8 +222,9 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
     `dtype`: None (float32), "auto" (the config's dtype) or a floating dtype / name.
     Every missing, unexpected or mis-shaped tensor and every unreadable file raises CheckpointError
     naming the file and the tensor; nothing is left at its initial value. Shapes are checked
-    against the files' headers before the weights are allocated. A tensor holding NaN or Inf is a
-    CheckpointError naming it unless `allow_non_finite`.
+    against the files' headers before the weights are allocated. A tensor holding NaN or Inf (also
+    after the conversion to `dtype`, e.g. float32 values beyond float16's range) is a CheckpointError
+    naming it unless `allow_non_finite`.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -222,10 +236,12 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
     config = ModelConfig.from_file(path)
     dtype = resolve_dtype(dtype, config)
     files = weight_files(path)
+    headers = read_headers(files)
+    _check_layer_count(headers, config, path)  # before a Decoder of the config's depth is built, even on meta
     with torch.device("meta"):
         model = Decoder(config, attention_backend=attention_backend)
     layout = checkpoint_layout(config)
-    wanted = _check_headers(read_headers(files), layout, dict(model.named_parameters()), config, path, files)
+    wanted = _check_headers(headers, layout, dict(model.named_parameters()), config, path, files)
     model = model.to(dtype).to_empty(device=device)
     model.reset_buffers()
     params = dict(model.named_parameters())
@@ -235,10 +251,13 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for name, raw_name in names:
                     tensor = f.get_tensor(raw_name)
-                    if not allow_non_finite and not torch.isfinite(tensor).all():
-                        raise CheckpointError(f"{file}: tensor {raw_name!r} holds NaN or Inf values "
+                    target = _copy_into(params[layout[name].param], layout[name], tensor, file, raw_name)
+                    # checked after the conversion to `dtype`: a finite float32 value can overflow float16
+                    if not allow_non_finite and not torch.isfinite(target).all():
+                        why = ("holds NaN or Inf values" if not torch.isfinite(tensor).all() else
+                               f"holds values outside the range of {target.dtype} (they become Inf)")
+                        raise CheckpointError(f"{file}: tensor {raw_name!r} {why} "
                                               "(load_model(..., allow_non_finite=True) loads it anyway)")
-                    _copy_into(params[layout[name].param], layout[name], tensor, file, raw_name)
         except SafetensorError as exc:
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
         except OSError as exc:
@@ -246,7 +265,8 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
     return model
 
 
-def _copy_into(param: torch.Tensor, slot: TensorSlot, tensor: torch.Tensor, file: Path, name: str) -> None:
+def _copy_into(param: torch.Tensor, slot: TensorSlot, tensor: torch.Tensor, file: Path, name: str) -> torch.Tensor:
+    """Copy `tensor` into its slot of `param`; returns the slot (in the model's dtype)."""
     if not tensor.is_floating_point():
         raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a floating type")
     if slot.transposed:
@@ -258,6 +278,7 @@ def _copy_into(param: torch.Tensor, slot: TensorSlot, tensor: torch.Tensor, file
         raise CheckpointError(f"{file}: tensor {name!r} has shape {got}, expected {want}")
     with torch.no_grad():
         target.copy_(tensor)
+    return target
 
 
 def state_dict_hf(model: Decoder) -> dict[str, torch.Tensor]:

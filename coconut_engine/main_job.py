@@ -61,9 +61,13 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
     if PROSQA_VALID.is_file():
         from .data import load_records
 
-        real = evaluate(trainer.decoder, trainer.tokenizer, trainer.tokens, load_records(PROSQA_VALID),
-                        history[-1]["stage"], trainer.rules, coconut_cfg.eval_max_new_tokens)
+        records = load_records(PROSQA_VALID)
+        real = evaluate(trainer.decoder, trainer.tokenizer, trainer.tokens, records, history[-1]["stage"],
+                        trainer.rules, coconut_cfg.eval_max_new_tokens)
         result["prosqa_valid_accuracy"] = real["accuracy"]
+        result["prosqa_valid_failed"] = len(real["errors"])  # counted as wrong in the accuracy: say so
+        result["prosqa_valid_questions"] = len(records)
+        result["prosqa_valid_first_error"] = real["errors"][0] if real["errors"] else None
     result["seconds"] = time.perf_counter() - started
     table = format_table(result)
     print(table)
@@ -86,5 +90,8 @@ def format_table(result: dict) -> str:
     if "prosqa_valid_accuracy" in result:
         lines.append(f"Final Coconut model on the real ProsQA validation split ({PROSQA_VALID}): "
                      f"{result['prosqa_valid_accuracy']:.3f} (out of distribution: longer graphs, unseen names).")
+        if result.get("prosqa_valid_failed"):
+            lines.append(f"{result['prosqa_valid_failed']} of {result['prosqa_valid_questions']} ProsQA requests "
+                         f"failed and count as wrong (first: {result['prosqa_valid_first_error']}).")
     lines.append(f"Wall time: {result['seconds']:.0f} s.")
     return "\n".join(lines)

@@ -37,7 +37,8 @@ def read_requests(path: str | Path) -> list[PromptRequest]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc})") from exc
     requests = []
-    for line_no, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines also splits at U+2028, \x0c, \x85 ..., which a JSON string may hold
+    for line_no, line in enumerate(text.split("\n"), 1):
         if line.strip():
             requests.append(_parse_line(line, f"{path}:{line_no}"))
     if not requests:

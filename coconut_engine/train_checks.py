@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import shutil
 from pathlib import Path
 
-import torch
-
-from .validation import is_integer
+from .validation import check_device, is_integer
 
 # Keys whose change on resume does not change the weights the remaining epochs compute (up to float
 # rounding): where files go and what is printed, how a step is split or computed, how much is
@@ -30,8 +29,13 @@ _FLOAT_RANGE = {  # float keys: (low, low excluded, high)
     "uniform_prob": (0.0, False, 1.0),
 }
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
-# What a run writes into its save folder (an `overwrite` removes these, and only these).
-RUN_OUTPUTS = ("checkpoint-*", ".checkpoint-*", "metrics.jsonl", "training.png", "data", "tokenizer")
+# What a run writes into its save folder (an `overwrite` removes these, and only these): name pattern
+# -> the files a folder of that name may hold (None: a file, or a folder of any content).
+RUN_OUTPUTS = {
+    r"checkpoint-\d+": None, r"\.checkpoint-\d+\.tmp-\d+": None, r"metrics\.jsonl": None, r"training\.png": None,
+    r"\.(metrics\.jsonl|training\.png|tokenizer)\.tmp-\d+": None,
+    "data": {"train.json", "val.json"}, "tokenizer": {"tokenizer.json", "tokenizer_config.json"},
+}
 
 
 def check_types_and_ranges(cfg, error) -> None:
@@ -56,21 +60,24 @@ def check_types_and_ranges(cfg, error) -> None:
     if cfg.attention_backend not in ATTENTION_BACKENDS:
         raise error(f"attention_backend {cfg.attention_backend!r} is not one of {ATTENTION_BACKENDS}")
     if cfg.device is not None:
-        try:
-            device = torch.device(cfg.device)
-        except (RuntimeError, ValueError) as exc:
-            raise error(f"device {cfg.device!r} is not a torch device ({exc})") from exc
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise error(f"device {cfg.device!r}: CUDA is not available on this machine")
+        check_device(cfg.device, "device", error)
     for key in ("train_path", "val_path"):
         path = getattr(cfg, key)
         if path is not None and Path(path).is_dir():
             raise error(f"{key} {path!r} is a folder; it must be an official-format JSON file")
     if not str(cfg.save_dir).strip():
         raise error("save_dir must not be empty")
+    if not -2**63 <= cfg.seed < 2**64:  # what torch.manual_seed takes
+        raise error(f"seed must be in [-2**63, 2**64), got {cfg.seed}")
     if cfg.task_config is not None:
         from .tasks import ProsQAConfig
 
+        task_fields = {f.name: f for f in dataclasses.fields(ProsQAConfig)}
+        for key, value in cfg.task_config.items():
+            optional = key in task_fields and "None" in str(task_fields[key].type)
+            if key in task_fields and not (value is None and optional) and not (is_integer(value) and value >= 0):
+                raise error(f"task_config.{key} must be an integer >= 0{' or null' if optional else ''}, "
+                            f"got {type(value).__name__} {value!r}")
         try:
             ProsQAConfig(**cfg.task_config)
         except (TypeError, ValueError) as exc:
@@ -112,8 +119,18 @@ def prepare_save_dir(cfg, error) -> None:
                     "set resume: true to continue that run, overwrite: true to replace it, or pick another folder")
     keep = {"data"} if cfg.train_path is not None else set()
     keep |= {"tokenizer"} if cfg.tokenizer is not None else set()
-    for pattern in RUN_OUTPUTS:
-        for path in out.glob(pattern):
-            if path.name in keep:
-                continue
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    remove = []
+    for path in sorted(out.iterdir()):
+        pattern = next((p for p in RUN_OUTPUTS if re.fullmatch(p, path.name)), None)
+        if pattern is None or path.name in keep:
+            continue
+        allowed = RUN_OUTPUTS[pattern]
+        if allowed is not None:  # data/, tokenizer/: only if they hold nothing but what a run writes there
+            foreign = sorted(p.name for p in path.iterdir() if p.name not in allowed and ".tmp-" not in p.name) \
+                if path.is_dir() else [path.name]
+            if foreign:
+                raise error(f"save_dir {out}: overwrite would remove {path}, which holds files a run does not write "
+                            f"({', '.join(foreign[:5])}); move them or pick another folder")
+        remove.append(path)
+    for path in remove:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -94,17 +94,10 @@ class TrainConfig:
             if not cond:
                 raise TrainingError(f"config: {message}")
 
-        check_types_and_ranges(self, lambda message: TrainingError(f"config: {message}"))
+        check_types_and_ranges(self, lambda message: TrainingError(f"config: {message}"))  # types, ranges
         need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
-        need(self.num_epochs >= 1, f"num_epochs must be >= 1, got {self.num_epochs}")
-        need(self.epochs_per_stage >= 1, f"epochs_per_stage must be >= 1, got {self.epochs_per_stage}")
-        need(self.stage0_epochs is None or self.stage0_epochs >= 0, "stage0_epochs must be >= 0")
         need(not (self.stage0_epochs is not None and self.mode in ("cot", "no_cot")),
              f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
-        need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
-        need(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1")
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need((self.train_path is None) == (self.val_path is None),
@@ -281,9 +274,12 @@ class Trainer:
                                                                       attention_backend=cfg.attention_backend)
             if info.get("mode") != cfg.mode:
                 raise TrainingError(f"{latest}: trained in mode {info.get('mode')!r}, config says {cfg.mode!r}")
-            changed = config_changes(state.get("config", {}), dataclasses.asdict(cfg))
+            saved = state.get("config", {})  # checkpoints written before the run config was recorded: {}
+            if not isinstance(saved, dict):
+                raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got "
+                                    f"{type(saved).__name__}")
+            changed = config_changes(saved, dataclasses.asdict(cfg))
             if changed:
-                saved = state["config"]
                 diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
                 raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
                                     f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
@@ -320,7 +316,10 @@ class Trainer:
             return records, tokenized
         first = too_long[0]
         if not self.cfg.drop_long_records:
-            raise TrainingError(f"{path}: record {first} needs {need[first]} positions, more than the model's "
+            by_eval = (eval_new_tokens is not None
+                       and positions_needed(tokenized[first], self.rules, self.tokens) <= limit)
+            why = f" (its evaluation prompt and thoughts + eval_max_new_tokens={eval_new_tokens})" if by_eval else ""
+            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than the model's "
                                 f"max_position_embeddings={limit} ({len(too_long)} record(s) too long; "
                                 "drop_long_records: true drops them)")
         if len(too_long) == len(records):

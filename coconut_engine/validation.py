@@ -42,6 +42,17 @@ def check_float(value, name: str, minimum: float | None = None, maximum: float |
     return value
 
 
+def check_device(value: str, name: str, error=InvalidArgumentError) -> torch.device:
+    """`value` as a torch device this machine has; an error naming `name` otherwise."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise error(f"{name} {value!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise error(f"{name} {value!r}: CUDA is not available on this machine")
+    return device
+
+
 def check_sampling(temperature, top_k, top_p, max_new_tokens, n, seed) -> None:
     """The sampling and stopping arguments of a generate call, checked before any work starts."""
     check_float(temperature, "temperature", minimum=0.0)

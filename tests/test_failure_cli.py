@@ -100,3 +100,75 @@ def test_eval_reports_failed_requests_and_exits_non_zero(checkpoint, tmp_path, c
     assert code == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["failed"] == 0
     code, error = run("eval", "--model", model, "--data", str(tmp_path / "nope.json"))
     assert code != 0 and "nope.json: file not found" in error
+
+
+def test_requests_keep_unicode_line_separators_inside_prompts(tmp_path):
+    # json.dumps(ensure_ascii=False) writes U+2028, \x0c, \x85 raw inside a string: still one line each
+    from coconut_engine.requests import read_requests
+
+    path = tmp_path / "q.jsonl"
+    prompts = ["a\u2028b", "form\x0cfeed \x85 next", "plain"]
+    path.write_text("".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\r\n" for p in prompts), encoding="utf-8")
+    assert [r.prompt for r in read_requests(path)] == prompts
+    path.write_text('{"prompt": "ok"}\n\u2028\n{"prompt": 5}\n', encoding="utf-8")
+    with pytest.raises(Exception, match=r"q\.jsonl:3: 'prompt' must be a string"):  # line numbers as an editor's
+        read_requests(path)
+
+
+def test_eval_data_that_cannot_be_read_is_an_error_naming_it(checkpoint, tmp_path):
+    code, error = run("eval", "--model", str(checkpoint[0]), "--data", str(tmp_path))
+    assert code != 0 and error == f"error: {tmp_path}: cannot read (Is a directory)"
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"c_thought": "x"}, r"coconut\.json: c_thought must be an integer >= 0, got 'x'"),
+    ({"stage": "2"}, r"coconut\.json: stage must be an integer >= 0, got '2'"),
+    ({"pad_latent_to_max": "no"}, r"coconut\.json: pad_latent_to_max must be true or false, got 'no'"),
+    ({"mode": "weird"}, r"coconut\.json: mode 'weird' is not one of"),
+    ({"c_thought": None}, r"coconut\.json: c_thought must be an integer >= 0, got None"),
+    ("c_thought", r"coconut\.json lacks c_thought \(needed to evaluate\)"),
+])
+def test_eval_names_malformed_curriculum_settings_in_coconut_json(checkpoint, tmp_path, change, message):
+    # before: raw TypeErrors, "error: 'c_thought'", or "no" taken as true
+    import re
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint[0], model)
+    info = json.loads((model / "coconut.json").read_text())
+    info.pop(change) if isinstance(change, str) else info.update(change)
+    (model / "coconut.json").write_text(json.dumps(info))
+    code, error = run("eval", "--model", str(model), "--data", str(checkpoint[1]), "--max-new-tokens", "2")
+    assert code != 0 and error.startswith("error: ") and re.search(message, error), error
+
+
+def test_a_bad_device_is_an_error_naming_the_argument(checkpoint):
+    model, data = map(str, checkpoint)
+    code, error = run("generate", "--model", model, "--device", "gpu9", "hi")
+    assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
+    code, error = run("eval", "--model", model, "--data", data, "--device", "gpu9")
+    assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
+
+
+def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
+    # evaluate() counts failed requests as wrong; the main job printed that accuracy without a word
+    import coconut_engine.main_job as main_job
+
+    class Finished:
+        def __init__(self, config):
+            self.decoder = self.tokenizer = self.tokens = self.rules = None
+
+        def run(self):
+            return [{"epoch": 1, "stage": 0, "accuracy": 0.5, "tokens_per_answer": 3.0, "val_loss": 1.0,
+                     "thoughts_per_answer": 0.0}]
+
+    valid = tmp_path / "valid.json"
+    valid.write_text(json.dumps([{"question": "q?", "steps": [], "answer": "a"}] * 2))
+    monkeypatch.setattr(main_job, "Trainer", Finished)
+    monkeypatch.setattr(main_job, "PROSQA_VALID", valid)
+    monkeypatch.setattr(main_job, "evaluate", lambda *args, **kwargs: {
+        "accuracy": 0.5, "errors": ["record 1: request 1: need 1100 positions"]})
+    result = main_job.run_main_job(tmp_path / "out", scale=0.01, progress=False)
+    assert result["prosqa_valid_failed"] == 1
+    assert "1 of 2 ProsQA requests failed and count as wrong (first: record 1: request 1: need 1100 positions)" \
+        in (tmp_path / "out" / "results.md").read_text()

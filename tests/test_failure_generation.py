@@ -98,3 +98,39 @@ def test_malformed_prompts_and_counts_are_per_request_errors(gpt2):
     # a single stop id is one stop, not an iterable to unpack
     greedy = gen.generate([[5, 6]], max_new_tokens=4)[0].token_ids
     assert gen.generate([[5, 6]], max_new_tokens=4, stop=greedy[1])[0].token_ids == greedy[: greedy.index(greedy[1]) + 1]
+
+
+def test_any_sequence_of_thought_counts_is_one_count_per_prompt(gpt2):
+    # a range or a numpy array is one count per prompt (as before the type checks), numpy ints are integers
+    import numpy as np
+
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    expected = [r.token_ids for r in gen.generate([[5, 6], [7, 8]], num_thoughts=[0, 1], max_new_tokens=3)]
+    for counts in (range(2), np.array([0, 1]), (np.int64(0), np.int32(1))):
+        results = gen.generate([[5, 6], [7, 8]], num_thoughts=counts, max_new_tokens=3)
+        assert [r.error for r in results] == [None, None] and [r.token_ids for r in results] == expected
+        assert [r.num_thoughts for r in results] == [0, 1]
+    assert gen.generate([[7, 8]], num_thoughts=np.int64(1), max_new_tokens=3)[0].token_ids == expected[1]
+
+
+def test_an_empty_stop_string_is_a_request_error(gpt2):
+    # "" is in every text: before, every request silently stopped after its first token
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    result = gen.generate([[5, 6]], max_new_tokens=4, stop=["", 7])[0]
+    assert result.finish_reason == "error" and "stop strings must not be empty" in result.error
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_crashing(gpt2):
+    # logits / 1e-39 overflowed to inf in float32 and torch.multinomial killed the whole batch
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    greedy = gen.generate([[5, 6], [7, 8]], max_new_tokens=3)
+    for temperature in (1e-39, 1e-45):
+        sampled = gen.generate([[5, 6], [7, 8]], max_new_tokens=3, temperature=temperature)
+        assert [r.token_ids for r in sampled] == [r.token_ids for r in greedy]
+
+
+def test_one_string_as_prompts_is_refused_not_split_into_characters(gpt2):
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    with pytest.raises(InvalidArgumentError, match=r"prompts must be a list of prompts, got one str 'hello'"):
+        gen.generate("hello", max_new_tokens=2)
+    assert gen.cache.num_free_pages == 16

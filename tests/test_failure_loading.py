@@ -140,3 +140,32 @@ def test_prepare_takes_integer_counts_only(counts):
     assert cache.seq_len(0) == 0 and cache.num_free_pages == 4
     with pytest.raises(InvalidArgumentError, match="page_size must be an integer"):
         PagedKVCache(config, num_pages=4, page_size=4.0)
+
+
+def test_weights_that_overflow_the_load_dtype_are_refused(llama_dir):
+    # finite in the file (float32), Inf once converted to float16: as bad as an Inf in the file
+    tensors = load_file(llama_dir / "model.safetensors")
+    tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"].float()
+    tensors["model.layers.0.mlp.down_proj.weight"][1, 2] = 1e6
+    save_file(tensors, llama_dir / "model.safetensors")
+    assert torch.isfinite(load_model(llama_dir).layers[0].mlp.down_proj.weight).all()  # float32 holds it
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' holds values outside "
+                                              r"the range of torch\.float16"):
+        load_model(llama_dir, dtype="float16")
+    model = load_model(llama_dir, dtype="float16", allow_non_finite=True)
+    assert not torch.isfinite(model.layers[0].mlp.down_proj.weight).all()
+
+
+def test_a_config_deeper_than_the_weights_fails_before_building_the_model(llama_dir, monkeypatch):
+    # before: a meta Decoder of num_hidden_layers blocks was built first (10**6: minutes, gigabytes)
+    import coconut_engine.loader as loader
+
+    edit_config(llama_dir, num_hidden_layers=10**6)
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("a Decoder was built before the layer count was checked")
+
+    monkeypatch.setattr(loader, "Decoder", not_yet)
+    with pytest.raises(CheckpointError, match=r"config\.json: num_hidden_layers=1000000, but the weights hold 2 "
+                                              r"layer\(s\) \(no tensor of layer 999999\)"):
+        load_model(llama_dir)

@@ -204,3 +204,52 @@ def test_malformed_checkpoint_state_files_are_named(tmp_path):
                                                                                           "eot": 2}}))
     with pytest.raises(CheckpointError, match=r"coconut\.json: special token bot='x' is outside"):
         load_checkpoint(checkpoint)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"task_config": {"num_concepts": 7.5}}, r"task_config\.num_concepts must be an integer >= 0, got float 7\.5"),
+    ({"task_config": {"num_concepts": "abc"}}, r"task_config\.num_concepts must be an integer >= 0, got str 'abc'"),
+    ({"task_config": {"extra_edges": -1}}, r"task_config\.extra_edges must be an integer >= 0, got int -1"),
+    ({"task_config": {"concept_pool": True}}, r"task_config\.concept_pool must be an integer >= 0 or null"),
+    ({"seed": 2**70}, r"seed must be in \[-2\*\*63, 2\*\*64\), got 1180591620717411303424"),
+])
+def test_task_config_values_and_the_seed_are_checked_by_key(values, message):
+    # before: accepted, then a TypeError inside the task generator or torch.manual_seed
+    with pytest.raises(TrainingError, match=r"^my\.yaml: " + message):
+        TrainConfig.from_dict(values, source="my.yaml")
+    TrainConfig.from_dict({"task_config": {"concept_pool": None, "num_concepts": 9}, "seed": -1})
+
+
+def test_overwrite_removes_only_what_a_run_writes(tmp_path):
+    from coconut_engine.train_checks import prepare_save_dir
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    (run / "data" / "train.json").write_text("[]")
+    (run / "data" / "mine.csv").write_text("x")
+    (run / "checkpoint-notes.txt").write_text("mine")
+    (run / "checkpoint-0003").mkdir()
+    (run / "metrics.jsonl").write_text("")
+    with pytest.raises(TrainingError, match=r"overwrite would remove .*data, which holds files a run does not "
+                                            r"write \(mine\.csv\)"):
+        Trainer(tiny(tmp_path, overwrite=True))
+    assert (run / "data" / "mine.csv").exists() and (run / "checkpoint-0003").exists()  # nothing removed
+    (run / "data" / "mine.csv").unlink()
+    prepare_save_dir(tiny(tmp_path, overwrite=True), TrainingError)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-notes.txt"]  # not a checkpoint: kept
+
+
+def test_resume_names_a_malformed_run_config(tmp_path):
+    Trainer(tiny(tmp_path, num_epochs=1)).run()
+    state = checkpoint_dirs(tmp_path / "run")[-1] / "trainer_state.json"
+    state.write_text(json.dumps({**json.loads(state.read_text()), "config": ["lr", 1]}))
+    with pytest.raises(TrainingError, match=r"trainer_state\.json: 'config' must be an object, got list"):
+        Trainer(tiny(tmp_path, num_epochs=2, resume=True))
+
+
+def test_a_record_too_long_only_for_evaluation_names_eval_max_new_tokens(tmp_path):
+    # every sample fits; the evaluation prompt + eval_max_new_tokens does not: say which key makes it long
+    with pytest.raises(TrainingError, match=r"val\.json: record 0 needs \d+ positions \(its evaluation prompt and "
+                                            r"thoughts \+ eval_max_new_tokens=1100\), more than the model's "
+                                            r"max_position_embeddings=1024"):
+        Trainer(tiny(tmp_path, eval_max_new_tokens=1100))
