@@ -108,6 +108,14 @@ def test_folder_as_train_path_and_yaml_types(tmp_path):
         TrainConfig.from_yaml(path)
 
 
+def test_paths_the_system_refuses_are_errors_naming_the_key(tmp_path):
+    too_long = "x" * 5000  # is_dir / exists raise OSError (ENAMETOOLONG) instead of answering False
+    with pytest.raises(TrainingError, match=r"train_path 'x{80}\.\.\.' is not a usable path"):
+        TrainConfig(train_path=too_long)
+    with pytest.raises(TrainingError, match=r"save_dir 'x{80}\.\.\.' is not a usable path"):
+        Trainer(tiny(tmp_path, save_dir=too_long))
+
+
 def test_fresh_run_refuses_a_non_empty_save_folder_unless_overwrite(tmp_path):
     Trainer(tiny(tmp_path, num_epochs=2, epochs_per_stage=1)).run()
     assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["checkpoint-0001", "checkpoint-0002"]
