@@ -14,6 +14,8 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
+from .prosqa_distribution import prosqa_distribution_question
+
 _ONSETS = ["b", "br", "d", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "sk", "st", "t", "tr",
            "v", "w", "y", "z", "zh", "ch", "dr", "fl", "gl", "pl", "scr", "sp", "th", "qu"]
 _RHYMES = ["umpus", "impus", "orpus", "empus", "ompus", "erpus", "ampus", "ipus", "opus"]
@@ -23,8 +25,11 @@ _PEOPLE = ["Alex", "Tom", "Sally", "Davis", "Max", "Sam", "Polly", "Jack", "Fae"
 
 @dataclass(frozen=True)
 class ProsQAConfig:
-    """Difficulty knobs. `official_like()` approximates ProsQA's own statistics."""
+    """Which questions to generate. `distribution="prosqa"` draws every question from ProsQA's own
+    measured distribution (`prosqa_distribution.py`; the size knobs below are then unused);
+    `"small"` (the default) builds small graphs from the knobs, for tests and quick runs."""
 
+    distribution: str = "small"  # small | prosqa
     num_concepts: int = 8
     num_people: int = 2
     min_steps: int = 2
@@ -34,6 +39,8 @@ class ProsQAConfig:
     concept_pool: int | None = None  # draw concept names from this many fixed names (None: ~300)
 
     def __post_init__(self):
+        if self.distribution not in ("small", "prosqa"):
+            raise ValueError(f"distribution must be 'small' or 'prosqa', got {self.distribution!r}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if self.num_concepts < self.max_steps + 2:
@@ -45,7 +52,8 @@ class ProsQAConfig:
 
     @classmethod
     def official_like(cls) -> "ProsQAConfig":
-        return cls(num_concepts=18, num_people=4, min_steps=3, max_steps=5, extra_edges=28, person_facts=1)
+        """ProsQA's own distribution (vocabulary, graph sizes, chain lengths, question layout)."""
+        return cls(distribution="prosqa")
 
 
 _ALL_NAMES = sorted({onset + rhyme for onset in _ONSETS for rhyme in _RHYMES})
@@ -141,14 +149,22 @@ def generate_prosqa(num_questions: int, config: ProsQAConfig | None = None, seed
     """`num_questions` records in the official format (deterministic for a seed)."""
     rng = random.Random(seed)
     cfg = config or ProsQAConfig()
+    if cfg.distribution == "prosqa":
+        return [prosqa_distribution_question(rng) for _ in range(num_questions)]
     return [_one_question(rng, cfg) for _ in range(num_questions)]
 
 
 def prosqa_statistics(records: list[dict]) -> dict[str, float]:
-    """Mean steps, nodes, edges and question words of a ProsQA-format record list."""
-    return {
-        "steps": statistics.mean(len(r["steps"]) for r in records),
-        "nodes": statistics.mean(len(r["idx_to_symbol"]) for r in records),
-        "edges": statistics.mean(len(r["edges"]) for r in records),
-        "question_words": statistics.mean(len(r["question"].split()) for r in records),
+    """Mean and (population) standard deviation of steps, nodes, edges and question words of a
+    ProsQA-format record list: keys `steps`, `steps_sd`, `nodes`, `nodes_sd`, ..."""
+    sizes = {
+        "steps": [len(r["steps"]) for r in records],
+        "nodes": [len(r["idx_to_symbol"]) for r in records],
+        "edges": [len(r["edges"]) for r in records],
+        "question_words": [len(r["question"].split()) for r in records],
     }
+    out = {}
+    for name, values in sizes.items():
+        out[name] = statistics.mean(values)
+        out[f"{name}_sd"] = statistics.pstdev(values)
+    return out
