@@ -2,7 +2,8 @@
 
 It generates questions from ProsQA's own distribution (`tasks/prosqa_distribution.py`), trains a
 tokenizer and a small GPT-2-architecture model from scratch through the Coconut curriculum (stage
-0 is chain-of-thought, then stages 1..K replace the reasoning steps with continuous thoughts),
+0 is chain-of-thought, stages 1..K replace the first 1..K reasoning steps with continuous thoughts,
+and stage K+1 drops every step, keeping K thoughts, as the official code does past its last stage),
 trains the no-CoT baseline from the same start, and prints accuracy per stage on its own held-out
 questions and on the real ProsQA validation split (when the file is there), with the number of
 generated tokens per answer. The settings are tuned to finish within 10 minutes on an idle 2-core
@@ -21,9 +22,9 @@ from .trainer import TrainConfig, Trainer, evaluate
 # The tuned defaults (see README for the measured table).
 TASK = {"distribution": "prosqa"}
 COMMON = dict(model="builtin:gpt2-tiny", batch_size=32, lr=2e-3, weight_decay=0.01, max_latent_stage=3,
-              c_thought=1, eval_max_new_tokens=64, task_train_size=1600, task_val_size=100, task_config=TASK)
-COCONUT_EPOCHS = {"cot": 4, "per_stage": 1}
-NO_COT_EPOCHS = 4
+              c_thought=1, eval_max_new_tokens=64, task_train_size=1500, task_val_size=100, task_config=TASK)
+COCONUT_EPOCHS = {"cot": 3, "per_stage": 1}
+NO_COT_EPOCHS = 6
 PROSQA_VALID = Path(os.environ.get("COCONUT_PROSQA_VALID", "../shared/data/prosqa_valid.json"))
 
 
@@ -57,9 +58,9 @@ def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = T
     common["task_val_size"] = max(16, int(common["task_val_size"] * scale))
     cot_epochs = max(1, round(COCONUT_EPOCHS["cot"] * scale))
     per_stage = max(1, round(COCONUT_EPOCHS["per_stage"] * scale))
+    stages = common["max_latent_stage"] + 1  # the last one: every step latent
     coconut = TrainConfig(name="coconut", save_dir=str(save_dir / "coconut"), mode="coconut", stage0_epochs=cot_epochs,
-                          epochs_per_stage=per_stage, num_epochs=cot_epochs + per_stage * common["max_latent_stage"],
-                          **common)
+                          epochs_per_stage=per_stage, num_epochs=cot_epochs + per_stage * stages, **common)
     data, tokenizer = Path(coconut.save_dir) / "data", Path(coconut.save_dir) / "tokenizer"
     no_cot = TrainConfig(name="no-cot", save_dir=str(save_dir / "no_cot"), mode="no_cot",
                          num_epochs=max(1, round(NO_COT_EPOCHS * scale)), train_path=str(data / "train.json"),
@@ -85,6 +86,8 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
     for stage in sorted({m["stage"] for m in history}):
         last = [m for m in history if m["stage"] == stage][-1]
         label = "CoT (stage 0)" if stage == 0 else f"Coconut stage {stage}"
+        if stage > COMMON["max_latent_stage"]:
+            label += " (all steps latent)"
         rows.append({"method": label, "stage": stage, "thoughts": last["thoughts_per_answer"], **_pick(last)})
     result = {"rows": rows, "real_split": str(real_path) if real else None,
               "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
