@@ -66,6 +66,11 @@ def test_main_job_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, monkeypatch)
     assert {s for r in train for s in r["idx_to_symbol"]} <= set(prosqa_vocabulary.PEOPLE + prosqa_vocabulary.CONCEPTS)
     staged = [json.loads(line) for line in (tmp_path / "run" / "coconut" / "metrics.jsonl").read_text().splitlines()]
     assert [("real_accuracy" in m) for m in staged] == [True] * len(staged)  # one epoch per stage at this scale
+    # `coconut-engine eval` on the final checkpoint reproduces the reported real-split number
+    final = sorted((tmp_path / "run" / "coconut").glob("checkpoint-*"))[-1]
+    proc = cli("eval", "--model", str(final), "--data", str(split), "--backend", "torch")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] == result["rows"][-1]["real_accuracy"]
 
 
 def test_smoke_command():

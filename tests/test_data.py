@@ -223,3 +223,8 @@ def test_no_generated_question_is_a_validation_question():
     ours = generate_prosqa(size, ProsQAConfig(**COMMON["task_config"]), seed=0)
     assert COMMON["task_config"]["distribution"] == "prosqa"
     assert not real & {r["question"] for r in ours}
+
+
+def test_unknown_distribution_is_a_clear_error():
+    with pytest.raises(ValueError, match="distribution must be 'small' or 'prosqa', got 'prosq'"):
+        ProsQAConfig(distribution="prosq")

@@ -1,11 +1,15 @@
-"""A ProsQA-style task generator: reachability questions over a random DAG of made-up concepts.
+"""ProsQA task generators: reachability questions over a random DAG of made-up concepts.
 
-Per question: a random DAG over concepts, people attached to concepts, a root person from whom a
-target concept is reachable by a chain of `num_steps` facts, and a distractor concept that is not
-reachable from the root. The question lists every fact in random order and asks
-"Is X a A or B?"; the steps are the chain from the root to the target; the answer "X is a A.".
-Output records are in the official format, with the graph (`idx_to_symbol`, `edges`, `root`,
-`target`, `neg_target`) as in ProsQA.
+Two distributions, one record format (the official one, with the graph: `idx_to_symbol`, `edges`,
+`root`, `target`, `neg_target`):
+
+- `distribution="prosqa"`: ProsQA's own (`prosqa_distribution.py`, from the statistics and names in
+  `prosqa_vocabulary.py`): what the main job and the ProsQA recipes train on.
+- `distribution="small"`: small graphs from the size knobs of `ProsQAConfig`, for tests and quick
+  runs. Per question: a random DAG over concepts, people attached to concepts, a root person from
+  whom a target concept is reachable by a chain of `num_steps` facts, and a distractor concept that
+  is not reachable from the root. The question lists every fact in random order and asks
+  "Is X a A or B?"; the steps are the chain from the root to the target; the answer "X is a A.".
 """
 from __future__ import annotations
 
