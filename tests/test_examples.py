@@ -21,7 +21,7 @@ def test_gpu_recipes_are_the_paper_settings_on_the_prosqa_distribution(name):
 def test_cpu_recipes_train_on_the_prosqa_distribution_through_every_stage(name):
     cfg = TrainConfig.from_yaml(EXAMPLES / f"{name}.yaml")
     assert cfg.task_config == {"distribution": "prosqa"} and cfg.mode == "coconut"
-    assert [cfg.stage_of(e) for e in range(cfg.num_epochs)][-1] == cfg.max_latent_stage
+    assert cfg.stage_of(cfg.num_epochs - 1) >= cfg.max_latent_stage
 
 
 def test_the_real_cpu_recipe_keeps_the_cot_checkpoint_and_its_baseline_override_parses():
