@@ -6,8 +6,8 @@ tokenizer and a small GPT-2-architecture model from scratch through the Coconut 
 and stage K+1 drops every step, keeping K thoughts, as the official code does past its last stage),
 trains the no-CoT baseline from the same start, and prints accuracy per stage on its own held-out
 questions and on the real ProsQA validation split (when the file is there), with the number of
-generated tokens per answer. The settings are tuned to finish within 10 minutes on an idle 2-core
-machine.
+generated tokens per answer. The settings are sized by the measured step cost to finish within
+10 minutes on an idle 2-core machine; they are a first choice, not tuned (see README).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from .data import Record, load_records
 from .trainer import TrainConfig, Trainer, evaluate
 
-# The tuned defaults (see README for the measured table).
+# The defaults (README, "The main job": what was measured with them).
 TASK = {"distribution": "prosqa"}
 COMMON = dict(model="builtin:gpt2-tiny", batch_size=32, lr=2e-3, weight_decay=0.01, max_latent_stage=3,
               c_thought=1, eval_max_new_tokens=64, task_train_size=1500, task_val_size=100, task_config=TASK)
