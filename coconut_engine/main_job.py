@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .data import Record, load_records
-from .trainer import TrainConfig, Trainer, evaluate
+from .trainer import TrainConfig, Trainer, TrainingError, evaluate
 
 # The defaults (README, "The main job": what was measured with them).
 TASK = {"distribution": "prosqa"}
@@ -45,6 +45,9 @@ class StageEndScoring(Trainer):
             real = evaluate(self.decoder, self.tokenizer, self.tokens, self.scored_records, cfg.stage_of(epoch),
                             self.rules, cfg.eval_max_new_tokens, cfg.page_size)
             self.decoder.train()
+            if real["errors"]:
+                raise TrainingError(f"scoring the fixed question set after epoch {epoch + 1}: "
+                                    f"{len(real['errors'])} request(s) failed, first: {real['errors'][0]}")
             result["real_accuracy"] = real["accuracy"]
             result["real_tokens_per_answer"] = real["tokens_per_answer"]
         return result
