@@ -75,7 +75,8 @@ def check_types_and_ranges(cfg, error) -> None:
         task_fields = {f.name: f for f in dataclasses.fields(ProsQAConfig)}
         for key, value in cfg.task_config.items():
             optional = key in task_fields and "None" in str(task_fields[key].type)
-            if key in task_fields and not (value is None and optional) and not (is_integer(value) and value >= 0):
+            numeric = key in task_fields and "int" in str(task_fields[key].type)  # `distribution` is ProsQAConfig's to check
+            if numeric and not (value is None and optional) and not (is_integer(value) and value >= 0):
                 raise error(f"task_config.{key} must be an integer >= 0{' or null' if optional else ''}, "
                             f"got {type(value).__name__} {value!r}")
         try:
