@@ -5,7 +5,7 @@ all-reduce shows how much of it the backward hides.
 
     OMP_NUM_THREADS=1 python benchmarks/ddp_step_time.py [--reps 5] [--batch 8]
 
-One process uses 2 threads, two processes 1 thread each (the machine's 2 cores either way).
+Every rank runs one thread: one rank computes the whole batch on one core, two ranks half each on two.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def timed(fn, reps: int) -> float:
 def rank_main(rank: int, world: int, port: int, reps: int, size: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    torch.set_num_threads(2 // world)
+    torch.set_num_threads(1)
     env = DistEnv.from_environment()
     device = env.start("cpu")
     torch.manual_seed(0)
