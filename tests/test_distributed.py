@@ -1,6 +1,5 @@
 """2-rank training on CPU (gloo): DDP and FSDP2 give the one-process weights, each gradient is reduced
 once per optimizer step, checkpoints resume on another rank count, bf16 autocast works on CPU."""
-import json
 import os
 import shutil
 import socket
