@@ -149,8 +149,13 @@ def load_checkpoint(path: str | Path, device="cpu", attention_backend: str = "au
     return decoder, tokenizer, tokens, info, state
 
 
-def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer_state(path: str | Path) -> dict:
+    """The optimizer state dict saved in checkpoint `path` (on the CPU)."""
     file = Path(path) / OPTIMIZER_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} not found: cannot resume the optimizer")
-    optimizer.load_state_dict(torch.load(file, weights_only=True, map_location="cpu"))
+    return torch.load(file, weights_only=True, map_location="cpu")
+
+
+def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(read_optimizer_state(path))

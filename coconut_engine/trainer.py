@@ -1,11 +1,13 @@
-"""The multi-stage Coconut trainer: curriculum, evaluation, checkpoints that resume, DDP via torchrun.
+"""The multi-stage Coconut trainer: curriculum, evaluation, checkpoints that resume, DDP / FSDP2 via torchrun.
 
 `TrainConfig` uses the official key names where they exist. `batch_size` is the global number of
 samples per optimizer step: under torchrun each rank takes every world_size-th sample of the batch,
 the loss is the summed token cross-entropy divided by the label count of the whole batch, and the
-gradients are summed across ranks, so N processes compute exactly what one process does with the
-combined batch. `gradient_accumulation_steps` splits each rank's share into micro-batches (memory),
-without changing the result.
+gradients are summed across ranks (DDP or FSDP2, `distributed.py`), so N processes compute exactly
+what one process does with the combined batch. `gradient_accumulation_steps` splits each rank's
+share into micro-batches (memory), without changing the result; gradients are reduced on the last.
+Evaluation is split across the ranks and gathered; rank 0 writes the checkpoints, which hold the
+whole model and optimizer state, so a run resumes on any number of ranks.
 """
 from __future__ import annotations
 
@@ -20,12 +22,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, load_checkpoint, load_optimizer_state, remove_stale_tmp, save_checkpoint
+from .checkpoint import (checkpoint_dirs, load_checkpoint, load_optimizer_state, read_optimizer_state,
+                         remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
+from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
+                          gradient_sync, is_fsdp, load_gathered_optimizer_state, wrap_for_training)
 from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt,
                    extract_answer, load_records, positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
+from .model import Decoder
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
 
@@ -72,7 +78,8 @@ class TrainConfig:
     max_batch_tokens: int | None = None
     num_epochs: int = 25
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast (CPU and CUDA); under FSDP also bf16 parameters, fp32 reduction
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, parameters/gradients/optimizer sharded)
     seed: int = 0
     forward_mode: str = "paged"
     eval_max_new_tokens: int = 64
@@ -98,6 +105,7 @@ class TrainConfig:
         need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
         need(not (self.stage0_epochs is not None and self.mode in ("cot", "no_cot")),
              f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
+        need(self.parallel in PARALLEL_MODES, f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need((self.train_path is None) == (self.val_path is None),
@@ -171,28 +179,6 @@ def _coerce(value, annotation, key: str, source: str):
     return value
 
 
-@dataclass
-class DistEnv:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> "DistEnv":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
 # -- evaluation -------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -212,24 +198,39 @@ def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], s
     results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
                                  thought_markers=markers, progress=progress)
     correct = [r.error is None and extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
+    return summarise([{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
+                       "generated_tokens": r.generated_tokens, "thoughts": k,
+                       **({"error": r.error} if r.error is not None else {})}
+                      for rec, r, ok, k in zip(records, results, correct, thoughts)])
+
+
+def summarise(generations: list[dict]) -> dict:
+    """Accuracy, failed requests, generated tokens and thoughts per answer of `evaluate`'s generations
+    (and the list)."""
+    n = len(generations)
     return {
-        "accuracy": sum(correct) / len(correct),
-        "errors": [f"record {i}: {r.error}" for i, r in enumerate(results) if r.error is not None],
-        "tokens_per_answer": sum(r.generated_tokens for r in results) / len(results),
-        "thoughts_per_answer": sum(thoughts) / len(thoughts),
-        "generations": [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
-                         **({"error": r.error} if r.error is not None else {})}
-                        for rec, r, ok in zip(records, results, correct)],
+        "accuracy": sum(g["correct"] for g in generations) / n,
+        "errors": [f"record {i}: {g['error']}" for i, g in enumerate(generations) if "error" in g],
+        "tokens_per_answer": sum(g["generated_tokens"] for g in generations) / n,
+        "thoughts_per_answer": sum(g["thoughts"] for g in generations) / n,
+        "generations": generations,
     }
 
 
 @torch.no_grad()
-def validation_loss(model: CoconutModel, samples, batch_size: int, mode: str) -> float:
+def validation_loss_sum(model: CoconutModel, samples, batch_size: int, mode: str) -> tuple[float, int]:
+    """(summed token cross-entropy, label count) of `samples`, `batch_size` at a time."""
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         total += float(model(chunk, mode=mode, reduction="sum"))
         count += sum(len(s.suffix) - 1 for s in chunk)
+    return total, count
+
+
+def validation_loss(model: CoconutModel, samples, batch_size: int, mode: str) -> float:
+    """Mean token cross-entropy of `samples`."""
+    total, count = validation_loss_sum(model, samples, batch_size, mode)
     return total / max(count, 1)
 
 
@@ -242,10 +243,7 @@ class Trainer:
         self.cfg = config
         self.env = DistEnv.from_environment()
         self.out = Path(config.save_dir)
-        self.device = torch.device(config.device or (f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu"))
-        if self.env.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
+        self.device = self.env.start(config.device)  # before anything touches CUDA
         self.rules = config.rules()
         self.history: list[dict] = []
         self.epochs_done = 0
@@ -292,11 +290,10 @@ class Trainer:
         else:
             decoder, tokenizer, tokens = self._fresh_model()
             self.resumed_from = None
-        if self.env.world_size > 1:  # every rank starts from rank 0's weights
-            for p in decoder.parameters():
-                torch.distributed.broadcast(p.data, src=0)
         self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
         self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size)
+        # every rank starts from rank 0's weights; under FSDP the decoder's parameters become shards
+        self.train_model = wrap_for_training(self.model, cfg.parallel, self.env, self.device, cfg.bf16)
         self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
         self.val_tok = [tokenize_record(r, tokenizer) for r in self.val_records]
         self.train_records, self.train_tok = self._fit_positions(train_path, self.train_records, self.train_tok, None)
@@ -304,7 +301,10 @@ class Trainer:
                                                              cfg.eval_max_new_tokens)
         self.optimizer = self._new_optimizer()
         if latest is not None and not self._resets_optimizer_at(self.epochs_done):
-            load_optimizer_state(latest, self.optimizer)
+            if is_fsdp(self.train_model):
+                load_gathered_optimizer_state(self.train_model, self.optimizer, read_optimizer_state(latest))
+            else:
+                load_optimizer_state(latest, self.optimizer)
 
     def _fit_positions(self, path: Path, records: list[Record], tokenized: list, eval_new_tokens: int | None):
         """Records whose samples (and evaluation) fit the model's positions: a longer one is an error
@@ -358,7 +358,6 @@ class Trainer:
                 raise TrainingError(f"config: unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
             tokenizer = self._task_tokenizer() if cfg.tokenizer is None else load_tokenizer(cfg.tokenizer)
             from .config import ModelConfig
-            from .model import Decoder
 
             spec = {"model_type": "gpt2", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                     "bos_token_id": tokenizer.eos_token_id, **BUILTIN_MODELS[name]}
@@ -408,16 +407,17 @@ class Trainer:
                 self.optimizer = self._new_optimizer()
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
-            self._check_finite_weights(epoch)
+            whole = self._whole_decoder()
+            self._check_finite_weights(epoch, whole)
             metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
                        "train_seconds": time.perf_counter() - started}
+            metrics.update(self._evaluate(epoch, whole))
+            if not math.isfinite(metrics["val_loss"]):
+                raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
+                                    f"saved; {self._last_good()}")
+            self.history.append(metrics)
+            self._save(epoch + 1, whole)
             if self.env.is_main:
-                metrics.update(self._evaluate(epoch))
-                if not math.isfinite(metrics["val_loss"]):
-                    raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
-                                        f"saved; {self._last_good()}")
-                self.history.append(metrics)
-                self._save(epoch + 1)
                 self._log(metrics)
             self.epochs_done = epoch + 1
             self.env.barrier()
@@ -433,25 +433,21 @@ class Trainer:
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {cfg.stage_of(epoch)}",
                        unit="step", leave=False, disable=None)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and self.device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        scale = env.gradient_scale()
         epoch_loss, epoch_labels = 0.0, 0
         self.decoder.train()
         for (batch,) in batches(samples, cfg.batch_size):
-            share = batch[env.rank :: env.world_size]
             labels = sum(len(s.suffix) - 1 for s in batch)
             loss_sum = torch.zeros((), device=self.device)
-            for micro in _split(share, cfg.gradient_accumulation_steps, cfg.max_batch_tokens):
-                with autocast:
-                    loss = self.model(micro, mode=cfg.forward_mode, reduction="sum")
-                (loss / labels).backward()
-                loss_sum += loss.detach().float()
-            if env.world_size > 1:
-                for p in self.decoder.parameters():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    torch.distributed.all_reduce(p.grad)
-                torch.distributed.all_reduce(loss_sum)
+            micros = self._micro_batches(batch)
+            for i, (micro, weight) in enumerate(micros):
+                with gradient_sync(self.train_model, i == len(micros) - 1):
+                    with autocast:
+                        loss = self.train_model(micro, mode=cfg.forward_mode, reduction="sum")
+                    (loss * (weight * scale) / labels).backward()
+                loss_sum += loss.detach().float() * weight
+            env.sum_(loss_sum)
             batch_loss = float(loss_sum) / labels
             if not math.isfinite(batch_loss):
                 raise TrainingError(
@@ -477,25 +473,64 @@ class Trainer:
         last = checkpoint_dirs(self.out)
         return f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
 
-    def _check_finite_weights(self, epoch: int) -> None:
-        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the weights."""
-        bad = first_non_finite(self.decoder.named_parameters())
+    def _check_finite_weights(self, epoch: int, decoder) -> None:
+        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights."""
+        bad = first_non_finite(decoder.named_parameters())
         if bad is not None:
             raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
                                 f"{self._last_good()}")
 
-    def _evaluate(self, epoch: int) -> dict:
-        stage = self.cfg.stage_of(epoch)
-        self.decoder.eval()
-        val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok]
-        result = evaluate(self.decoder, self.tokenizer, self.tokens, self.val_records, stage, self.rules,
-                          self.cfg.eval_max_new_tokens, self.cfg.page_size)
+    def _micro_batches(self, batch: list) -> list[tuple[list, float]]:
+        """This rank's share of a global batch as (micro-batch, loss weight) pairs.
+
+        A rank whose share is empty (fewer samples than ranks) runs the batch's first sample with
+        weight 0: DDP and FSDP need every rank's forward and backward. Under FSDP every rank also
+        runs as many micro-batches (each forward all-gathers the parameters): the ranks with fewer
+        are padded the same way.
+        """
+        env = self.env
+        share = batch[env.rank :: env.world_size]
+        micros = [(m, 1.0) for m in _split(share, self.cfg.gradient_accumulation_steps, self.cfg.max_batch_tokens)]
+        count = len(micros)
+        if is_fsdp(self.train_model):
+            count = int(env.max_(torch.tensor(count, device=self.device)))
+        return micros + [(batch[:1], 0.0)] * (max(count, 1) - len(micros))
+
+    def _whole_decoder(self):
+        """The decoder with whole parameters for evaluation and checkpoints: itself, or under FSDP a
+        replica loaded from the gathered shards (collective)."""
+        if not is_fsdp(self.train_model):
+            return self.decoder
+        prefix = "decoder."
+        state = {k[len(prefix):]: v for k, v in full_state_dict(self.train_model).items() if k.startswith(prefix)}
+        with torch.device(self.device):
+            replica = Decoder(self.decoder.config, attention_backend=self.decoder.attention_backend)
+        replica.load_state_dict(state)
+        return replica
+
+    def _evaluate(self, epoch: int, decoder) -> dict:
+        """Accuracy and validation loss, each rank evaluating every world_size-th question."""
+        env, stage = self.env, self.cfg.stage_of(epoch)
+        model = self.model if decoder is self.decoder else CoconutModel(decoder, self.tokens, self.cfg.page_size)
+        decoder.eval()
+        records = self.val_records[env.rank :: env.world_size]
+        generations = []
+        if records:
+            generations = evaluate(decoder, self.tokenizer, self.tokens, records, stage, self.rules,
+                                   self.cfg.eval_max_new_tokens, self.cfg.page_size)["generations"]
+        val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok[env.rank :: env.world_size]]
+        loss_and_count = validation_loss_sum(model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
+        decoder.train()
+        shares = env.gather((generations, loss_and_count))
+        ordered = [None] * len(self.val_records)
+        for rank, (share, _) in enumerate(shares):
+            ordered[rank :: env.world_size] = share
+        result = summarise(ordered)
         self.last_generations = result.pop("generations")
         errors = result.pop("errors")
         if errors:
             raise TrainingError(f"evaluation after epoch {epoch + 1}: {len(errors)} request(s) failed, first: {errors[0]}")
-        result["val_loss"] = validation_loss(self.model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
-        self.decoder.train()
+        result["val_loss"] = sum(t for _, (t, _) in shares) / max(sum(c for _, (_, c) in shares), 1)
         return result
 
     def coconut_info(self, stage: int) -> dict:
@@ -503,11 +538,17 @@ class Trainer:
         return {"mode": r.mode, "c_thought": r.c_thought, "max_latent_stage": r.max_latent_stage,
                 "pad_latent_to_max": r.pad_latent_to_max, "stage": stage}
 
-    def _save(self, epochs_done: int) -> None:
+    def _save(self, epochs_done: int, decoder) -> None:
+        """Rank 0 writes the checkpoint (under FSDP the others help gather the optimizer state)."""
+        optimizer = self.optimizer
+        if is_fsdp(self.train_model):
+            optimizer = StateDictView(gathered_optimizer_state(self.train_model, self.optimizer))
+        if not self.env.is_main:
+            return
         state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
                  "config": dataclasses.asdict(self.cfg)}
-        save_checkpoint(self.out, epochs_done, self.decoder, self.tokenizer, self.tokens,
-                        self.coconut_info(self.cfg.stage_of(epochs_done - 1)), self.optimizer, state,
+        save_checkpoint(self.out, epochs_done, decoder, self.tokenizer, self.tokens,
+                        self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
                         keep_last=self.cfg.keep_checkpoints)
         _atomic_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
         from .plots import plot_history
