@@ -231,6 +231,17 @@ class Decoder(nn.Module):
             if hasattr(module, "config") and module is not self:
                 module.config = self.config
 
+    def copy_token_rows(self, token_ids: list[int], init_from: int) -> None:
+        """Set the embedding rows (and untied LM-head rows) of `token_ids` to row `init_from`'s."""
+        vocab = self.config.vocab_size
+        bad = [t for t in [*token_ids, init_from] if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"copy_token_rows: token ids {bad} are outside the vocabulary of {vocab}")
+        index = torch.tensor(token_ids, device=self.embed_tokens.weight.device)
+        with torch.no_grad():
+            for weight in {id(w): w for w in (self.embed_tokens.weight, self.lm_head_weight)}.values():
+                weight[index] = weight[init_from].clone()
+
     def embed(self, input_ids: torch.Tensor, deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
         """Token embeddings `[T, hidden]`. A training forward passes the `deferred` its `cross_entropy`
         gets: a tied LM head's gradient is then made once, by the embedding's backward."""
