@@ -18,7 +18,7 @@ from .trainer import TrainConfig, Trainer, evaluate
 # The tuned defaults (see README for the measured table).
 TASK = {"num_concepts": 7, "extra_edges": 2, "person_facts": 0, "min_steps": 2, "max_steps": 3, "concept_pool": 24}
 COMMON = dict(model="builtin:gpt2-tiny", batch_size=32, lr=2e-3, weight_decay=0.01, max_latent_stage=3,
-              c_thought=1, eval_max_new_tokens=40, task_train_size=6000, task_val_size=200, task_config=TASK)
+              c_thought=1, eval_max_new_tokens=40, reset_optimizer="stage", task_train_size=6000, task_val_size=200, task_config=TASK)
 COCONUT_EPOCHS = {"cot": 6, "per_stage": 2}
 NO_COT_EPOCHS = 12  # as many epochs as the whole Coconut curriculum
 PROSQA_VALID = Path(os.environ.get("COCONUT_PROSQA_VALID", "../shared/data/prosqa_valid.json"))

@@ -1,8 +1,10 @@
 """Coconut markers get initialised rows also when the vocabulary already has room for them (padding)."""
+import shutil
+
 import torch
 
 from coconut_engine.coconut import add_special_tokens
-from coconut_engine.loader import load_model
+from coconut_engine.loader import load_model, load_tokenizer
 from coconut_engine.tasks import train_task_tokenizer
 from tiny_models import build_hf_model
 
@@ -10,7 +12,9 @@ from tiny_models import build_hf_model
 def test_markers_on_a_padded_vocabulary_copy_the_init_token(tmp_path):
     # Qwen2.5's layout in small: more embedding rows (400) than tokenizer entries (~270)
     build_hf_model("qwen2", tmp_path / "m", vocab_size=400, tie_word_embeddings=False)
-    tokenizer = train_task_tokenizer(["<< a >> b << c >>"] * 4, tmp_path / "m", vocab_size=270)
+    train_task_tokenizer(["<< a >> b << c >>"] * 4, tmp_path / "tok", vocab_size=270)
+    shutil.copytree(tmp_path / "tok", tmp_path / "m", dirs_exist_ok=True)
+    tokenizer = load_tokenizer(tmp_path / "m")
     model = load_model(tmp_path / "m")
     before = model.embed_tokens.weight.detach().clone()
     tokens = add_special_tokens(model, tokenizer)
