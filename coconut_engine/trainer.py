@@ -381,6 +381,7 @@ class Trainer:
         """Records whose samples (and evaluation) fit in `max_length` positions (default: the model's): a
         longer one is an error naming it, or with `drop_long_records` is dropped and counted."""
         limit = self.max_length
+        what = f"max_length={limit}" if self.cfg.max_length else f"the model's max_position_embeddings={limit}"
         need = [positions_needed(rec, self.rules, self.tokens, eval_new_tokens) for rec in tokenized]
         too_long = [i for i, n in enumerate(need) if n > limit]
         if not too_long:
@@ -390,11 +391,10 @@ class Trainer:
             by_eval = (eval_new_tokens is not None
                        and positions_needed(tokenized[first], self.rules, self.tokens) <= limit)
             why = f" (its evaluation prompt and thoughts + eval_max_new_tokens={eval_new_tokens})" if by_eval else ""
-            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than the model's "
-                                f"max_position_embeddings={limit} ({len(too_long)} record(s) too long; "
-                                "drop_long_records: true drops them)")
+            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than {what} "
+                                f"({len(too_long)} record(s) too long; drop_long_records: true drops them)")
         if len(too_long) == len(records):
-            raise TrainingError(f"{path}: every record needs more than max_length={limit} positions")
+            raise TrainingError(f"{path}: every record needs more than {what} positions")
         if self.env.is_main:
             print(f"{path}: dropped {len(too_long)} of {len(records)} records longer than {limit} positions "
                   f"(first: record {first}, {need[first]} positions)", flush=True)
