@@ -13,6 +13,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -62,14 +63,29 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def checkpoint_name(epochs_done: int) -> str:
+    """The directory name of the checkpoint written after `epochs_done` epochs."""
+    return f"checkpoint-{epochs_done:04d}"
+
+
+def best_checkpoint(root: str | Path) -> Path | None:
+    """The best checkpoint (by validation accuracy) that the newest checkpoint under `root` names."""
+    found = checkpoint_dirs(root)
+    if not found:
+        return None
+    name = json.loads((found[-1] / STATE_FILE).read_text()).get("best_checkpoint")
+    return Path(root) / name if name and (Path(root) / name / STATE_FILE).is_file() else None
+
+
 def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, tokens: SpecialTokens, coconut_info: dict,
                     optimizer: torch.optim.Optimizer | None, state: dict, keep_last: int = 2,
-                    before_rename=None) -> Path:
-    """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints."""
+                    before_rename=None, keep: Iterable[str] = ()) -> Path:
+    """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints and those
+    named in `keep` (the best one), delete the others."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(root)
-    final = root / f"checkpoint-{epochs_done:04d}"
+    final = root / checkpoint_name(epochs_done)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(decoder, tmp)
@@ -83,8 +99,10 @@ def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, toke
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    kept = set(keep)
     for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -22,7 +22,8 @@ from .trainer import TrainConfig, Trainer, TrainingError, evaluate
 # The defaults (README, "The main job": what was measured with them).
 TASK = {"distribution": "prosqa"}
 COMMON = dict(model="builtin:gpt2-tiny", batch_size=32, lr=2e-3, weight_decay=0.01, max_latent_stage=3,
-              c_thought=1, eval_max_new_tokens=64, task_train_size=1500, task_val_size=100, task_config=TASK)
+              c_thought=1, eval_max_new_tokens=64, reset_optimizer="stage", task_train_size=1500, task_val_size=100,
+              task_config=TASK)
 COCONUT_EPOCHS = {"cot": 3, "per_stage": 1}
 NO_COT_EPOCHS = 6
 PROSQA_VALID = Path(os.environ.get("COCONUT_PROSQA_VALID", "../shared/data/prosqa_valid.json"))
@@ -36,15 +37,13 @@ class StageEndScoring(Trainer):
         self.scored_records = records
         super().__init__(config)
 
-    def _evaluate(self, epoch: int) -> dict:
-        result = super()._evaluate(epoch)
+    def _evaluate(self, epoch: int, decoder) -> dict:
+        result = super()._evaluate(epoch, decoder)
         cfg = self.cfg
         last_of_stage = epoch + 1 == cfg.num_epochs or cfg.stage_of(epoch + 1) != cfg.stage_of(epoch)
         if self.scored_records and last_of_stage:
-            self.decoder.eval()
-            real = evaluate(self.decoder, self.tokenizer, self.tokens, self.scored_records, cfg.stage_of(epoch),
-                            self.rules, cfg.eval_max_new_tokens, cfg.page_size)
-            self.decoder.train()
+            real = evaluate(decoder, self.tokenizer, self.tokens, self.scored_records, cfg.stage_of(epoch),
+                            self.rules, cfg.max_new_tokens(), cfg.page_size)
             if real["errors"]:
                 raise TrainingError(f"scoring the fixed question set after epoch {epoch + 1}: "
                                     f"{len(real['errors'])} request(s) failed, first: {real['errors'][0]}")

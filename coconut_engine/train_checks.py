@@ -16,7 +16,7 @@ from .validation import check_device, is_integer
 SAFE_RESUME_KEYS = frozenset({
     "name", "save_dir", "resume", "overwrite", "keep_checkpoints", "progress", "device", "attention_backend",
     "forward_mode", "gradient_accumulation_steps", "max_batch_tokens", "page_size", "num_epochs",
-    "eval_max_new_tokens", "max_eval_questions", "parallel",
+    "eval_max_new_tokens", "max_eval_questions", "parallel", "val_limit", "save_only_improve", "log_with",
 })
 
 _MIN = {  # integer keys: smallest allowed value

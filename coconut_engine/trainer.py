@@ -22,16 +22,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (checkpoint_dirs, load_checkpoint, load_optimizer_state, read_optimizer_state,
-                         remove_stale_tmp, save_checkpoint)
+from .checkpoint import (checkpoint_dirs, checkpoint_name, load_checkpoint, load_optimizer_state,
+                         read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
                           gradient_sync, is_fsdp, load_gathered_optimizer_state, wrap_for_training)
-from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt,
-                   extract_answer, load_records, positions_needed, tokenize_record)
+from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt, load_records,
+                   positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
-from .model import Decoder
+from .metrics import GenerationScore, score_generation, summarize
+from .model import Decoder, DropoutRates
+from .schedule import LRSchedule
+from .tracking import TRACKERS, make_tracker
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
 
@@ -70,8 +73,12 @@ class TrainConfig:
     max_latent_stage: int = 6
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0
-    reset_optimizer: bool = True
+    reset_optimizer: bool | str = True  # true/"epoch": fresh AdamW every epoch (official); "stage"; false
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant (official) | cosine (linear warmup, then cosine decay)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: the last step's lr as a fraction of lr
+    dropout: float | None = None  # None: the model config's (GPT-2 embd/resid_pdrop); a number: all of them
     weight_decay: float = 0.01
     batch_size: int = 128
     gradient_accumulation_steps: int = 1
@@ -82,10 +89,15 @@ class TrainConfig:
     parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, parameters/gradients/optimizer sharded)
     seed: int = 0
     forward_mode: str = "paged"
-    eval_max_new_tokens: int = 64
+    max_length: int | None = None  # drop records whose longest sample exceeds it; None: the model's positions
+    train_limit: int | None = None  # train on the first N records only
+    val_limit: int | None = None  # evaluate on the first N records only (max_eval_questions: the older name)
+    eval_max_new_tokens: int | None = None  # None: the official 64 for GSM8K (val_path names gsm), else 128
     max_eval_questions: int | None = None
     resume: bool = False
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N; the best (by validation accuracy) is kept besides them
+    save_only_improve: bool = False  # write a checkpoint only when validation accuracy improves (official)
+    log_with: str | None = None  # tensorboard: event files in save_dir/tensorboard (optional dependency)
     device: str | None = None
     attention_backend: str = "auto"
     page_size: int = 16
@@ -106,6 +118,21 @@ class TrainConfig:
         need(not (self.stage0_epochs is not None and self.mode in ("cot", "no_cot")),
              f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
         need(self.parallel in PARALLEL_MODES, f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
+        need(self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1")
+        self.reset_optimizer = _reset_policy(self.reset_optimizer)
+        need(self.reset_optimizer is not None,
+             "reset_optimizer must be true (or 'epoch': every epoch, as official), 'stage' or false")
+        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("max_length", "train_limit", "val_limit"):
+            need(getattr(self, key) is None or getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        if isinstance(self.log_with, str) and self.log_with.lower() in ("none", "null", ""):
+            self.log_with = None
+        need(self.log_with in (None, *TRACKERS), f"log_with {self.log_with!r} is not one of {TRACKERS} (or none)")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        try:
+            self.lr_scheduler(1)
+        except ValueError as exc:
+            raise TrainingError(f"config: {exc}") from exc
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need((self.train_path is None) == (self.val_path is None),
@@ -119,6 +146,16 @@ class TrainConfig:
             self.rules()
         except ValueError as exc:
             raise TrainingError(f"config: {exc}") from exc
+
+    def lr_scheduler(self, total_steps: int) -> LRSchedule:
+        """The learning-rate schedule over a run of `total_steps` optimizer steps."""
+        return LRSchedule(self.lr_schedule, self.lr, total_steps, self.warmup_steps, self.min_lr_ratio)
+
+    def max_new_tokens(self) -> int:
+        """Evaluation's generation budget: the key, else the official default for the validation file."""
+        if self.eval_max_new_tokens is not None:
+            return self.eval_max_new_tokens
+        return official_max_new_tokens(self.val_path)
 
     def rules(self) -> StageRules:
         return StageRules(self.c_thought, self.max_latent_stage, self.pad_latent_to_max, self.uniform_prob, self.mode)
@@ -156,6 +193,23 @@ class TrainConfig:
         return cls.from_dict({**values, **(overrides or {})}, source=str(path))
 
 
+def official_max_new_tokens(val_path: str | Path | None) -> int:
+    """The official run.py's generation budget: 64 when the validation file is GSM8K's, else 128."""
+    return 64 if val_path is not None and "gsm" in str(val_path) else 128
+
+
+def _reset_policy(value) -> bool | str | None:
+    """reset_optimizer as given (bool or text) -> True (every epoch), "stage", False; None if invalid."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "epoch"):
+        return True
+    if text in ("false", "0", "no", "never"):
+        return False
+    return "stage" if text == "stage" else None
+
+
 def _coerce(value, annotation, key: str, source: str):
     """CLI overrides arrive as strings: turn them into the field's type."""
     if not isinstance(value, str) or "str" in str(annotation):
@@ -183,8 +237,10 @@ def _coerce(value, annotation, key: str, source: str):
 
 @torch.no_grad()
 def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], stage: int, rules: StageRules,
-             max_new_tokens: int = 64, page_size: int = 16, progress: bool = False) -> dict:
-    """Answer exact-match accuracy of batched generation at a stage (the official extraction)."""
+             max_new_tokens: int = 128, page_size: int = 16, progress: bool = False) -> dict:
+    """Batched generation at a stage scored as the official eval (`metrics.py`): answer exact match
+    ("accuracy"), CoT exact match ("cot_accuracy"), generated tokens and thoughts per answer, and
+    each question's generation. The decoder runs in eval mode (no dropout)."""
     tokenized = [tokenize_record(r, tokenizer) for r in records]
     prompts, thoughts = [], []
     markers = rules.markers and rules.mode != "pause_as_thought"
@@ -195,24 +251,32 @@ def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], s
     longest = max(len(p) + k for p, k in zip(prompts, thoughts)) + 2 + max_new_tokens
     pages = min(4096, max(len(prompts) * -(-longest // page_size), -(-longest // page_size)))
     generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens)
-    results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
-                                 thought_markers=markers, progress=progress)
-    correct = [r.error is None and extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
-    return summarise([{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
-                       "generated_tokens": r.generated_tokens, "thoughts": k,
-                       **({"error": r.error} if r.error is not None else {})}
-                      for rec, r, ok, k in zip(records, results, correct, thoughts)])
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
+                                     thought_markers=markers, progress=progress)
+    finally:
+        decoder.train(was_training)
+    generations = []
+    for rec, r, k in zip(records, results, thoughts):
+        score = score_generation(r.text or "", rec.answer, rec.steps, r.generated_tokens, k) if r.error is None \
+            else GenerationScore(False, False, r.generated_tokens, k)
+        generations.append({"question": rec.question, "answer": rec.answer, "output": r.text,
+                            "correct": score.answer_correct, "cot_correct": score.cot_correct,
+                            "generated_tokens": r.generated_tokens, "thoughts": k,
+                            **({"error": r.error} if r.error is not None else {})})
+    return summarise(generations)
 
 
 def summarise(generations: list[dict]) -> dict:
-    """Accuracy, failed requests, generated tokens and thoughts per answer of `evaluate`'s generations
-    (and the list)."""
-    n = len(generations)
+    """The official eval's scores (`metrics.summarize`), failed requests and the generations themselves,
+    from `evaluate`'s generation records (also after they were gathered from several ranks)."""
+    scores = [GenerationScore(g["correct"], g["cot_correct"], g["generated_tokens"], g["thoughts"])
+              for g in generations]
     return {
-        "accuracy": sum(g["correct"] for g in generations) / n,
+        **summarize(scores),
         "errors": [f"record {i}: {g['error']}" for i, g in enumerate(generations) if "error" in g],
-        "tokens_per_answer": sum(g["generated_tokens"] for g in generations) / n,
-        "thoughts_per_answer": sum(g["thoughts"] for g in generations) / n,
         "generations": generations,
     }
 
@@ -260,10 +324,8 @@ class Trainer:
             remove_stale_tmp(self.out)
         self.env.barrier()
         train_path, val_path = self._data_paths()
-        self.train_records = load_records(train_path)
-        self.val_records = load_records(val_path)
-        if cfg.max_eval_questions:
-            self.val_records = self.val_records[: cfg.max_eval_questions]
+        self.train_records = load_records(train_path)[: cfg.train_limit]
+        self.val_records = load_records(val_path)[: cfg.val_limit or cfg.max_eval_questions]
         latest = checkpoint_dirs(self.out)[-1] if cfg.resume and checkpoint_dirs(self.out) else None
         if cfg.resume and latest is None and self.env.is_main:
             print(f"resume: no complete checkpoint under {self.out}; starting from the beginning")
@@ -290,15 +352,24 @@ class Trainer:
         else:
             decoder, tokenizer, tokens = self._fresh_model()
             self.resumed_from = None
+        if cfg.dropout is not None:
+            decoder.dropout = DropoutRates(cfg.dropout, cfg.dropout, cfg.dropout)
+        if decoder.dropout.attn > 0 and self.env.is_main:
+            print(f"[{cfg.name}] note: attention-probability dropout ({decoder.dropout.attn}) is not implemented by "
+                  f"the paged attention; embedding ({decoder.dropout.embd}) and residual ({decoder.dropout.resid}) "
+                  "dropout are applied", flush=True)
         self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
         self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size)
         # every rank starts from rank 0's weights; under FSDP the decoder's parameters become shards
         self.train_model = wrap_for_training(self.model, cfg.parallel, self.env, self.device, cfg.bf16)
         self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
         self.val_tok = [tokenize_record(r, tokenizer) for r in self.val_records]
+        self.max_length = cfg.max_length or decoder.config.max_position_embeddings
         self.train_records, self.train_tok = self._fit_positions(train_path, self.train_records, self.train_tok, None)
         self.val_records, self.val_tok = self._fit_positions(val_path, self.val_records, self.val_tok,
-                                                             cfg.eval_max_new_tokens)
+                                                             cfg.max_new_tokens())
+        self.tracker = make_tracker(cfg.log_with, self.out) if self.env.is_main else None
+        self.schedule = cfg.lr_scheduler(cfg.num_epochs * math.ceil(len(self.train_tok) / cfg.batch_size))
         self.optimizer = self._new_optimizer()
         if latest is not None and not self._resets_optimizer_at(self.epochs_done):
             if is_fsdp(self.train_model):
@@ -307,9 +378,10 @@ class Trainer:
                 load_optimizer_state(latest, self.optimizer)
 
     def _fit_positions(self, path: Path, records: list[Record], tokenized: list, eval_new_tokens: int | None):
-        """Records whose samples (and evaluation) fit the model's positions: a longer one is an error
-        naming it, or with `drop_long_records` is dropped and counted."""
-        limit = self.decoder.config.max_position_embeddings
+        """Records whose samples (and evaluation) fit in `max_length` positions (default: the model's): a
+        longer one is an error naming it, or with `drop_long_records` is dropped and counted."""
+        limit = self.max_length
+        what = f"max_length={limit}" if self.cfg.max_length else f"the model's max_position_embeddings={limit}"
         need = [positions_needed(rec, self.rules, self.tokens, eval_new_tokens) for rec in tokenized]
         too_long = [i for i, n in enumerate(need) if n > limit]
         if not too_long:
@@ -319,11 +391,10 @@ class Trainer:
             by_eval = (eval_new_tokens is not None
                        and positions_needed(tokenized[first], self.rules, self.tokens) <= limit)
             why = f" (its evaluation prompt and thoughts + eval_max_new_tokens={eval_new_tokens})" if by_eval else ""
-            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than the model's "
-                                f"max_position_embeddings={limit} ({len(too_long)} record(s) too long; "
-                                "drop_long_records: true drops them)")
+            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than {what} "
+                                f"({len(too_long)} record(s) too long; drop_long_records: true drops them)")
         if len(too_long) == len(records):
-            raise TrainingError(f"{path}: every record needs more than max_position_embeddings={limit} positions")
+            raise TrainingError(f"{path}: every record needs more than {what} positions")
         if self.env.is_main:
             print(f"{path}: dropped {len(too_long)} of {len(records)} records longer than {limit} positions "
                   f"(first: record {first}, {need[first]} positions)", flush=True)
@@ -387,7 +458,12 @@ class Trainer:
         return torch.optim.AdamW(self.decoder.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _resets_optimizer_at(self, epoch: int) -> bool:
-        return self.cfg.reset_optimizer and epoch > 0 and self.cfg.stage_of(epoch) != self.cfg.stage_of(epoch - 1)
+        """Whether `epoch` starts with a fresh optimizer: every epoch (reset_optimizer true, as the official
+        loop), at stage switches ("stage"), or never (false)."""
+        policy = self.cfg.reset_optimizer
+        if policy == "stage":
+            return epoch > 0 and self.cfg.stage_of(epoch) != self.cfg.stage_of(epoch - 1)
+        return bool(policy) and epoch > 0
 
     # -- training -----------------------------------------------------------------------------------
 
@@ -405,6 +481,8 @@ class Trainer:
         for epoch in range(self.epochs_done, cfg.num_epochs):
             if self._resets_optimizer_at(epoch):
                 self.optimizer = self._new_optimizer()
+            # dropout masks drawn from a stream of (seed, epoch): a resumed run draws the same ones
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
             whole = self._whole_decoder()
@@ -415,12 +493,21 @@ class Trainer:
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
                                     f"saved; {self._last_good()}")
+            best_so_far = max((m["accuracy"] for m in self.history), default=0.0)
+            save = not cfg.save_only_improve or metrics["accuracy"] > best_so_far  # the official rule
+            metrics["checkpoint"] = checkpoint_name(epoch + 1) if save else None
             self.history.append(metrics)
-            self._save(epoch + 1, whole)
+            if save:
+                self._save(epoch + 1, whole)
             if self.env.is_main:
+                self._write_metrics()
                 self._log(metrics)
+                if self.tracker is not None:
+                    self.tracker.log_epoch(metrics)
             self.epochs_done = epoch + 1
             self.env.barrier()
+        if self.tracker is not None:
+            self.tracker.close()
         return self.history
 
     def _train_epoch(self, epoch: int) -> float:
@@ -457,8 +544,12 @@ class Trainer:
             if not math.isfinite(grad_norm):
                 raise TrainingError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {self.global_step + 1}: "
                                     f"training stopped before the update; {self._last_good()}")
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.schedule.lr_at(self.global_step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.tracker is not None:
+                self.tracker.log_step(self.global_step, batch_loss, self.optimizer.param_groups[0]["lr"])
             self.global_step += 1
             epoch_loss += float(loss_sum)
             epoch_labels += labels
@@ -517,7 +608,7 @@ class Trainer:
         generations = []
         if records:
             generations = evaluate(decoder, self.tokenizer, self.tokens, records, stage, self.rules,
-                                   self.cfg.eval_max_new_tokens, self.cfg.page_size)["generations"]
+                                   self.cfg.max_new_tokens(), self.cfg.page_size)["generations"]
         val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok[env.rank :: env.world_size]]
         loss_and_count = validation_loss_sum(model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
         decoder.train()
@@ -538,19 +629,34 @@ class Trainer:
         return {"mode": r.mode, "c_thought": r.c_thought, "max_latent_stage": r.max_latent_stage,
                 "pad_latent_to_max": r.pad_latent_to_max, "stage": stage}
 
+    @property
+    def best_checkpoint(self) -> str | None:
+        """Name of the saved checkpoint with the highest validation accuracy (the earliest on ties)."""
+        saved = [m for m in self.history if m.get("checkpoint")]
+        return max(saved, key=lambda m: m["accuracy"])["checkpoint"] if saved else None
+
     def _save(self, epochs_done: int, decoder) -> None:
-        """Rank 0 writes the checkpoint (under FSDP the others help gather the optimizer state)."""
+        """Rank 0 writes the checkpoint (under FSDP the others help gather the optimizer state); the best
+        checkpoint so far is never rotated away."""
         optimizer = self.optimizer
         if is_fsdp(self.train_model):
             optimizer = StateDictView(gathered_optimizer_state(self.train_model, self.optimizer))
         if not self.env.is_main:
             return
+        best = self.best_checkpoint
         state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
-                 "config": dataclasses.asdict(self.cfg)}
+                 "best_checkpoint": best, "config": dataclasses.asdict(self.cfg)}
         save_checkpoint(self.out, epochs_done, decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
-                        keep_last=self.cfg.keep_checkpoints)
-        _atomic_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
+                        keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [])
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl (one line per epoch; `is_best` marks the best checkpoint's) and the chart."""
+        best = self.best_checkpoint
+        lines = [json.dumps({**m, "is_best": m.get("checkpoint") is not None and m["checkpoint"] == best}) + "\n"
+                 for m in self.history]
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_text(self.out / "metrics.jsonl", "".join(lines))
         from .plots import plot_history
 
         plot_history(self.history, self.out / "training.png", title=self.cfg.name)
@@ -583,6 +689,10 @@ def _init_weights(decoder) -> None:
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
 
 
 def _atomic_json(path: Path, value) -> None:
