@@ -10,11 +10,14 @@ import torch
 from coconut_engine.errors import KernelInputError
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The values Triton itself reads as true for a boolean variable such as TRITON_INTERPRET (case-insensitive).
+TRUE_VALUES = ("1", "true", "on", "yes")
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, or true / on / yes as
+    Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in TRUE_VALUES
 
 
 def device_guard(device: torch.device):

@@ -224,6 +224,23 @@ def test_an_explicit_triton_interpret_wins():
     assert triton_mode.choose(False, {}) == triton_mode.INTERPRET
 
 
+@pytest.mark.parametrize("value,on", [("true", True), ("ON", True), ("yes", True), ("1", True), ("0", False),
+                                      ("false", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """Triton turns its interpreter on for TRITON_INTERPRET=1, true, on or yes: the test run's mode, the
+    wrappers' tile choice and the backend choice must read the variable the same way (an explicit
+    TRITON_INTERPRET=true used to be taken for compiled kernels, and the conftest then set it to 0)."""
+    from triton import knobs
+
+    from coconut_engine.attention import triton_available
+
+    assert triton_mode.choose(True, {"TRITON_INTERPRET": value}) == (triton_mode.INTERPRET if on else triton_mode.COMPILED)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert knobs.runtime.interpret is on  # Triton's own reading
+    assert _launch.interpreting() is on
+    assert triton_available(torch.device("cpu")) is on
+
+
 def test_auto_backend_uses_torch_for_cuda_tensors_under_the_interpreter(monkeypatch):
     from coconut_engine.attention import resolve_backend
 

@@ -21,7 +21,8 @@ class TritonModeError(Exception):
 def choose(cuda_available: bool, environ: Mapping[str, str]) -> str:
     """INTERPRET or COMPILED for this run, from the CUDA check and the environment."""
     if "TRITON_INTERPRET" in environ:
-        return INTERPRET if environ["TRITON_INTERPRET"] == "1" else COMPILED
+        # as Triton reads it (kernels/_launch.py, not imported here: it must not load Triton's kernels yet)
+        return INTERPRET if environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes") else COMPILED
     if environ.get("COCONUT_GPU_TESTS", "0") == "1":
         if not cuda_available:
             raise TritonModeError("COCONUT_GPU_TESTS=1 needs a CUDA GPU, and torch sees none")
