@@ -22,12 +22,20 @@ CLI="python -m coconut_engine.cli"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 
+# Unbuffered output: what a part printed before its box ended is in its file, not lost in a buffer.
+export PYTHONUNBUFFERED=1
 part() {  # part NAME BOX COMMAND...: run COMMAND under its time box, output to $OUT/NAME.txt
   local name=$1 box=$2; shift 2
   echo "== $name (box ${box} s, at $(elapsed))"
-  timeout --kill-after=5 "$box" "$@" 2>&1 | tee "$OUT/$name.txt"
+  # SIGINT when the box ends: pytest then prints its "N passed, M failed" line for what ran, a script
+  # stops with KeyboardInterrupt; SIGKILL 10 s later if it is still there (exit 137).
+  timeout --signal=INT --kill-after=10 "$box" "$@" 2>&1 | tee "$OUT/$name.txt"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 124 ] && echo "(time box of ${box} s ended)" | tee -a "$OUT/$name.txt"
+  case "$rc" in
+    124) echo "(time box of ${box} s ended)" | tee -a "$OUT/$name.txt";;
+    137) echo "(killed: the time box of ${box} s ended and it did not stop within 10 s of SIGINT, or out of memory)" \
+           | tee -a "$OUT/$name.txt";;
+  esac
   echo "$name: exit $rc" >> "$OUT/status.txt"
 }
 : > "$OUT/status.txt"
@@ -53,5 +61,6 @@ cat "$OUT/card.txt" "$OUT/status.txt"
 echo "suite:     $(grep -E '(passed|failed|error)' "$OUT/suite.txt" | tail -1)"
 echo "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.txt" | tail -1)"
 for name in resources kernels train_gpt2 train_qwen generate; do
-  echo; echo "-- $name"; grep -E '^\||copy:' "$OUT/$name.txt"
+  # tables, and the rows a cut part printed as it went (bench train / generate progress lines)
+  echo; echo "-- $name"; grep -E '^\||copy:|^stage [0-9]|tok/s|time box' "$OUT/$name.txt"
 done
