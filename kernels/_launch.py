@@ -68,4 +68,16 @@ def check_batch(op: str, batch) -> dict[str, torch.Tensor]:
     if batch.block_table.dim() != 2:
         raise KernelInputError(f"{op}: batch.block_table must be 2-D [sequences, pages], got shape "
                                f"{tuple(batch.block_table.shape)}")
+    # The kernels read entry b of these at offset b (the block table's strides are passed instead), and
+    # one row per sequence: anything else reads the wrong lengths, or past the end, without an error.
+    num_seqs = batch.cu_seqlens_q.shape[0] - 1 if batch.cu_seqlens_q.dim() == 1 else -1
+    for name in ("batch.cu_seqlens_q", "batch.seq_lens_k"):
+        t = meta[name]
+        if t.dim() != 1 or (t.shape[0] > 1 and t.stride(0) != 1):
+            raise KernelInputError(f"{op}: {name} must be 1-D with consecutive entries, got shape {tuple(t.shape)} "
+                                   f"strides {t.stride()}")
+    if batch.seq_lens_k.shape[0] != num_seqs or batch.block_table.shape[0] != num_seqs:
+        raise KernelInputError(f"{op}: batch.cu_seqlens_q {tuple(batch.cu_seqlens_q.shape)} must have one entry more "
+                               f"than batch.seq_lens_k {tuple(batch.seq_lens_k.shape)} and batch.block_table's rows "
+                               f"{tuple(batch.block_table.shape)}")
     return meta

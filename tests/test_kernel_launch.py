@@ -50,6 +50,34 @@ def test_mixed_dtypes_are_a_clear_error_naming_the_tensors():
         store_kv(k, k, k_pool, v_pool, torch.zeros(2, dtype=torch.int32))
 
 
+def test_shapes_and_strides_the_kernels_assume_are_checked():
+    """What a kernel would misread without an error (wrong slots, wrong lengths, past the end) is a
+    KernelInputError naming the tensor."""
+    q, k_pool, v_pool, batch = make_case(2, 64, 16, torch.float32, [5, 20], [1, 1])
+    k = torch.zeros(2, 2, 32)  # head_dim 32 into a head_dim-64 pool: 64 values per slot written at 128 apart
+    with pytest.raises(KernelInputError, match=r"same kv_heads and head_dim"):
+        store_kv(k, k, k_pool, v_pool, torch.zeros(2, dtype=torch.int64))
+    k = torch.zeros(3, 2, 64)
+    with pytest.raises(KernelInputError, match=r"slot_mapping must be 1-D with one consecutive entry per token"):
+        store_kv(k, k, k_pool, v_pool, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(KernelInputError, match=r"slot_mapping must be 1-D"):
+        store_kv(k, k, k_pool, v_pool, torch.zeros(6, dtype=torch.int64)[::2])
+    strided = dataclasses.replace(batch, seq_lens_k=torch.stack([batch.seq_lens_k, batch.seq_lens_k], 1)[:, 0])
+    assert strided.seq_lens_k.stride(0) == 2
+    with pytest.raises(KernelInputError, match=r"batch.seq_lens_k must be 1-D with consecutive entries"):
+        paged_attention(q, k_pool, v_pool, strided, 0.1)
+    with pytest.raises(KernelInputError, match=r"one entry more than batch.seq_lens_k"):
+        paged_attention(q, k_pool, v_pool, dataclasses.replace(batch, seq_lens_k=batch.seq_lens_k[:1]), 0.1)
+    with pytest.raises(KernelInputError, match=r"out must have q's shape"):
+        paged_attention(q, k_pool, v_pool, batch, 0.1, out=torch.empty(q.shape[0], q.shape[1], 32))
+    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, 0.1, return_lse=True)
+    grads = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    with pytest.raises(KernelInputError, match=r"dout and out must have q's shape"):
+        paged_attention_backward(out[:1], q, out, lse, k_pool, v_pool, *grads, batch, 0.1)
+    with pytest.raises(KernelInputError, match=r"lse \(2, 4\)"):
+        paged_attention_backward(out, q, out, lse[:, :2], k_pool, v_pool, *grads, batch, 0.1)
+
+
 def test_tensors_on_different_devices_are_a_clear_error_naming_them():
     q, k_pool, v_pool, batch = make_case(2, 64, 16, torch.float32, [5, 20], [1, 1])
     with pytest.raises(KernelInputError, match=r"q on meta, k_pool on cpu"):
