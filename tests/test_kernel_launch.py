@@ -231,6 +231,26 @@ def test_one_token_backward_is_one_fused_kernel(monkeypatch, splits, group, head
     check_backward(lambda *a: paged_attention_backward(*a, num_splits=splits), *case)
 
 
+# ---- 3, 7, 8: the tiles the GPU launches (not the interpreter's big ones), run in the interpreter
+
+@pytest.mark.parametrize("ieee", [False, True], ids=["tf32-tiles", "ieee-tiles"])
+@pytest.mark.parametrize("q_lens", [EXTEND, DECODE], ids=["extend", "decode"])
+def test_gpu_tile_configs_compute_the_reference(monkeypatch, q_lens, ieee):
+    """Forward (split and not) and backward with the compiled path's tile table (GQA 7 in 16-row tiles,
+    16- and 32-key tiles at head_dim 80, page 8): the masks of those tiles are right. fp32, so the
+    interpreter's dots are exact whatever `ieee` says; only the tile choice follows it."""
+    for module in (fwd_module, paged_attention_bwd):
+        monkeypatch.setattr(module, "interpreting", lambda: False)  # UPCAST stays on: fp32 inputs
+    q, k_pool, v_pool, batch = make_case(7, 80, 8, torch.float32, PREFIX, q_lens)
+    decode = max(q_lens) <= 1
+    configs = (fwd_module.forward_config(7, 80, torch.float32, ieee, decode),
+               paged_attention_bwd.backward_config(7, 80, torch.float32, ieee, decode))
+    assert all(c.num_stages == 2 for c in configs), configs  # the compiled table (the interpreter's has 1 stage)
+    for splits in ([None, 3] if decode else [None]):
+        check_forward(q, k_pool, v_pool, batch, num_splits=splits, ieee=ieee)
+        check_backward(lambda *a: paged_attention_backward(*a, num_splits=splits, ieee=ieee), q, k_pool, v_pool, batch)
+
+
 # ---- 2: interpreter or compiled kernels, with the CUDA check mocked
 
 def test_a_cuda_host_runs_the_suite_in_the_interpreter_by_default(monkeypatch):
