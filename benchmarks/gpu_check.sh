@@ -15,9 +15,12 @@ T0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
 # The package maps kernels/ to coconut_engine.kernels; without network, install without dependencies,
 # or fall back to a link for this run.
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true
+python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 \
+  || echo "pip install -e . failed (its output: $OUT/pip.txt)"
 python -c "import coconut_engine.kernels.paged_attention" 2>/dev/null || {
-  ln -sfn ../kernels coconut_engine/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
+  echo "coconut_engine.kernels does not import: linking kernels/ for this run"
+  ln -sfn ../kernels coconut_engine/kernels; trap 'rm -f coconut_engine/kernels' EXIT
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 CLI="python -m coconut_engine.cli"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
