@@ -268,7 +268,9 @@ def test_gpu_tests_ask_for_compiled_kernels(monkeypatch):
 
 def test_an_explicit_triton_interpret_wins():
     assert triton_mode.choose(True, {"TRITON_INTERPRET": "1", "COCONUT_GPU_TESTS": "1"}) == triton_mode.INTERPRET
-    assert triton_mode.choose(False, {"TRITON_INTERPRET": "0"}) == triton_mode.COMPILED
+    assert triton_mode.choose(True, {"TRITON_INTERPRET": "0"}) == triton_mode.COMPILED
+    with pytest.raises(triton_mode.TritonModeError, match="TRITON_INTERPRET=0 asks for compiled kernels"):
+        triton_mode.choose(False, {"TRITON_INTERPRET": "0"})  # every kernel test would fail without a driver
     assert triton_mode.choose(False, {}) == triton_mode.INTERPRET
 
 

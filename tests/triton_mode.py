@@ -22,7 +22,12 @@ def choose(cuda_available: bool, environ: Mapping[str, str]) -> str:
     """INTERPRET or COMPILED for this run, from the CUDA check and the environment."""
     if "TRITON_INTERPRET" in environ:
         # as Triton reads it (kernels/_launch.py, not imported here: it must not load Triton's kernels yet)
-        return INTERPRET if environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes") else COMPILED
+        if environ["TRITON_INTERPRET"].lower() in ("1", "true", "on", "yes"):
+            return INTERPRET
+        if not cuda_available:
+            raise TritonModeError(f"TRITON_INTERPRET={environ['TRITON_INTERPRET']} asks for compiled kernels, and "
+                                  "torch sees no CUDA GPU: unset it to run the kernels in the interpreter")
+        return COMPILED
     if environ.get("COCONUT_GPU_TESTS", "0") == "1":
         if not cuda_available:
             raise TritonModeError("COCONUT_GPU_TESTS=1 needs a CUDA GPU, and torch sees none")
