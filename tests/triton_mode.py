@@ -4,7 +4,8 @@ One process can only do one of the two (`@triton.jit` reads TRITON_INTERPRET whe
 The default is the interpreter even on a CUDA host, so the CPU tests (which hand CPU tensors to the
 kernels) pass everywhere; COCONUT_GPU_TESTS=1 asks for compiled kernels, which the GPU tests
 (tests/test_gpu_kernels.py) need and which benchmarks/gpu_check.sh runs in a second pytest process.
-An explicit TRITON_INTERPRET wins.
+An explicit TRITON_INTERPRET wins (read as Triton reads it: 1, true, on, yes); asking for compiled
+kernels (TRITON_INTERPRET=0 or COCONUT_GPU_TESTS=1) where torch sees no CUDA GPU is a TritonModeError.
 """
 from __future__ import annotations
 
