@@ -15,19 +15,30 @@ T0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
 # The package maps kernels/ to coconut_engine.kernels; without network, install without dependencies,
 # or fall back to a link for this run.
-python -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || true
+python -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/pip.txt" 2>&1 \
+  || echo "pip install -e . failed (its output: $OUT/pip.txt)"
 python -c "import coconut_engine.kernels.paged_attention" 2>/dev/null || {
-  ln -sfn ../kernels coconut_engine/kernels; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
+  echo "coconut_engine.kernels does not import: linking kernels/ for this run"
+  ln -sfn ../kernels coconut_engine/kernels; trap 'rm -f coconut_engine/kernels' EXIT
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"; }
 CLI="python -m coconut_engine.cli"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 python -c "import sys, torch, triton, transformers; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/card.txt"
 
+# Unbuffered output: what a part printed before its box ended is in its file, not lost in a buffer.
+export PYTHONUNBUFFERED=1
 part() {  # part NAME BOX COMMAND...: run COMMAND under its time box, output to $OUT/NAME.txt
   local name=$1 box=$2; shift 2
   echo "== $name (box ${box} s, at $(elapsed))"
-  timeout --kill-after=5 "$box" "$@" 2>&1 | tee "$OUT/$name.txt"
+  # SIGINT when the box ends: pytest then prints its "N passed, M failed" line for what ran, a script
+  # stops with KeyboardInterrupt; SIGKILL 10 s later if it is still there (exit 137).
+  timeout --signal=INT --kill-after=10 "$box" "$@" 2>&1 | tee "$OUT/$name.txt"
   local rc=${PIPESTATUS[0]}
-  [ "$rc" = 124 ] && echo "(time box of ${box} s ended)" | tee -a "$OUT/$name.txt"
+  case "$rc" in
+    124) echo "(time box of ${box} s ended)" | tee -a "$OUT/$name.txt";;
+    137) echo "(killed: the time box of ${box} s ended and it did not stop within 10 s of SIGINT, or out of memory)" \
+           | tee -a "$OUT/$name.txt";;
+  esac
   echo "$name: exit $rc" >> "$OUT/status.txt"
 }
 : > "$OUT/status.txt"
@@ -53,5 +64,6 @@ cat "$OUT/card.txt" "$OUT/status.txt"
 echo "suite:     $(grep -E '(passed|failed|error)' "$OUT/suite.txt" | tail -1)"
 echo "gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.txt" | tail -1)"
 for name in resources kernels train_gpt2 train_qwen generate; do
-  echo; echo "-- $name"; grep -E '^\||copy:' "$OUT/$name.txt"
+  # tables, and the rows a cut part printed as it went (bench train / generate progress lines)
+  echo; echo "-- $name"; grep -E '^\||copy:|^stage [0-9]|tok/s|time box' "$OUT/$name.txt"
 done

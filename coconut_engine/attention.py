@@ -20,13 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from .cache import AttentionBatch, ContiguousKVCache
+from .kernels._launch import interpreting
 
 BACKENDS = ("auto", "triton", "torch")
 
 
 def triton_available(device: torch.device) -> bool:
     """Whether the Triton kernels can run for tensors on `device` (compiled on CUDA, or interpreted)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return True
     if device.type != "cuda":
         return False
@@ -40,7 +41,7 @@ def triton_available(device: torch.device) -> bool:
 def triton_preferred(device: torch.device) -> bool:
     """What "auto" picks Triton for: compiled kernels on CUDA, the interpreter for CPU tensors (tests).
     Interpreted kernels on CUDA tensors would run, slowly, through host copies: auto uses torch there."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return device.type != "cuda"
     return triton_available(device)
 

@@ -10,11 +10,14 @@ import torch
 from coconut_engine.errors import KernelInputError
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The values Triton itself reads as true for a boolean variable such as TRITON_INTERPRET (case-insensitive).
+TRUE_VALUES = ("1", "true", "on", "yes")
 
 
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1, or true / on / yes as
+    Triton reads it)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in TRUE_VALUES
 
 
 def device_guard(device: torch.device):
@@ -64,5 +67,17 @@ def check_batch(op: str, batch) -> dict[str, torch.Tensor]:
         check_dtype(op, name, t, torch.int32)
     if batch.block_table.dim() != 2:
         raise KernelInputError(f"{op}: batch.block_table must be 2-D [sequences, pages], got shape "
+                               f"{tuple(batch.block_table.shape)}")
+    # The kernels read entry b of these at offset b (the block table's strides are passed instead), and
+    # one row per sequence: anything else reads the wrong lengths, or past the end, without an error.
+    num_seqs = batch.cu_seqlens_q.shape[0] - 1 if batch.cu_seqlens_q.dim() == 1 else -1
+    for name in ("batch.cu_seqlens_q", "batch.seq_lens_k"):
+        t = meta[name]
+        if t.dim() != 1 or (t.shape[0] > 1 and t.stride(0) != 1):
+            raise KernelInputError(f"{op}: {name} must be 1-D with consecutive entries, got shape {tuple(t.shape)} "
+                                   f"strides {t.stride()}")
+    if batch.seq_lens_k.shape[0] != num_seqs or batch.block_table.shape[0] != num_seqs:
+        raise KernelInputError(f"{op}: batch.cu_seqlens_q {tuple(batch.cu_seqlens_q.shape)} must have one entry more "
+                               f"than batch.seq_lens_k {tuple(batch.seq_lens_k.shape)} and batch.block_table's rows "
                                f"{tuple(batch.block_table.shape)}")
     return meta

@@ -291,20 +291,24 @@ def check_in_subprocess(variants: list[Variant], capabilities: tuple[int, ...] =
     request = json.dumps({"variants": [asdict(v) for v in variants], "capabilities": list(capabilities)})
     proc = subprocess.run([sys.executable, "-m", "coconut_engine.kernels.aot_check", "--json-request", "-"],
                           input=request, capture_output=True, text=True, env=env, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"aot_check subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    answer = json.loads(proc.stdout.splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"aot_check subprocess failed (exit {proc.returncode}, {len(lines)} lines out):\n"
+                           f"{proc.stderr[-4000:]}")
+    answer = json.loads(lines[-1])
     return answer["kernels"], answer["results"]
 
 
 def default_variants() -> list[Variant]:
     """The CI subset: every kernel compiled for bf16 and fp32 (head_dim 128, GQA 4, page 16), plus a
-    second split count that must compile nothing new."""
+    second split count that must compile nothing new, and the bf16 backward at head_dim 80 (the
+    smallest head_dim with the 8-warp dK/dV tiles)."""
     out = []
     for dtype in ("bf16", "fp32"):
         out += [Variant(op, dtype) for op in ("extend", "decode-split", "backward", "backward-one-token-split",
                                               "store_kv")]
     out.append(Variant("decode-split", "bf16", splits=7))
+    out.append(Variant("backward", "bf16", head_dim=80))
     return out
 
 

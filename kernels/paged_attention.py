@@ -270,6 +270,9 @@ def paged_attention(
     check_attention_inputs(op, q, k_pool, v_pool, batch, **({"out": out} if out is not None else {}))
     if out is not None:
         check_dtype(op, "out", out, q.dtype)
+        if out.dim() != 3 or out.shape[0] < q.shape[0] or out.shape[1:] != q.shape[1:] or out.stride(-1) != 1:
+            raise KernelInputError(f"{op}: out must have q's shape {tuple(q.shape)} (or more rows), contiguous in "
+                                   f"its last dimension; got shape {tuple(out.shape)} strides {out.stride()}")
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_pool.shape[2]
     num_seqs = batch.cu_seqlens_q.shape[0] - 1

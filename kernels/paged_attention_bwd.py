@@ -228,6 +228,9 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
         check_dtype(op, name, t, q.dtype)
     for name, t in (("lse", lse), ("grad_k_pool", grad_k_pool), ("grad_v_pool", grad_v_pool)):
         check_dtype(op, name, t, torch.float32)
+    if dout.shape != q.shape or out.shape != q.shape or lse.shape != q.shape[:2]:
+        raise KernelInputError(f"{op}: dout and out must have q's shape {tuple(q.shape)} and lse {tuple(q.shape[:2])}; "
+                               f"got dout {tuple(dout.shape)}, out {tuple(out.shape)}, lse {tuple(lse.shape)}")
     if grad_k_pool.shape != k_pool.shape or grad_v_pool.shape != k_pool.shape:
         raise KernelInputError(f"{op}: grad_k_pool {tuple(grad_k_pool.shape)} and grad_v_pool "
                                f"{tuple(grad_v_pool.shape)} must have k_pool's shape {tuple(k_pool.shape)}")

@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+from coconut_engine.errors import KernelInputError
+
 from ._launch import ATTENTION_DTYPES, check_dtype, check_same_device, device_guard, interpreting
 
 
@@ -34,6 +36,16 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
         check_dtype(op, name, t, ATTENTION_DTYPES)
     check_dtype(op, "slot_mapping", slot_mapping, torch.int64)
     check_same_device(op, {"k": k, "v": v, "k_pool": k_pool, "v_pool": v_pool, "slot_mapping": slot_mapping})
+    if k.dim() != 3 or v.shape != k.shape or k_pool.dim() != 4 or v_pool.shape != k_pool.shape \
+            or k.shape[1:] != k_pool.shape[2:]:
+        # the kernel writes kv_heads * head_dim values per slot: other shapes would land in the wrong slots
+        raise KernelInputError(f"{op}: k and v must be [tokens, kv_heads, head_dim] and k_pool, v_pool "
+                               f"[pages, page_size, kv_heads, head_dim] with the same kv_heads and head_dim; got "
+                               f"k {tuple(k.shape)}, v {tuple(v.shape)}, k_pool {tuple(k_pool.shape)}, "
+                               f"v_pool {tuple(v_pool.shape)}")
+    if slot_mapping.shape != k.shape[:1] or (k.shape[0] > 1 and slot_mapping.stride(0) != 1):
+        raise KernelInputError(f"{op}: slot_mapping must be 1-D with one consecutive entry per token "
+                               f"({k.shape[0]}), got shape {tuple(slot_mapping.shape)} strides {slot_mapping.stride()}")
     num_tokens = k.shape[0]
     if num_tokens == 0:
         return

@@ -2,7 +2,7 @@
 without a GPU: compile errors, spills and shared memory (kernels/aot_check.py).
 
 The default run compiles each kernel for bf16 and fp32 at head_dim 128 (the widest head_dim whose
-kernels must not spill) in one subprocess per session; Triton's cache under build/ keeps compiled
+kernels must not spill), and the bf16 backward at head_dim 80, in one subprocess per session; Triton's cache under build/ keeps compiled
 variants between runs. `-m slow` adds the whole matrix for both targets.
 """
 from __future__ import annotations
@@ -72,14 +72,29 @@ def test_a_new_split_count_compiles_nothing(default_run):
 
 def test_dkdv_runs_eight_warps_without_spills_from_head_dim_80(default_run):
     kernels, results, _ = default_run
-    dkdv = [k for v, k in launched(kernels, results, op="backward", dtype="bf16") if k["kernel"] == "_bwd_dkdv_kernel"]
-    assert dkdv and all(k["num_warps"] == 8 and k["spill_bytes"] == 0 for k in dkdv), dkdv
+    dkdv = {v["head_dim"]: k for v, k in launched(kernels, results, op="backward", dtype="bf16")
+            if k["kernel"] == "_bwd_dkdv_kernel"}
+    assert set(dkdv) == {80, 128}, dkdv
+    assert all(k["num_warps"] == 8 and k["spill_bytes"] == 0 for k in dkdv.values()), dkdv
 
 
 def test_a_failing_variant_is_reported_with_its_error(default_run):
     """The check reports, it does not hide: head_dim 512 is rejected by the wrapper before compiling."""
     too_wide = default_run[2]
     assert too_wide["variant"]["head_dim"] == 512 and "head_dim 512 > 256" in too_wide["error"]
+
+
+@pytest.mark.parametrize("returncode,stdout", [(0, ""), (1, '{"kernels": [], "results": []}')])
+def test_a_subprocess_without_an_answer_is_a_clear_error(monkeypatch, returncode, stdout):
+    """A check process that dies (or prints nothing) reports its exit status and stderr, not an IndexError."""
+    import subprocess
+
+    from coconut_engine.kernels import aot_check
+
+    monkeypatch.setattr(aot_check.subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(
+        a[0], returncode, stdout, "ptxas fatal: something"))
+    with pytest.raises(RuntimeError, match=rf"exit {returncode}.*\n.*ptxas fatal"):
+        check_in_subprocess([Variant("store_kv", "bf16")])
 
 
 @pytest.mark.slow

@@ -50,6 +50,34 @@ def test_mixed_dtypes_are_a_clear_error_naming_the_tensors():
         store_kv(k, k, k_pool, v_pool, torch.zeros(2, dtype=torch.int32))
 
 
+def test_shapes_and_strides_the_kernels_assume_are_checked():
+    """What a kernel would misread without an error (wrong slots, wrong lengths, past the end) is a
+    KernelInputError naming the tensor."""
+    q, k_pool, v_pool, batch = make_case(2, 64, 16, torch.float32, [5, 20], [1, 1])
+    k = torch.zeros(2, 2, 32)  # head_dim 32 into a head_dim-64 pool: 64 values per slot written at 128 apart
+    with pytest.raises(KernelInputError, match=r"same kv_heads and head_dim"):
+        store_kv(k, k, k_pool, v_pool, torch.zeros(2, dtype=torch.int64))
+    k = torch.zeros(3, 2, 64)
+    with pytest.raises(KernelInputError, match=r"slot_mapping must be 1-D with one consecutive entry per token"):
+        store_kv(k, k, k_pool, v_pool, torch.zeros(2, dtype=torch.int64))
+    with pytest.raises(KernelInputError, match=r"slot_mapping must be 1-D"):
+        store_kv(k, k, k_pool, v_pool, torch.zeros(6, dtype=torch.int64)[::2])
+    strided = dataclasses.replace(batch, seq_lens_k=torch.stack([batch.seq_lens_k, batch.seq_lens_k], 1)[:, 0])
+    assert strided.seq_lens_k.stride(0) == 2
+    with pytest.raises(KernelInputError, match=r"batch.seq_lens_k must be 1-D with consecutive entries"):
+        paged_attention(q, k_pool, v_pool, strided, 0.1)
+    with pytest.raises(KernelInputError, match=r"one entry more than batch.seq_lens_k"):
+        paged_attention(q, k_pool, v_pool, dataclasses.replace(batch, seq_lens_k=batch.seq_lens_k[:1]), 0.1)
+    with pytest.raises(KernelInputError, match=r"out must have q's shape"):
+        paged_attention(q, k_pool, v_pool, batch, 0.1, out=torch.empty(q.shape[0], q.shape[1], 32))
+    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, 0.1, return_lse=True)
+    grads = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    with pytest.raises(KernelInputError, match=r"dout and out must have q's shape"):
+        paged_attention_backward(out[:1], q, out, lse, k_pool, v_pool, *grads, batch, 0.1)
+    with pytest.raises(KernelInputError, match=r"lse \(2, 4\)"):
+        paged_attention_backward(out, q, out, lse[:, :2], k_pool, v_pool, *grads, batch, 0.1)
+
+
 def test_tensors_on_different_devices_are_a_clear_error_naming_them():
     q, k_pool, v_pool, batch = make_case(2, 64, 16, torch.float32, [5, 20], [1, 1])
     with pytest.raises(KernelInputError, match=r"q on meta, k_pool on cpu"):
@@ -203,6 +231,26 @@ def test_one_token_backward_is_one_fused_kernel(monkeypatch, splits, group, head
     check_backward(lambda *a: paged_attention_backward(*a, num_splits=splits), *case)
 
 
+# ---- 3, 7, 8: the tiles the GPU launches (not the interpreter's big ones), run in the interpreter
+
+@pytest.mark.parametrize("ieee", [False, True], ids=["tf32-tiles", "ieee-tiles"])
+@pytest.mark.parametrize("q_lens", [EXTEND, DECODE], ids=["extend", "decode"])
+def test_gpu_tile_configs_compute_the_reference(monkeypatch, q_lens, ieee):
+    """Forward (split and not) and backward with the compiled path's tile table (GQA 7 in 16-row tiles,
+    16- and 32-key tiles at head_dim 80, page 8): the masks of those tiles are right. fp32, so the
+    interpreter's dots are exact whatever `ieee` says; only the tile choice follows it."""
+    for module in (fwd_module, paged_attention_bwd):
+        monkeypatch.setattr(module, "interpreting", lambda: False)  # UPCAST stays on: fp32 inputs
+    q, k_pool, v_pool, batch = make_case(7, 80, 8, torch.float32, PREFIX, q_lens)
+    decode = max(q_lens) <= 1
+    configs = (fwd_module.forward_config(7, 80, torch.float32, ieee, decode),
+               paged_attention_bwd.backward_config(7, 80, torch.float32, ieee, decode))
+    assert all(c.num_stages == 2 for c in configs), configs  # the compiled table (the interpreter's has 1 stage)
+    for splits in ([None, 3] if decode else [None]):
+        check_forward(q, k_pool, v_pool, batch, num_splits=splits, ieee=ieee)
+        check_backward(lambda *a: paged_attention_backward(*a, num_splits=splits, ieee=ieee), q, k_pool, v_pool, batch)
+
+
 # ---- 2: interpreter or compiled kernels, with the CUDA check mocked
 
 def test_a_cuda_host_runs_the_suite_in_the_interpreter_by_default(monkeypatch):
@@ -220,8 +268,27 @@ def test_gpu_tests_ask_for_compiled_kernels(monkeypatch):
 
 def test_an_explicit_triton_interpret_wins():
     assert triton_mode.choose(True, {"TRITON_INTERPRET": "1", "COCONUT_GPU_TESTS": "1"}) == triton_mode.INTERPRET
-    assert triton_mode.choose(False, {"TRITON_INTERPRET": "0"}) == triton_mode.COMPILED
+    assert triton_mode.choose(True, {"TRITON_INTERPRET": "0"}) == triton_mode.COMPILED
+    with pytest.raises(triton_mode.TritonModeError, match="TRITON_INTERPRET=0 asks for compiled kernels"):
+        triton_mode.choose(False, {"TRITON_INTERPRET": "0"})  # every kernel test would fail without a driver
     assert triton_mode.choose(False, {}) == triton_mode.INTERPRET
+
+
+@pytest.mark.parametrize("value,on", [("true", True), ("ON", True), ("yes", True), ("1", True), ("0", False),
+                                      ("false", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """Triton turns its interpreter on for TRITON_INTERPRET=1, true, on or yes: the test run's mode, the
+    wrappers' tile choice and the backend choice must read the variable the same way (an explicit
+    TRITON_INTERPRET=true used to be taken for compiled kernels, and the conftest then set it to 0)."""
+    from triton import knobs
+
+    from coconut_engine.attention import triton_available
+
+    assert triton_mode.choose(True, {"TRITON_INTERPRET": value}) == (triton_mode.INTERPRET if on else triton_mode.COMPILED)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert knobs.runtime.interpret is on  # Triton's own reading
+    assert _launch.interpreting() is on
+    assert triton_available(torch.device("cpu")) is on
 
 
 def test_auto_backend_uses_torch_for_cuda_tensors_under_the_interpreter(monkeypatch):

@@ -95,12 +95,13 @@ def test_checkpoint_eval_in_a_fresh_process_matches_training(tmp_path):
 
 
 def test_ddp_two_ranks_equal_one_process_with_the_combined_batch(tmp_path):
-    single = Trainer(tiny(tmp_path, "single", num_epochs=1))
+    # On the CPU (gloo) on a CUDA host too: there rank k would take cuda:k, and a one-GPU machine has no cuda:1.
+    single = Trainer(tiny(tmp_path, "single", num_epochs=1, device="cpu"))
     single.run()
-    cfg = tiny(tmp_path, "ddp", num_epochs=1)
+    cfg = tiny(tmp_path, "ddp", num_epochs=1, device="cpu")
     args = []
     for key in ("save_dir", "model", "task_train_size", "task_val_size", "batch_size", "num_epochs", "epochs_per_stage",
-                "max_latent_stage", "lr", "eval_max_new_tokens", "attention_backend"):
+                "max_latent_stage", "lr", "eval_max_new_tokens", "attention_backend", "device"):
         args += [f"--{key}", str(getattr(cfg, key))]
     args += ["--task_config", json.dumps(TASK), "--progress", "false"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
