@@ -481,8 +481,9 @@ class Trainer:
         for epoch in range(self.epochs_done, cfg.num_epochs):
             if self._resets_optimizer_at(epoch):
                 self.optimizer = self._new_optimizer()
-            # dropout masks drawn from a stream of (seed, epoch): a resumed run draws the same ones
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+            # dropout masks drawn from a stream of (seed, epoch, rank): a resumed run draws the same ones, and
+            # the ranks (each training other samples) draw independent masks, not one rank's masks N times
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.env.rank))
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
             whole = self._whole_decoder()
@@ -691,8 +692,9 @@ def _init_weights(decoder) -> None:
                 p.normal_(0.0, 0.02)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2**63)
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The torch seed of an epoch on a rank (rank 0: the one-process run's)."""
+    return (seed * 1_000_003 + epoch + rank * 0x9E3779B97F4A7C15) % (2**63)
 
 
 def _atomic_json(path: Path, value) -> None:
