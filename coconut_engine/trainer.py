@@ -4,7 +4,8 @@
 samples per optimizer step: under torchrun each rank takes every world_size-th sample of the batch,
 the loss is the summed token cross-entropy divided by the label count of the whole batch, and the
 gradients are summed across ranks (DDP or FSDP2, `distributed.py`), so N processes compute exactly
-what one process does with the combined batch. `gradient_accumulation_steps` splits each rank's
+what one process does with the combined batch when dropout is off (with dropout each rank draws its own
+masks, from (seed, epoch, rank): the same distribution, not the same draws). `gradient_accumulation_steps` splits each rank's
 share into micro-batches (memory), without changing the result; gradients are reduced on the last.
 Evaluation is split across the ranks and gathered; rank 0 writes the checkpoints, which hold the
 whole model and optimizer state, so a run resumes on any number of ranks.
