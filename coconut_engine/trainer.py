@@ -35,7 +35,7 @@ from .generate import Generator
 from .metrics import GenerationScore, score_generation, summarize
 from .model import Decoder, DropoutRates
 from .schedule import LRSchedule
-from .tracking import TRACKERS, make_tracker
+from .tracking import TRACKERS, check_tracker, make_tracker
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
 
@@ -319,6 +319,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        check_tracker(cfg.log_with)  # on every rank, before any collective (the tracker itself: rank 0)
         torch.manual_seed(cfg.seed)
         if self.env.is_main:
             prepare_save_dir(cfg, TrainingError)
