@@ -13,11 +13,7 @@ class TensorBoardTracker:
     """Scalars to a TensorBoard SummaryWriter: each optimizer step's loss and each epoch's metrics."""
 
     def __init__(self, log_dir: str | Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as exc:
-            raise CoconutEngineError("log_with: tensorboard needs the tensorboard package "
-                                     f"(pip install tensorboard): {exc}") from exc
+        SummaryWriter = _summary_writer()
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
 
@@ -35,6 +31,22 @@ class TensorBoardTracker:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        raise CoconutEngineError("log_with: tensorboard needs the tensorboard package "
+                                 f"(pip install tensorboard): {exc}") from exc
+    return SummaryWriter
+
+
+def check_tracker(kind: str | None) -> None:
+    """Raise what `make_tracker` would for a missing package, without writing anything: every rank calls
+    it, so a rank-0-only tracker cannot fail on rank 0 alone and leave the others at a collective."""
+    if kind == "tensorboard":
+        _summary_writer()
 
 
 def make_tracker(kind: str | None, save_dir: str | Path) -> TensorBoardTracker | None:

@@ -4,7 +4,8 @@
 samples per optimizer step: under torchrun each rank takes every world_size-th sample of the batch,
 the loss is the summed token cross-entropy divided by the label count of the whole batch, and the
 gradients are summed across ranks (DDP or FSDP2, `distributed.py`), so N processes compute exactly
-what one process does with the combined batch. `gradient_accumulation_steps` splits each rank's
+what one process does with the combined batch when dropout is off (with dropout each rank draws its own
+masks, from (seed, epoch, rank): the same distribution, not the same draws). `gradient_accumulation_steps` splits each rank's
 share into micro-batches (memory), without changing the result; gradients are reduced on the last.
 Evaluation is split across the ranks and gathered; rank 0 writes the checkpoints, which hold the
 whole model and optimizer state, so a run resumes on any number of ranks.
@@ -34,7 +35,7 @@ from .generate import Generator
 from .metrics import GenerationScore, score_generation, summarize
 from .model import Decoder, DropoutRates
 from .schedule import LRSchedule
-from .tracking import TRACKERS, make_tracker
+from .tracking import TRACKERS, check_tracker, make_tracker
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
 
@@ -318,6 +319,7 @@ class Trainer:
 
     def _setup(self) -> None:
         cfg = self.cfg
+        check_tracker(cfg.log_with)  # on every rank, before any collective (the tracker itself: rank 0)
         torch.manual_seed(cfg.seed)
         if self.env.is_main:
             prepare_save_dir(cfg, TrainingError)
@@ -481,8 +483,9 @@ class Trainer:
         for epoch in range(self.epochs_done, cfg.num_epochs):
             if self._resets_optimizer_at(epoch):
                 self.optimizer = self._new_optimizer()
-            # dropout masks drawn from a stream of (seed, epoch): a resumed run draws the same ones
-            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
+            # dropout masks drawn from a stream of (seed, epoch, rank): a resumed run draws the same ones, and
+            # the ranks (each training other samples) draw independent masks, not one rank's masks N times
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.env.rank))
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
             whole = self._whole_decoder()
@@ -691,8 +694,9 @@ def _init_weights(decoder) -> None:
                 p.normal_(0.0, 0.02)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch) % (2**63)
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The torch seed of an epoch on a rank (rank 0: the one-process run's)."""
+    return (seed * 1_000_003 + epoch + rank * 0x9E3779B97F4A7C15) % (2**63)
 
 
 def _atomic_json(path: Path, value) -> None:

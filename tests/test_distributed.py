@@ -243,3 +243,39 @@ def test_bad_parallel_setting_and_environment(monkeypatch):
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(DistributedError, match="RANK=2 is outside WORLD_SIZE=2"):
         DistEnv.from_environment()
+
+
+# -- dropout under DDP ------------------------------------------------------------------------------
+
+def _rank_dropout_masks(rank: int, world: int, port: int, values: dict, out: str) -> None:
+    """Train `values` on this rank; save the first dropout masks it drew."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    import coconut_engine.model as model_module
+
+    masks, plain = [], model_module._dropout
+
+    def recording(x, p):
+        y = plain(x, p)
+        if p > 0 and len(masks) < 4:
+            masks.append((y == 0).flatten()[:256].clone())
+        return y
+
+    model_module._dropout = recording
+    trainer = Trainer(TrainConfig(**values))
+    trainer.run()
+    torch.save(masks, Path(out) / f"masks{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
+    """Each rank trains on other samples: with one seed for all ranks, every rank drew the same masks
+    (the global batch saw one rank's dropout noise N times over)."""
+    values = config(tmp_path / "run", runs["root"] / "single", num_epochs=1, dropout=0.5,
+                    gradient_accumulation_steps=1)
+    mp.spawn(_rank_dropout_masks, args=(2, _free_port(), values, str(tmp_path)), nprocs=2)
+    first, second = (torch.load(tmp_path / f"masks{r}.pt") for r in range(2))
+    assert len(first) == len(second) == 4
+    assert all(a.any() for a in first)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))

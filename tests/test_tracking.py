@@ -20,3 +20,17 @@ def test_tensorboard_scalars(tmp_path):
     with pytest.raises(TrainingError, match="log_with 'wandb'"):
         tiny(tmp_path, log_with="wandb")
     assert tiny(tmp_path, log_with="none").log_with is None
+
+
+def test_a_missing_tensorboard_fails_on_every_rank_not_only_rank_0(tmp_path, monkeypatch):
+    """Only rank 0 makes the tracker; without tensorboard installed the other ranks must raise as well,
+    before any collective, instead of waiting for rank 0 at the next one."""
+    import sys
+
+    from coconut_engine.distributed import DistEnv
+    from coconut_engine.errors import CoconutEngineError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    monkeypatch.setattr(DistEnv, "is_main", property(lambda self: False))  # a rank other than 0
+    with pytest.raises(CoconutEngineError, match="needs the tensorboard package"):
+        Trainer(tiny(tmp_path, num_epochs=1, log_with="tensorboard"))
