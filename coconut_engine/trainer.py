@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import checkpoint_dirs, load_checkpoint, load_optimizer_state, remove_stale_tmp, save_checkpoint
+from .checkpoint import (checkpoint_dirs, checkpoint_thought_transform, load_checkpoint, load_optimizer_state,
+                         remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt,
                    extract_answer, load_records, positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
+from .thoughts import THOUGHT_TRANSFORMS, ThoughtTransform, build_thought_transform
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
 
@@ -85,6 +87,8 @@ class TrainConfig:
     progress: bool = True
     overwrite: bool = False  # a fresh run in a non-empty save_dir replaces the earlier run's outputs
     drop_long_records: bool = False  # drop (and count) records longer than the model's positions
+    thought_transform: str = "identity"  # what a thought feeds back: identity | gated | linear | norm
+    eot_loss_weight: float = 0.0  # > 0: also learn p(<eot>) after <bot> and each thought (adaptive thinking)
 
     def __post_init__(self):
         self.validate()
@@ -100,6 +104,9 @@ class TrainConfig:
              f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
+        need(self.thought_transform in THOUGHT_TRANSFORMS,
+             f"thought_transform {self.thought_transform!r} is not one of {', '.join(THOUGHT_TRANSFORMS)}")
+        need(self.eot_loss_weight >= 0, f"eot_loss_weight must be >= 0, got {self.eot_loss_weight}")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
@@ -197,29 +204,45 @@ class DistEnv:
 
 @torch.no_grad()
 def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], stage: int, rules: StageRules,
-             max_new_tokens: int = 64, page_size: int = 16, progress: bool = False) -> dict:
-    """Answer exact-match accuracy of batched generation at a stage (the official extraction)."""
+             max_new_tokens: int = 64, page_size: int = 16, progress: bool = False,
+             thought_transform: ThoughtTransform | None = None, num_thoughts: int | str | None = None,
+             max_thoughts: int = 8, eot_threshold: float = 0.5, return_thoughts: bool = False) -> dict:
+    """Answer exact-match accuracy of batched generation at a stage (the official extraction).
+
+    `num_thoughts` replaces the stage's thought count for every question (an integer, or "auto" for
+    adaptive thinking with `max_thoughts` and `eot_threshold`); `return_thoughts` adds each thought's
+    inspection (`ThoughtTrace` fields) to the generations."""
     tokenized = [tokenize_record(r, tokenizer) for r in records]
     prompts, thoughts = [], []
     markers = rules.markers and rules.mode != "pause_as_thought"
+    if num_thoughts is not None and not markers:
+        raise TrainingError(f"evaluate: num_thoughts={num_thoughts!r} needs a mode with thoughts, not {rules.mode}")
     for rec in tokenized:
         prompt, k, _ = eval_prompt(rec, stage, rules, tokens)
         prompts.append(prompt)
-        thoughts.append(k)
-    longest = max(len(p) + k for p, k in zip(prompts, thoughts)) + 2 + max_new_tokens
+        thoughts.append(k if num_thoughts is None else num_thoughts)
+    most = max(k if isinstance(k, int) else max_thoughts for k in thoughts)
+    longest = max(len(p) for p in prompts) + most + 2 + max_new_tokens
     pages = min(4096, max(len(prompts) * -(-longest // page_size), -(-longest // page_size)))
-    generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens)
+    generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens,
+                          thought_transform=thought_transform)
     results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
-                                 thought_markers=markers, progress=progress)
+                                 thought_markers=markers, progress=progress, max_thoughts=max_thoughts,
+                                 eot_threshold=eot_threshold, return_thoughts=return_thoughts)
     correct = [r.error is None and extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
+    generations = [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
+                    **({"error": r.error} if r.error is not None else {})}
+                   for rec, r, ok in zip(records, results, correct)]
+    if return_thoughts:
+        for g, r in zip(generations, results):
+            g["num_thoughts"] = r.num_thoughts
+            g["thoughts"] = [dataclasses.asdict(t) for t in r.thoughts or []]
     return {
         "accuracy": sum(correct) / len(correct),
         "errors": [f"record {i}: {r.error}" for i, r in enumerate(results) if r.error is not None],
         "tokens_per_answer": sum(r.generated_tokens for r in results) / len(results),
-        "thoughts_per_answer": sum(thoughts) / len(thoughts),
-        "generations": [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
-                         **({"error": r.error} if r.error is not None else {})}
-                        for rec, r, ok in zip(records, results, correct)],
+        "thoughts_per_answer": sum(r.num_thoughts for r in results) / len(results),
+        "generations": generations,
     }
 
 
@@ -274,6 +297,10 @@ class Trainer:
                                                                       attention_backend=cfg.attention_backend)
             if info.get("mode") != cfg.mode:
                 raise TrainingError(f"{latest}: trained in mode {info.get('mode')!r}, config says {cfg.mode!r}")
+            transform = checkpoint_thought_transform(latest, info, decoder)
+            if transform.kind != cfg.thought_transform:
+                raise TrainingError(f"{latest}: trained with thought_transform {transform.kind!r}, config says "
+                                    f"{cfg.thought_transform!r}")
             saved = state.get("config", {})  # checkpoints written before the run config was recorded: {}
             if not isinstance(saved, dict):
                 raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got "
@@ -291,12 +318,13 @@ class Trainer:
             self.resumed_from = latest
         else:
             decoder, tokenizer, tokens = self._fresh_model()
+            transform = build_thought_transform(cfg.thought_transform, decoder.embed_tokens.weight)
             self.resumed_from = None
-        if self.env.world_size > 1:  # every rank starts from rank 0's weights
-            for p in decoder.parameters():
-                torch.distributed.broadcast(p.data, src=0)
         self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
-        self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size)
+        self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size, thought_transform=transform)
+        if self.env.world_size > 1:  # every rank starts from rank 0's weights
+            for p in self.model.parameters():
+                torch.distributed.broadcast(p.data, src=0)
         self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
         self.val_tok = [tokenize_record(r, tokenizer) for r in self.val_records]
         self.train_records, self.train_tok = self._fit_positions(train_path, self.train_records, self.train_tok, None)
@@ -385,7 +413,7 @@ class Trainer:
         return load_tokenizer(path)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.decoder.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _resets_optimizer_at(self, epoch: int) -> bool:
         return self.cfg.reset_optimizer and epoch > 0 and self.cfg.stage_of(epoch) != self.cfg.stage_of(epoch - 1)
@@ -443,11 +471,11 @@ class Trainer:
             loss_sum = torch.zeros((), device=self.device)
             for micro in _split(share, cfg.gradient_accumulation_steps, cfg.max_batch_tokens):
                 with autocast:
-                    loss = self.model(micro, mode=cfg.forward_mode, reduction="sum")
+                    loss = self.model(micro, mode=cfg.forward_mode, reduction="sum", eot_loss_weight=cfg.eot_loss_weight)
                 (loss / labels).backward()
                 loss_sum += loss.detach().float()
             if env.world_size > 1:
-                for p in self.decoder.parameters():
+                for p in self.model.parameters():
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
                     torch.distributed.all_reduce(p.grad)
@@ -457,7 +485,7 @@ class Trainer:
                 raise TrainingError(
                     f"loss is {batch_loss} at epoch {epoch + 1}, step {self.global_step + 1}: training stopped; "
                     f"{self._last_good()}")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise TrainingError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {self.global_step + 1}: "
                                     f"training stopped before the update; {self._last_good()}")
@@ -489,7 +517,8 @@ class Trainer:
         self.decoder.eval()
         val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok]
         result = evaluate(self.decoder, self.tokenizer, self.tokens, self.val_records, stage, self.rules,
-                          self.cfg.eval_max_new_tokens, self.cfg.page_size)
+                          self.cfg.eval_max_new_tokens, self.cfg.page_size,
+                          thought_transform=self.model.thought_transform)
         self.last_generations = result.pop("generations")
         errors = result.pop("errors")
         if errors:
@@ -508,7 +537,7 @@ class Trainer:
                  "config": dataclasses.asdict(self.cfg)}
         save_checkpoint(self.out, epochs_done, self.decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), self.optimizer, state,
-                        keep_last=self.cfg.keep_checkpoints)
+                        keep_last=self.cfg.keep_checkpoints, thought_transform=self.model.thought_transform)
         _atomic_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
         from .plots import plot_history
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from coconut_engine.checkpoint import load_checkpoint
+from coconut_engine.checkpoint import checkpoint_thought_transform, load_checkpoint
 from coconut_engine.data import StageRules, load_records
 from coconut_engine.trainer import evaluate
 
@@ -20,7 +20,8 @@ from coconut_engine.trainer import evaluate
 def run(path: str, records, max_new_tokens: int) -> dict:
     decoder, tokenizer, tokens, info, _ = load_checkpoint(path)
     rules = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0, info["mode"])
-    result = evaluate(decoder, tokenizer, tokens, records, info["stage"], rules, max_new_tokens)
+    result = evaluate(decoder, tokenizer, tokens, records, info["stage"], rules, max_new_tokens,
+                      thought_transform=checkpoint_thought_transform(path, info, decoder))
     result["label"] = f"{info['mode']} (stage {info['stage']})"
     return result
 
