@@ -106,7 +106,6 @@ class TrainConfig:
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need(self.thought_transform in THOUGHT_TRANSFORMS,
              f"thought_transform {self.thought_transform!r} is not one of {', '.join(THOUGHT_TRANSFORMS)}")
-        need(self.eot_loss_weight >= 0, f"eot_loss_weight must be >= 0, got {self.eot_loss_weight}")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
