@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["coconut_engine", "coconut_engine.kernels"],
+    packages=["coconut_engine", "coconut_engine.kernels", "coconut_engine.convert"],
     # kernels/ sits at the top of the repository but must not install as a top-level package
     # named "kernels" (that name belongs to another PyPI package that transformers probes for).
     package_dir={"coconut_engine": "coconut_engine", "coconut_engine.kernels": "kernels"},
@@ -23,5 +23,6 @@ setup(
         "tqdm",
         "PyYAML",
     ],
+    extras_require={"tensorboard": ["tensorboard"]},  # log_with: tensorboard
     entry_points={"console_scripts": ["coconut-engine=coconut_engine.cli:main"]},
 )

@@ -14,6 +14,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -64,14 +65,30 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def checkpoint_name(epochs_done: int) -> str:
+    """The directory name of the checkpoint written after `epochs_done` epochs."""
+    return f"checkpoint-{epochs_done:04d}"
+
+
+def best_checkpoint(root: str | Path) -> Path | None:
+    """The best checkpoint (by validation accuracy) that the newest checkpoint under `root` names."""
+    found = checkpoint_dirs(root)
+    if not found:
+        return None
+    name = json.loads((found[-1] / STATE_FILE).read_text()).get("best_checkpoint")
+    return Path(root) / name if name and (Path(root) / name / STATE_FILE).is_file() else None
+
+
 def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, tokens: SpecialTokens, coconut_info: dict,
                     optimizer: torch.optim.Optimizer | None, state: dict, keep_last: int = 2,
-                    before_rename=None, thought_transform: ThoughtTransform | None = None) -> Path:
-    """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints."""
+                    before_rename=None, keep: Iterable[str] = (),
+                    thought_transform: ThoughtTransform | None = None) -> Path:
+    """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints and those
+    named in `keep` (the best one), delete the others."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(root)
-    final = root / f"checkpoint-{epochs_done:04d}"
+    final = root / checkpoint_name(epochs_done)
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(decoder, tmp)
@@ -88,8 +105,10 @@ def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, toke
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    kept = set(keep)
     for old in checkpoint_dirs(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name not in kept:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -160,8 +179,13 @@ def checkpoint_thought_transform(path: str | Path, info: dict, decoder) -> Thoug
     return load_thought_transform(path, info.get(COCONUT_KEY), decoder.embed_tokens.weight)
 
 
-def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+def read_optimizer_state(path: str | Path) -> dict:
+    """The optimizer state dict saved in checkpoint `path` (on the CPU)."""
     file = Path(path) / OPTIMIZER_FILE
     if not file.is_file():
         raise CheckpointError(f"{file} not found: cannot resume the optimizer")
-    optimizer.load_state_dict(torch.load(file, weights_only=True, map_location="cpu"))
+    return torch.load(file, weights_only=True, map_location="cpu")
+
+
+def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(read_optimizer_state(path))

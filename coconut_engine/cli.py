@@ -1,4 +1,4 @@
-"""`coconut-engine` command line: train | eval | generate | bench | smoke."""
+"""`coconut-engine` command line: train | eval | generate | data convert | bench | smoke."""
 from __future__ import annotations
 
 import argparse
@@ -79,20 +79,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import dataclasses
 
-    import torch
-
     from .checkpoint import COCONUT_FILE, checkpoint_thought_transform, read_coconut_info
-    from .errors import CoconutEngineError
     from .generate import Generator
     from .loader import load_model, load_tokenizer
     from .requests import InOrder, PromptRequest, read_requests
+    from .scoring import default_device, trained_thoughts
     from .validation import check_device
 
     if args.device is not None:
         check_device(args.device, "--device")
     requests = read_requests(args.input) if args.input else [PromptRequest(p) for p in args.prompts]
     prompts = [r.prompt for r in requests]
-    thoughts = [args.num_thoughts if r.num_thoughts is None else r.num_thoughts for r in requests]
+    # a Coconut checkpoint thinks as it was trained to (coconut.json) unless told otherwise
+    trained, markers = trained_thoughts(args.model) if args.num_thoughts is None else (args.num_thoughts, None)
+    thoughts = [trained if r.num_thoughts is None else r.num_thoughts for r in requests]
     out = _open_output(args.output)  # before the work: an unwritable path fails now, not after it
     failed = []
 
@@ -114,7 +114,7 @@ def _generate(args: argparse.Namespace) -> int:
         out.flush()
 
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = default_device(args.device)
         model = load_model(args.model, dtype=args.dtype, device=device, attention_backend=args.backend)
         tokens, transform = None, None
         if (args.model / COCONUT_FILE).is_file():  # a trained checkpoint: its markers and thought transform
@@ -126,8 +126,9 @@ def _generate(args: argparse.Namespace) -> int:
         results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      stop=args.stop, n=args.n, seed=args.seed, progress=bool(args.input),
-                                     on_result=InOrder(emit, args.n), max_thoughts=args.max_thoughts,
-                                     eot_threshold=args.eot_threshold, return_thoughts=args.show_thoughts)
+                                     thought_markers=markers, on_result=InOrder(emit, args.n),
+                                     max_thoughts=args.max_thoughts, eot_threshold=args.eot_threshold,
+                                     return_thoughts=args.show_thoughts)
     finally:
         if out is not None:
             out.close()
@@ -188,33 +189,33 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Answer accuracy of a trained checkpoint on an official-format JSON file."""
-    from .checkpoint import checkpoint_thought_transform, coconut_rules, load_checkpoint
+    """Score a checkpoint, or a plain Hugging Face model directory with --method, on official-format JSON
+    as training evaluates (answer and CoT exact match, tokens and thoughts per answer)."""
     from .data import load_records
     from .errors import CoconutEngineError, InvalidArgumentError
-    from .trainer import evaluate
+    from .scoring import load_for_scoring
+    from .trainer import official_max_new_tokens
     from .validation import check_device
 
     try:
         if args.stage is not None and args.stage < 0:
             raise InvalidArgumentError(f"--stage must be >= 0, got {args.stage}")
-        if args.max_new_tokens < 1:
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise InvalidArgumentError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         if args.device is not None:
             check_device(args.device, "--device")
         records = load_records(args.data)
         out = _open_output(args.output)
         try:
-            decoder, tokenizer, tokens, info, _ = load_checkpoint(args.model, device=args.device or "cpu",
-                                                                  attention_backend=args.backend)
-            rules, trained_stage = coconut_rules(args.model, info)
-            stage = trained_stage if args.stage is None else args.stage
-            result = evaluate(decoder, tokenizer, tokens, records, stage, rules, args.max_new_tokens, progress=True,
-                              thought_transform=checkpoint_thought_transform(args.model, info, decoder),
-                              num_thoughts=args.num_thoughts, max_thoughts=args.max_thoughts,
-                              eot_threshold=args.eot_threshold, return_thoughts=args.dump is not None)
+            setup = load_for_scoring(args.model, method=args.method, stage=args.stage, device=args.device,
+                                     attention_backend=args.backend, c_thought=args.c_thought,
+                                     pad_latent_to_max=args.pad_latent_to_max)
+            max_new_tokens = args.max_new_tokens or official_max_new_tokens(args.data)
+            result = setup.evaluate(records, max_new_tokens, progress=True, num_thoughts=args.num_thoughts,
+                                    max_thoughts=args.max_thoughts, eot_threshold=args.eot_threshold,
+                                    return_thoughts=args.dump is not None)
             if out is not None:
-                out.writelines(json.dumps({k: v for k, v in g.items() if k != "thoughts"}) + "\n"
+                out.writelines(json.dumps({k: v for k, v in g.items() if k != "thought_traces"}) + "\n"
                                for g in result["generations"])
             if args.dump:  # per question: its answer and every thought's inspection
                 with open(args.dump, "w", encoding="utf-8") as f:
@@ -224,15 +225,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 out.close()
     except (CoconutEngineError, KeyError) as exc:
         raise SystemExit(f"error: {exc}")
-    print(json.dumps({"accuracy": result["accuracy"], "tokens_per_answer": result["tokens_per_answer"],
-                      "thoughts_per_answer": result["thoughts_per_answer"], "stage": stage,
-                      "num_thoughts": args.num_thoughts, "questions": len(records), "failed": len(result["errors"])}))
+    print(json.dumps({key: result[key] for key in ("method", "stage", "accuracy", "cot_accuracy", "tokens_per_answer",
+                                                   "thoughts_per_answer")}
+                     | {"num_thoughts": args.num_thoughts, "questions": len(records), "failed": len(result["errors"])}))
     for error in result["errors"]:
         print(f"ERROR: {error}", file=sys.stderr)
     if result["errors"]:
         print(f"{len(result['errors'])} of {len(records)} request(s) failed: the accuracy counts them as wrong",
               file=sys.stderr)
     return 1 if result["errors"] else 0
+
+
+def cmd_data_convert(args: argparse.Namespace) -> int:
+    """Convert GSM8K internalized-CoT text or ProntoQA's 5hop_0shot_random.json into official Coconut JSON."""
+    from .convert.command import convert
+    from .data import StageRules
+    from .errors import CoconutEngineError
+    from .loader import load_tokenizer
+
+    try:
+        splits = None
+        if args.splits:
+            sizes = [int(x) for x in args.splits.split(",")]
+            if len(sizes) != 2 or min(sizes) < 0:
+                raise SystemExit(f"--splits takes two sizes TRAIN,VALID (the rest is test), got {args.splits!r}")
+            splits = {"train": sizes[0], "valid": sizes[1]}
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
+        rules = StageRules(args.c_thought, args.max_latent_stage, args.pad_latent_to_max)
+        for line in convert(args.format, args.input, args.output, splits, tokenizer, args.max_length, rules):
+            print(line)
+    except (CoconutEngineError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}")
+    return 0
 
 
 def _stages(text: str) -> list[int]:
@@ -327,10 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=cmd_train, takes_extra=True)
 
     ev = sub.add_parser("eval", help=cmd_eval.__doc__)
-    ev.add_argument("--model", required=True, type=Path, help="a checkpoint directory written by the trainer")
+    ev.add_argument("--model", required=True, type=Path,
+                    help="a checkpoint directory written by the trainer, or a plain HF model directory (with --method)")
     ev.add_argument("--data", required=True, type=Path, help="official-format JSON")
-    ev.add_argument("--stage", type=int, default=None, help="curriculum stage (default: the checkpoint's)")
-    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--method", choices=["no_cot", "cot", "coconut", "no_thoughts", "pause_as_thought"], default=None,
+                    help="how to prompt the model (default: the checkpoint's mode; required for a plain directory)")
+    ev.add_argument("--stage", type=int, default=None, help="curriculum stage (default: the checkpoint's, else 0)")
+    ev.add_argument("--c-thought", type=int, default=None, help="thoughts per stage (default: the checkpoint's, else 1)")
+    ev.add_argument("--pad-latent-to-max", action="store_true", default=None,
+                    help="give every question the stage's thoughts (default: capped at its steps, as official)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the official 64 (GSM8K) or 128")
     ev.add_argument("--output", type=Path, help="write the generations as JSONL")
     ev.add_argument("--dump", type=Path, help="write per question its generation and thoughts (norm, nearest "
                     "tokens, p(<eot>)) as JSONL")
@@ -338,6 +368,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default=None)
     ev.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     ev.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="data files: convert")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    conv = data_sub.add_parser("convert", help=cmd_data_convert.__doc__, description=cmd_data_convert.__doc__)
+    conv.add_argument("format", choices=["gsm8k", "prontoqa"])
+    conv.add_argument("input", type=Path, help="gsm8k: gsm_{split}.txt lines; prontoqa: 5hop_0shot_random.json")
+    conv.add_argument("--output", "-o", required=True, type=Path,
+                      help="gsm8k: the JSON file to write; prontoqa: the directory for prontoqa_{train,valid,test}.json")
+    conv.add_argument("--splits", default=None, help="prontoqa: TRAIN,VALID sizes (default 9000,200, as official)")
+    conv.add_argument("--max-length", type=int, default=None,
+                      help="drop records whose longest training sample exceeds this many tokens (needs --tokenizer)")
+    conv.add_argument("--tokenizer", type=Path, default=None, help="model directory whose tokenizer counts tokens")
+    conv.add_argument("--c-thought", type=int, default=1, help="curriculum for --max-length (thoughts per stage)")
+    conv.add_argument("--max-latent-stage", type=int, default=6)
+    conv.add_argument("--pad-latent-to-max", action="store_true")
+    conv.set_defaults(func=cmd_data_convert)
 
     be = sub.add_parser("bench", help=cmd_bench.__doc__)
     be.add_argument("what", choices=["train", "generate", "decode", "kernels"])
@@ -365,7 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, type=Path, help="HF model directory (config, safetensors, tokenizer)")
     gen.add_argument("--input", type=Path, help="JSONL with 'prompt' or 'question' (+ optional 'num_thoughts')")
     gen.add_argument("--output", type=Path, help="JSONL results (default: print texts)")
-    _thought_arguments(gen, default=0, help_default="0")
+    _thought_arguments(gen, default=None,
+                       help_default="the thoughts a Coconut checkpoint was trained with (coconut.json), else 0")
     gen.add_argument("--show-thoughts", action="store_true",
                      help="print each thought's norm, p(<eot>) and nearest tokens (and add them to --output)")
     gen.add_argument("--max-new-tokens", type=int, default=64)

@@ -69,14 +69,20 @@ class CoconutSample:
 def add_special_tokens(decoder: Decoder, tokenizer, init_token: str = "<<") -> SpecialTokens:
     """Add the three Coconut tokens to `tokenizer` (if missing) and grow `decoder`'s vocabulary.
 
-    New embedding rows (and LM-head rows when untied) start as a copy of `init_token`'s embedding,
-    as the official code does with "<<" (the first token of its encoding, or eos if it has none).
+    Every marker newly added to the tokenizer gets its embedding row (and untied LM-head row) set to
+    `init_token`'s, as the official code does with "<<" (the first token of its encoding, or eos if
+    it has none): also when the row already existed as padding (Qwen2.5 has 151936 rows for 151665
+    tokens), whose untrained values would otherwise be the markers' embeddings.
     """
-    tokenizer.add_tokens([t for t in SPECIAL_TOKEN_TEXTS if t not in tokenizer.get_vocab()], special_tokens=True)
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKEN_TEXTS if t not in vocab]
+    tokenizer.add_tokens(missing, special_tokens=True)
     ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKEN_TEXTS]
-    if max(ids) >= decoder.config.vocab_size:
-        init = tokenizer.encode(init_token, add_special_tokens=False) or [tokenizer.eos_token_id]
-        decoder.resize_vocab(max(len(tokenizer), max(ids) + 1), init_from=init[0])
+    if missing:
+        init = (tokenizer.encode(init_token, add_special_tokens=False) or [tokenizer.eos_token_id])[0]
+        if max(ids) >= decoder.config.vocab_size:
+            decoder.resize_vocab(max(len(tokenizer), max(ids) + 1), init_from=init)
+        decoder.copy_token_rows([tokenizer.convert_tokens_to_ids(t) for t in missing], init_from=init)
     return SpecialTokens(*ids)
 
 

@@ -57,6 +57,11 @@ class ModelConfig:
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # dropout probabilities as the HF config gives them (GPT-2 embd/resid/attn_pdrop, Llama-family
+    # attention_dropout); absent keys mean none
+    embd_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
     raw: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -149,6 +154,9 @@ class ModelConfig:
             tie_word_embeddings=_flag(raw, "tie_word_embeddings", source, True),
             bos_token_id=_token_id(raw, "bos_token_id", source),
             eos_token_id=_token_id(raw, "eos_token_id", source),
+            embd_dropout=_probability(raw, "embd_pdrop", source),
+            resid_dropout=_probability(raw, "resid_pdrop", source),
+            attn_dropout=_probability(raw, "attn_pdrop", source),
             raw=dict(raw),
         )
 
@@ -205,6 +213,7 @@ class ModelConfig:
             rope_scaling=scaling,
             bos_token_id=_token_id(raw, "bos_token_id", source),
             eos_token_id=_token_id(raw, "eos_token_id", source),
+            attn_dropout=_probability(raw, "attention_dropout", source),
             raw=dict(raw),
         )
 
@@ -224,6 +233,14 @@ class ModelConfig:
         from dataclasses import replace
 
         return replace(self, vocab_size=vocab_size, raw=dict(self.raw))
+
+
+def _probability(raw: dict, key: str, source: str) -> float:
+    """A dropout probability of the config (0 when absent)."""
+    value = raw.get(key) or 0.0
+    if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{source}: {key}={value!r} is not a probability in [0, 1)")
+    return float(value)
 
 
 def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling]:

@@ -89,6 +89,14 @@ class StageRules:
         thoughts = 0 if self.mode == "no_thoughts" else latent * self.c_thought
         return skip, thoughts
 
+    def eval_thoughts(self, stage: int, num_steps: int) -> int:
+        """Thoughts given to a question at evaluation (the official question-only collator): the stage,
+        capped at `max_latent_stage` and, without `pad_latent_to_max`, at the question's step count."""
+        if self.mode in ("cot", "no_cot", "no_thoughts"):
+            return 0
+        cap = self.max_latent_stage if self.pad_latent_to_max else min(self.max_latent_stage, num_steps)
+        return min(cap, stage) * self.c_thought
+
 
 def load_records(path: str | Path) -> list[Record]:
     """Read an official-format JSON file; a malformed record is an error naming its index."""
@@ -152,7 +160,7 @@ def build_sample(rec: TokenizedRecord, stage: int, rules: StageRules, tokens: Sp
 
 def eval_prompt(rec: TokenizedRecord, stage: int, rules: StageRules, tokens: SpecialTokens) -> tuple[list[int], int, bool]:
     """What evaluation feeds the generator: (prompt ids, thoughts, markers). The model writes the rest."""
-    _, thoughts = rules.skip_and_thoughts(stage, len(rec.steps))
+    thoughts = rules.eval_thoughts(stage, len(rec.steps))
     question = list(rec.question)
     if not rules.markers:
         return question, 0, False

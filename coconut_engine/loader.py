@@ -262,7 +262,7 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
             raise CheckpointError(f"{file}: cannot read safetensors file ({exc})") from exc
         except OSError as exc:
             raise CheckpointError(f"{file}: cannot read ({exc})") from exc
-    return model
+    return model.eval()  # as transformers' from_pretrained: dropout off until a trainer calls .train()
 
 
 def _copy_into(param: torch.Tensor, slot: TensorSlot, tensor: torch.Tensor, file: Path, name: str) -> torch.Tensor:

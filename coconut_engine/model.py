@@ -9,6 +9,7 @@ writes to and reads from the paged cache when one is given.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -142,9 +143,29 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
 
-    def forward(self, x, batch, rope, backend, cache, deferred=None):
-        x = x + self.attn(self.attn_norm(x), batch, rope, backend, cache, deferred)
-        return x + self.mlp(self.mlp_norm(x), deferred)
+    def forward(self, x, batch, rope, backend, cache, deferred=None, resid_dropout: float = 0.0):
+        x = x + _dropout(self.attn(self.attn_norm(x), batch, rope, backend, cache, deferred), resid_dropout)
+        return x + _dropout(self.mlp(self.mlp_norm(x), deferred), resid_dropout)
+
+
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p > 0.0 else x
+
+
+@dataclass
+class DropoutRates:
+    """Dropout probabilities applied in training mode (GPT-2's embd_pdrop / resid_pdrop / attn_pdrop).
+
+    Attention-probability dropout is not implemented by the paged attention kernels: `attn` is kept
+    so that callers can see (and report) what the checkpoint asked for."""
+
+    embd: float = 0.0
+    resid: float = 0.0
+    attn: float = 0.0
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> "DropoutRates":
+        return cls(config.embd_dropout, config.resid_dropout, config.attn_dropout)
 
 
 class Decoder(nn.Module):
@@ -154,6 +175,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = config
         self.attention_backend = attention_backend
+        self.dropout = DropoutRates.of(config)  # used in training mode only (`.train()`)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.positions == "learned":
             self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
@@ -200,9 +222,13 @@ class Decoder(nn.Module):
             rope = None
         else:
             rope = self.rotary(batch.positions, x.dtype)
+        # dropout regularises training only: eval mode and forwards without gradients (generation) skip it
+        dropping = self.training and torch.is_grad_enabled()
+        embd_p, resid_p = (self.dropout.embd, self.dropout.resid) if dropping else (0.0, 0.0)
+        x = _dropout(x, embd_p)
         backend = resolve_backend(self.attention_backend, x.device)
         for block in self.layers:
-            x = block(x, batch, rope, backend, cache, deferred_weight_grads)
+            x = block(x, batch, rope, backend, cache, deferred_weight_grads, resid_p)
         return self.final_norm(x)
 
     def resize_vocab(self, vocab_size: int, init_from: int) -> None:
@@ -230,6 +256,17 @@ class Decoder(nn.Module):
         for module in self.modules():
             if hasattr(module, "config") and module is not self:
                 module.config = self.config
+
+    def copy_token_rows(self, token_ids: list[int], init_from: int) -> None:
+        """Set the embedding rows (and untied LM-head rows) of `token_ids` to row `init_from`'s."""
+        vocab = self.config.vocab_size
+        bad = [t for t in [*token_ids, init_from] if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"copy_token_rows: token ids {bad} are outside the vocabulary of {vocab}")
+        index = torch.tensor(token_ids, device=self.embed_tokens.weight.device)
+        with torch.no_grad():
+            for weight in {id(w): w for w in (self.embed_tokens.weight, self.lm_head_weight)}.values():
+                weight[index] = weight[init_from].clone()
 
     def embed(self, input_ids: torch.Tensor, deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
         """Token embeddings `[T, hidden]`. A training forward passes the `deferred` its `cross_entropy`

@@ -16,7 +16,7 @@ from .validation import check_device, is_integer
 SAFE_RESUME_KEYS = frozenset({
     "name", "save_dir", "resume", "overwrite", "keep_checkpoints", "progress", "device", "attention_backend",
     "forward_mode", "gradient_accumulation_steps", "max_batch_tokens", "page_size", "num_epochs",
-    "eval_max_new_tokens", "max_eval_questions",
+    "eval_max_new_tokens", "max_eval_questions", "parallel", "val_limit", "save_only_improve", "log_with",
 })
 
 _MIN = {  # integer keys: smallest allowed value
@@ -63,7 +63,7 @@ def check_types_and_ranges(cfg, error) -> None:
         check_device(cfg.device, "device", error)
     for key in ("train_path", "val_path"):
         path = getattr(cfg, key)
-        if path is not None and Path(path).is_dir():
+        if path is not None and _is_dir(path, key, error):
             raise error(f"{key} {path!r} is a folder; it must be an official-format JSON file")
     if not str(cfg.save_dir).strip():
         raise error("save_dir must not be empty")
@@ -75,7 +75,8 @@ def check_types_and_ranges(cfg, error) -> None:
         task_fields = {f.name: f for f in dataclasses.fields(ProsQAConfig)}
         for key, value in cfg.task_config.items():
             optional = key in task_fields and "None" in str(task_fields[key].type)
-            if key in task_fields and not (value is None and optional) and not (is_integer(value) and value >= 0):
+            numeric = key in task_fields and "int" in str(task_fields[key].type)  # `distribution` is ProsQAConfig's to check
+            if numeric and not (value is None and optional) and not (is_integer(value) and value >= 0):
                 raise error(f"task_config.{key} must be an integer >= 0{' or null' if optional else ''}, "
                             f"got {type(value).__name__} {value!r}")
         try:
@@ -98,6 +99,15 @@ def _matches(value, kind: str) -> bool:
     return False  # "None" (value is not None here) or a kind this check does not know
 
 
+def _is_dir(path, key: str, error) -> bool:
+    """Whether `path` is a folder; a name the system refuses (too long, invalid) is an error naming `key`."""
+    try:
+        return Path(path).is_dir()
+    except (OSError, ValueError) as exc:
+        name = str(path)
+        raise error(f"{key} {name if len(name) <= 80 else name[:80] + '...'!r} is not a usable path ({exc})") from None
+
+
 def config_changes(saved: dict, current: dict) -> list[str]:
     """The keys that differ between a checkpoint's run config and this one and are not safe to change."""
     return sorted(key for key in saved.keys() & current.keys()
@@ -109,7 +119,7 @@ def prepare_save_dir(cfg, error) -> None:
     with `overwrite`, remove the earlier run's outputs (checkpoints, metrics, generated data and
     tokenizer) and nothing else."""
     out = Path(cfg.save_dir)
-    if out.exists() and not out.is_dir():
+    if not _is_dir(out, "save_dir", error) and out.exists():
         raise error(f"save_dir {out} exists and is not a folder")
     if cfg.resume or not out.is_dir() or not any(out.iterdir()):
         return

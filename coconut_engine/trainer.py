@@ -1,11 +1,13 @@
-"""The multi-stage Coconut trainer: curriculum, evaluation, checkpoints that resume, DDP via torchrun.
+"""The multi-stage Coconut trainer: curriculum, evaluation, checkpoints that resume, DDP / FSDP2 via torchrun.
 
 `TrainConfig` uses the official key names where they exist. `batch_size` is the global number of
 samples per optimizer step: under torchrun each rank takes every world_size-th sample of the batch,
 the loss is the summed token cross-entropy divided by the label count of the whole batch, and the
-gradients are summed across ranks, so N processes compute exactly what one process does with the
-combined batch. `gradient_accumulation_steps` splits each rank's share into micro-batches (memory),
-without changing the result.
+gradients are summed across ranks (DDP or FSDP2, `distributed.py`), so N processes compute exactly
+what one process does with the combined batch. `gradient_accumulation_steps` splits each rank's
+share into micro-batches (memory), without changing the result; gradients are reduced on the last.
+Evaluation is split across the ranks and gathered; rank 0 writes the checkpoints, which hold the
+whole model and optimizer state, so a run resumes on any number of ranks.
 """
 from __future__ import annotations
 
@@ -20,13 +22,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (checkpoint_dirs, checkpoint_thought_transform, load_checkpoint, load_optimizer_state,
-                         remove_stale_tmp, save_checkpoint)
+from .checkpoint import (checkpoint_dirs, checkpoint_name, checkpoint_thought_transform, load_checkpoint,
+                         load_optimizer_state, read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
-from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt,
-                   extract_answer, load_records, positions_needed, tokenize_record)
+from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
+                          gradient_sync, is_fsdp, load_gathered_optimizer_state, wrap_for_training)
+from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt, load_records,
+                   positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
+from .metrics import GenerationScore, score_generation, summarize
+from .model import Decoder, DropoutRates
+from .schedule import LRSchedule
+from .tracking import TRACKERS, make_tracker
 from .thoughts import THOUGHT_TRANSFORMS, ThoughtTransform, build_thought_transform
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
@@ -66,21 +74,31 @@ class TrainConfig:
     max_latent_stage: int = 6
     pad_latent_to_max: bool = False
     uniform_prob: float = 0.0
-    reset_optimizer: bool = True
+    reset_optimizer: bool | str = True  # true/"epoch": fresh AdamW every epoch (official); "stage"; false
     lr: float = 1e-4
+    lr_schedule: str = "constant"  # constant (official) | cosine (linear warmup, then cosine decay)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: the last step's lr as a fraction of lr
+    dropout: float | None = None  # None: the model config's (GPT-2 embd/resid_pdrop); a number: all of them
     weight_decay: float = 0.01
     batch_size: int = 128
     gradient_accumulation_steps: int = 1
     max_batch_tokens: int | None = None
     num_epochs: int = 25
     max_grad_norm: float = 1.0
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast (CPU and CUDA); under FSDP also bf16 parameters, fp32 reduction
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2, parameters/gradients/optimizer sharded)
     seed: int = 0
     forward_mode: str = "paged"
-    eval_max_new_tokens: int = 64
+    max_length: int | None = None  # drop records whose longest sample exceeds it; None: the model's positions
+    train_limit: int | None = None  # train on the first N records only
+    val_limit: int | None = None  # evaluate on the first N records only (max_eval_questions: the older name)
+    eval_max_new_tokens: int | None = None  # None: the official 64 for GSM8K (val_path names gsm), else 128
     max_eval_questions: int | None = None
     resume: bool = False
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N; the best (by validation accuracy) is kept besides them
+    save_only_improve: bool = False  # write a checkpoint only when validation accuracy improves (official)
+    log_with: str | None = None  # tensorboard: event files in save_dir/tensorboard (optional dependency)
     device: str | None = None
     attention_backend: str = "auto"
     page_size: int = 16
@@ -102,10 +120,29 @@ class TrainConfig:
         need(self.mode in DATA_MODES, f"mode {self.mode!r} is not one of {DATA_MODES}")
         need(not (self.stage0_epochs is not None and self.mode in ("cot", "no_cot")),
              f"stage0_epochs has no meaning in mode {self.mode} (no curriculum)")
+        need(self.parallel in PARALLEL_MODES, f"parallel {self.parallel!r} is not one of {PARALLEL_MODES}")
+        need(self.eval_max_new_tokens is None or self.eval_max_new_tokens >= 1, "eval_max_new_tokens must be >= 1")
+        self.reset_optimizer = _reset_policy(self.reset_optimizer)
+        need(self.reset_optimizer is not None,
+             "reset_optimizer must be true (or 'epoch': every epoch, as official), 'stage' or false")
+        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        for key in ("max_length", "train_limit", "val_limit"):
+            need(getattr(self, key) is None or getattr(self, key) >= 1, f"{key} must be >= 1, got {getattr(self, key)}")
+        if isinstance(self.log_with, str) and self.log_with.lower() in ("none", "null", ""):
+            self.log_with = None
+        need(self.log_with in (None, *TRACKERS), f"log_with {self.log_with!r} is not one of {TRACKERS} (or none)")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        try:
+            self.lr_scheduler(1)
+        except ValueError as exc:
+            raise TrainingError(f"config: {exc}") from exc
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need(self.thought_transform in THOUGHT_TRANSFORMS,
              f"thought_transform {self.thought_transform!r} is not one of {', '.join(THOUGHT_TRANSFORMS)}")
+        need(self.parallel != "fsdp" or self.thought_transform == "identity",
+             f"thought_transform {self.thought_transform!r} with parallel: fsdp is not supported (evaluation and "
+             "checkpoints gather the decoder only); use parallel: ddp")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
@@ -117,6 +154,16 @@ class TrainConfig:
             self.rules()
         except ValueError as exc:
             raise TrainingError(f"config: {exc}") from exc
+
+    def lr_scheduler(self, total_steps: int) -> LRSchedule:
+        """The learning-rate schedule over a run of `total_steps` optimizer steps."""
+        return LRSchedule(self.lr_schedule, self.lr, total_steps, self.warmup_steps, self.min_lr_ratio)
+
+    def max_new_tokens(self) -> int:
+        """Evaluation's generation budget: the key, else the official default for the validation file."""
+        if self.eval_max_new_tokens is not None:
+            return self.eval_max_new_tokens
+        return official_max_new_tokens(self.val_path)
 
     def rules(self) -> StageRules:
         return StageRules(self.c_thought, self.max_latent_stage, self.pad_latent_to_max, self.uniform_prob, self.mode)
@@ -154,6 +201,23 @@ class TrainConfig:
         return cls.from_dict({**values, **(overrides or {})}, source=str(path))
 
 
+def official_max_new_tokens(val_path: str | Path | None) -> int:
+    """The official run.py's generation budget: 64 when the validation file is GSM8K's, else 128."""
+    return 64 if val_path is not None and "gsm" in str(val_path) else 128
+
+
+def _reset_policy(value) -> bool | str | None:
+    """reset_optimizer as given (bool or text) -> True (every epoch), "stage", False; None if invalid."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "epoch"):
+        return True
+    if text in ("false", "0", "no", "never"):
+        return False
+    return "stage" if text == "stage" else None
+
+
 def _coerce(value, annotation, key: str, source: str):
     """CLI overrides arrive as strings: turn them into the field's type."""
     if not isinstance(value, str) or "str" in str(annotation):
@@ -177,40 +241,20 @@ def _coerce(value, annotation, key: str, source: str):
     return value
 
 
-@dataclass
-class DistEnv:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_environment(cls) -> "DistEnv":
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                   int(os.environ.get("LOCAL_RANK", 0)))
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
-
-
 # -- evaluation -------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], stage: int, rules: StageRules,
-             max_new_tokens: int = 64, page_size: int = 16, progress: bool = False,
+             max_new_tokens: int = 128, page_size: int = 16, progress: bool = False,
              thought_transform: ThoughtTransform | None = None, num_thoughts: int | str | None = None,
              max_thoughts: int = 8, eot_threshold: float = 0.5, return_thoughts: bool = False) -> dict:
-    """Answer exact-match accuracy of batched generation at a stage (the official extraction).
+    """Batched generation at a stage scored as the official eval (`metrics.py`): answer exact match
+    ("accuracy"), CoT exact match ("cot_accuracy"), generated tokens and thoughts per answer, and
+    each question's generation. The decoder runs in eval mode (no dropout).
 
     `num_thoughts` replaces the stage's thought count for every question (an integer, or "auto" for
     adaptive thinking with `max_thoughts` and `eot_threshold`); `return_thoughts` adds each thought's
-    inspection (`ThoughtTrace` fields) to the generations."""
+    inspection (`ThoughtTrace` fields) to the generations as `thought_traces`."""
     tokenized = [tokenize_record(r, tokenizer) for r in records]
     prompts, thoughts = [], []
     markers = rules.markers and rules.mode != "pause_as_thought"
@@ -225,33 +269,54 @@ def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], s
     pages = min(4096, max(len(prompts) * -(-longest // page_size), -(-longest // page_size)))
     generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens,
                           thought_transform=thought_transform)
-    results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
-                                 thought_markers=markers, progress=progress, max_thoughts=max_thoughts,
-                                 eot_threshold=eot_threshold, return_thoughts=return_thoughts)
-    correct = [r.error is None and extract_answer(r.text or "") == rec.answer.strip() for r, rec in zip(results, records)]
-    generations = [{"question": rec.question, "answer": rec.answer, "output": r.text, "correct": ok,
-                    **({"error": r.error} if r.error is not None else {})}
-                   for rec, r, ok in zip(records, results, correct)]
-    if return_thoughts:
-        for g, r in zip(generations, results):
-            g["num_thoughts"] = r.num_thoughts
-            g["thoughts"] = [dataclasses.asdict(t) for t in r.thoughts or []]
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
+                                     thought_markers=markers, progress=progress, max_thoughts=max_thoughts,
+                                     eot_threshold=eot_threshold, return_thoughts=return_thoughts)
+    finally:
+        decoder.train(was_training)
+    generations = []
+    for rec, r in zip(records, results):
+        k = r.num_thoughts  # the thoughts actually run (adaptive thinking decides them per question)
+        score = score_generation(r.text or "", rec.answer, rec.steps, r.generated_tokens, k) if r.error is None \
+            else GenerationScore(False, False, r.generated_tokens, k)
+        generations.append({"question": rec.question, "answer": rec.answer, "output": r.text,
+                            "correct": score.answer_correct, "cot_correct": score.cot_correct,
+                            "generated_tokens": r.generated_tokens, "thoughts": k,
+                            **({"error": r.error} if r.error is not None else {})})
+        if return_thoughts:
+            generations[-1]["thought_traces"] = [dataclasses.asdict(t) for t in r.thoughts or []]
+    return summarise(generations)
+
+
+def summarise(generations: list[dict]) -> dict:
+    """The official eval's scores (`metrics.summarize`), failed requests and the generations themselves,
+    from `evaluate`'s generation records (also after they were gathered from several ranks)."""
+    scores = [GenerationScore(g["correct"], g["cot_correct"], g["generated_tokens"], g["thoughts"])
+              for g in generations]
     return {
-        "accuracy": sum(correct) / len(correct),
-        "errors": [f"record {i}: {r.error}" for i, r in enumerate(results) if r.error is not None],
-        "tokens_per_answer": sum(r.generated_tokens for r in results) / len(results),
-        "thoughts_per_answer": sum(r.num_thoughts for r in results) / len(results),
+        **summarize(scores),
+        "errors": [f"record {i}: {g['error']}" for i, g in enumerate(generations) if "error" in g],
         "generations": generations,
     }
 
 
 @torch.no_grad()
-def validation_loss(model: CoconutModel, samples, batch_size: int, mode: str) -> float:
+def validation_loss_sum(model: CoconutModel, samples, batch_size: int, mode: str) -> tuple[float, int]:
+    """(summed token cross-entropy, label count) of `samples`, `batch_size` at a time."""
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         total += float(model(chunk, mode=mode, reduction="sum"))
         count += sum(len(s.suffix) - 1 for s in chunk)
+    return total, count
+
+
+def validation_loss(model: CoconutModel, samples, batch_size: int, mode: str) -> float:
+    """Mean token cross-entropy of `samples`."""
+    total, count = validation_loss_sum(model, samples, batch_size, mode)
     return total / max(count, 1)
 
 
@@ -264,10 +329,7 @@ class Trainer:
         self.cfg = config
         self.env = DistEnv.from_environment()
         self.out = Path(config.save_dir)
-        self.device = torch.device(config.device or (f"cuda:{self.env.local_rank}" if torch.cuda.is_available() else "cpu"))
-        if self.env.world_size > 1 and not torch.distributed.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend)
+        self.device = self.env.start(config.device)  # before anything touches CUDA
         self.rules = config.rules()
         self.history: list[dict] = []
         self.epochs_done = 0
@@ -284,10 +346,8 @@ class Trainer:
             remove_stale_tmp(self.out)
         self.env.barrier()
         train_path, val_path = self._data_paths()
-        self.train_records = load_records(train_path)
-        self.val_records = load_records(val_path)
-        if cfg.max_eval_questions:
-            self.val_records = self.val_records[: cfg.max_eval_questions]
+        self.train_records = load_records(train_path)[: cfg.train_limit]
+        self.val_records = load_records(val_path)[: cfg.val_limit or cfg.max_eval_questions]
         latest = checkpoint_dirs(self.out)[-1] if cfg.resume and checkpoint_dirs(self.out) else None
         if cfg.resume and latest is None and self.env.is_main:
             print(f"resume: no complete checkpoint under {self.out}; starting from the beginning")
@@ -319,24 +379,36 @@ class Trainer:
             decoder, tokenizer, tokens = self._fresh_model()
             transform = build_thought_transform(cfg.thought_transform, decoder.embed_tokens.weight)
             self.resumed_from = None
+        if cfg.dropout is not None:
+            decoder.dropout = DropoutRates(cfg.dropout, cfg.dropout, cfg.dropout)
+        if decoder.dropout.attn > 0 and self.env.is_main:
+            print(f"[{cfg.name}] note: attention-probability dropout ({decoder.dropout.attn}) is not implemented by "
+                  f"the paged attention; embedding ({decoder.dropout.embd}) and residual ({decoder.dropout.resid}) "
+                  "dropout are applied", flush=True)
         self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
         self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size, thought_transform=transform)
-        if self.env.world_size > 1:  # every rank starts from rank 0's weights
-            for p in self.model.parameters():
-                torch.distributed.broadcast(p.data, src=0)
+        # every rank starts from rank 0's weights; under FSDP the decoder's parameters become shards
+        self.train_model = wrap_for_training(self.model, cfg.parallel, self.env, self.device, cfg.bf16)
         self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
         self.val_tok = [tokenize_record(r, tokenizer) for r in self.val_records]
+        self.max_length = cfg.max_length or decoder.config.max_position_embeddings
         self.train_records, self.train_tok = self._fit_positions(train_path, self.train_records, self.train_tok, None)
         self.val_records, self.val_tok = self._fit_positions(val_path, self.val_records, self.val_tok,
-                                                             cfg.eval_max_new_tokens)
+                                                             cfg.max_new_tokens())
+        self.tracker = make_tracker(cfg.log_with, self.out) if self.env.is_main else None
+        self.schedule = cfg.lr_scheduler(cfg.num_epochs * math.ceil(len(self.train_tok) / cfg.batch_size))
         self.optimizer = self._new_optimizer()
         if latest is not None and not self._resets_optimizer_at(self.epochs_done):
-            load_optimizer_state(latest, self.optimizer)
+            if is_fsdp(self.train_model):
+                load_gathered_optimizer_state(self.train_model, self.optimizer, read_optimizer_state(latest))
+            else:
+                load_optimizer_state(latest, self.optimizer)
 
     def _fit_positions(self, path: Path, records: list[Record], tokenized: list, eval_new_tokens: int | None):
-        """Records whose samples (and evaluation) fit the model's positions: a longer one is an error
-        naming it, or with `drop_long_records` is dropped and counted."""
-        limit = self.decoder.config.max_position_embeddings
+        """Records whose samples (and evaluation) fit in `max_length` positions (default: the model's): a
+        longer one is an error naming it, or with `drop_long_records` is dropped and counted."""
+        limit = self.max_length
+        what = f"max_length={limit}" if self.cfg.max_length else f"the model's max_position_embeddings={limit}"
         need = [positions_needed(rec, self.rules, self.tokens, eval_new_tokens) for rec in tokenized]
         too_long = [i for i, n in enumerate(need) if n > limit]
         if not too_long:
@@ -346,11 +418,10 @@ class Trainer:
             by_eval = (eval_new_tokens is not None
                        and positions_needed(tokenized[first], self.rules, self.tokens) <= limit)
             why = f" (its evaluation prompt and thoughts + eval_max_new_tokens={eval_new_tokens})" if by_eval else ""
-            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than the model's "
-                                f"max_position_embeddings={limit} ({len(too_long)} record(s) too long; "
-                                "drop_long_records: true drops them)")
+            raise TrainingError(f"{path}: record {first} needs {need[first]} positions{why}, more than {what} "
+                                f"({len(too_long)} record(s) too long; drop_long_records: true drops them)")
         if len(too_long) == len(records):
-            raise TrainingError(f"{path}: every record needs more than max_position_embeddings={limit} positions")
+            raise TrainingError(f"{path}: every record needs more than {what} positions")
         if self.env.is_main:
             print(f"{path}: dropped {len(too_long)} of {len(records)} records longer than {limit} positions "
                   f"(first: record {first}, {need[first]} positions)", flush=True)
@@ -385,7 +456,6 @@ class Trainer:
                 raise TrainingError(f"config: unknown builtin model {name!r} (known: {', '.join(BUILTIN_MODELS)})")
             tokenizer = self._task_tokenizer() if cfg.tokenizer is None else load_tokenizer(cfg.tokenizer)
             from .config import ModelConfig
-            from .model import Decoder
 
             spec = {"model_type": "gpt2", "vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
                     "bos_token_id": tokenizer.eos_token_id, **BUILTIN_MODELS[name]}
@@ -415,7 +485,12 @@ class Trainer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _resets_optimizer_at(self, epoch: int) -> bool:
-        return self.cfg.reset_optimizer and epoch > 0 and self.cfg.stage_of(epoch) != self.cfg.stage_of(epoch - 1)
+        """Whether `epoch` starts with a fresh optimizer: every epoch (reset_optimizer true, as the official
+        loop), at stage switches ("stage"), or never (false)."""
+        policy = self.cfg.reset_optimizer
+        if policy == "stage":
+            return epoch > 0 and self.cfg.stage_of(epoch) != self.cfg.stage_of(epoch - 1)
+        return bool(policy) and epoch > 0
 
     # -- training -----------------------------------------------------------------------------------
 
@@ -433,21 +508,33 @@ class Trainer:
         for epoch in range(self.epochs_done, cfg.num_epochs):
             if self._resets_optimizer_at(epoch):
                 self.optimizer = self._new_optimizer()
+            # dropout masks drawn from a stream of (seed, epoch): a resumed run draws the same ones
+            torch.manual_seed(_epoch_seed(cfg.seed, epoch))
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
-            self._check_finite_weights(epoch)
+            whole = self._whole_decoder()
+            self._check_finite_weights(epoch, whole)
             metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
                        "train_seconds": time.perf_counter() - started}
+            metrics.update(self._evaluate(epoch, whole))
+            if not math.isfinite(metrics["val_loss"]):
+                raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
+                                    f"saved; {self._last_good()}")
+            best_so_far = max((m["accuracy"] for m in self.history), default=0.0)
+            save = not cfg.save_only_improve or metrics["accuracy"] > best_so_far  # the official rule
+            metrics["checkpoint"] = checkpoint_name(epoch + 1) if save else None
+            self.history.append(metrics)
+            if save:
+                self._save(epoch + 1, whole)
             if self.env.is_main:
-                metrics.update(self._evaluate(epoch))
-                if not math.isfinite(metrics["val_loss"]):
-                    raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
-                                        f"saved; {self._last_good()}")
-                self.history.append(metrics)
-                self._save(epoch + 1)
+                self._write_metrics()
                 self._log(metrics)
+                if self.tracker is not None:
+                    self.tracker.log_epoch(metrics)
             self.epochs_done = epoch + 1
             self.env.barrier()
+        if self.tracker is not None:
+            self.tracker.close()
         return self.history
 
     def _train_epoch(self, epoch: int) -> float:
@@ -460,25 +547,22 @@ class Trainer:
 
             bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.num_epochs} stage {cfg.stage_of(epoch)}",
                        unit="step", leave=False, disable=None)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and self.device.type == "cuda"
-                    else torch.autocast("cpu", enabled=False))
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        scale = env.gradient_scale()
         epoch_loss, epoch_labels = 0.0, 0
         self.decoder.train()
         for (batch,) in batches(samples, cfg.batch_size):
-            share = batch[env.rank :: env.world_size]
             labels = sum(len(s.suffix) - 1 for s in batch)
             loss_sum = torch.zeros((), device=self.device)
-            for micro in _split(share, cfg.gradient_accumulation_steps, cfg.max_batch_tokens):
-                with autocast:
-                    loss = self.model(micro, mode=cfg.forward_mode, reduction="sum", eot_loss_weight=cfg.eot_loss_weight)
-                (loss / labels).backward()
-                loss_sum += loss.detach().float()
-            if env.world_size > 1:
-                for p in self.model.parameters():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    torch.distributed.all_reduce(p.grad)
-                torch.distributed.all_reduce(loss_sum)
+            micros = self._micro_batches(batch)
+            for i, (micro, weight) in enumerate(micros):
+                with gradient_sync(self.train_model, i == len(micros) - 1):
+                    with autocast:
+                        loss = self.train_model(micro, mode=cfg.forward_mode, reduction="sum",
+                                                eot_loss_weight=cfg.eot_loss_weight)
+                    (loss * (weight * scale) / labels).backward()
+                loss_sum += loss.detach().float() * weight
+            env.sum_(loss_sum)
             batch_loss = float(loss_sum) / labels
             if not math.isfinite(batch_loss):
                 raise TrainingError(
@@ -488,8 +572,12 @@ class Trainer:
             if not math.isfinite(grad_norm):
                 raise TrainingError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {self.global_step + 1}: "
                                     f"training stopped before the update; {self._last_good()}")
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.schedule.lr_at(self.global_step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.tracker is not None:
+                self.tracker.log_step(self.global_step, batch_loss, self.optimizer.param_groups[0]["lr"])
             self.global_step += 1
             epoch_loss += float(loss_sum)
             epoch_labels += labels
@@ -504,26 +592,67 @@ class Trainer:
         last = checkpoint_dirs(self.out)
         return f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
 
-    def _check_finite_weights(self, epoch: int) -> None:
-        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the weights."""
-        bad = first_non_finite(self.decoder.named_parameters())
+    def _check_finite_weights(self, epoch: int, decoder) -> None:
+        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights."""
+        bad = first_non_finite(decoder.named_parameters())
         if bad is not None:
             raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
                                 f"{self._last_good()}")
 
-    def _evaluate(self, epoch: int) -> dict:
-        stage = self.cfg.stage_of(epoch)
-        self.decoder.eval()
-        val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok]
-        result = evaluate(self.decoder, self.tokenizer, self.tokens, self.val_records, stage, self.rules,
-                          self.cfg.eval_max_new_tokens, self.cfg.page_size,
-                          thought_transform=self.model.thought_transform)
+    def _micro_batches(self, batch: list) -> list[tuple[list, float]]:
+        """This rank's share of a global batch as (micro-batch, loss weight) pairs.
+
+        A rank whose share is empty (fewer samples than ranks) runs the batch's first sample with
+        weight 0: DDP and FSDP need every rank's forward and backward. Under FSDP every rank also
+        runs as many micro-batches (each forward all-gathers the parameters): the ranks with fewer
+        are padded the same way.
+        """
+        env = self.env
+        share = batch[env.rank :: env.world_size]
+        micros = [(m, 1.0) for m in _split(share, self.cfg.gradient_accumulation_steps, self.cfg.max_batch_tokens)]
+        count = len(micros)
+        if is_fsdp(self.train_model):
+            count = int(env.max_(torch.tensor(count, device=self.device)))
+        return micros + [(batch[:1], 0.0)] * (max(count, 1) - len(micros))
+
+    def _whole_decoder(self):
+        """The decoder with whole parameters for evaluation and checkpoints: itself, or under FSDP a
+        replica loaded from the gathered shards (collective)."""
+        if not is_fsdp(self.train_model):
+            return self.decoder
+        prefix = "decoder."
+        state = {k[len(prefix):]: v for k, v in full_state_dict(self.train_model).items() if k.startswith(prefix)}
+        with torch.device(self.device):
+            replica = Decoder(self.decoder.config, attention_backend=self.decoder.attention_backend)
+        replica.load_state_dict(state)
+        return replica
+
+    def _evaluate(self, epoch: int, decoder) -> dict:
+        """Accuracy and validation loss, each rank evaluating every world_size-th question."""
+        env, stage = self.env, self.cfg.stage_of(epoch)
+        transform = self.model.thought_transform
+        model = self.model if decoder is self.decoder else CoconutModel(decoder, self.tokens, self.cfg.page_size,
+                                                                        thought_transform=transform)
+        decoder.eval()
+        records = self.val_records[env.rank :: env.world_size]
+        generations = []
+        if records:
+            generations = evaluate(decoder, self.tokenizer, self.tokens, records, stage, self.rules,
+                                   self.cfg.max_new_tokens(), self.cfg.page_size,
+                                   thought_transform=transform)["generations"]
+        val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok[env.rank :: env.world_size]]
+        loss_and_count = validation_loss_sum(model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
+        decoder.train()
+        shares = env.gather((generations, loss_and_count))
+        ordered = [None] * len(self.val_records)
+        for rank, (share, _) in enumerate(shares):
+            ordered[rank :: env.world_size] = share
+        result = summarise(ordered)
         self.last_generations = result.pop("generations")
         errors = result.pop("errors")
         if errors:
             raise TrainingError(f"evaluation after epoch {epoch + 1}: {len(errors)} request(s) failed, first: {errors[0]}")
-        result["val_loss"] = validation_loss(self.model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
-        self.decoder.train()
+        result["val_loss"] = sum(t for _, (t, _) in shares) / max(sum(c for _, (_, c) in shares), 1)
         return result
 
     def coconut_info(self, stage: int) -> dict:
@@ -531,13 +660,35 @@ class Trainer:
         return {"mode": r.mode, "c_thought": r.c_thought, "max_latent_stage": r.max_latent_stage,
                 "pad_latent_to_max": r.pad_latent_to_max, "stage": stage}
 
-    def _save(self, epochs_done: int) -> None:
+    @property
+    def best_checkpoint(self) -> str | None:
+        """Name of the saved checkpoint with the highest validation accuracy (the earliest on ties)."""
+        saved = [m for m in self.history if m.get("checkpoint")]
+        return max(saved, key=lambda m: m["accuracy"])["checkpoint"] if saved else None
+
+    def _save(self, epochs_done: int, decoder) -> None:
+        """Rank 0 writes the checkpoint (under FSDP the others help gather the optimizer state); the best
+        checkpoint so far is never rotated away."""
+        optimizer = self.optimizer
+        if is_fsdp(self.train_model):
+            optimizer = StateDictView(gathered_optimizer_state(self.train_model, self.optimizer))
+        if not self.env.is_main:
+            return
+        best = self.best_checkpoint
         state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
-                 "config": dataclasses.asdict(self.cfg)}
-        save_checkpoint(self.out, epochs_done, self.decoder, self.tokenizer, self.tokens,
-                        self.coconut_info(self.cfg.stage_of(epochs_done - 1)), self.optimizer, state,
-                        keep_last=self.cfg.keep_checkpoints, thought_transform=self.model.thought_transform)
-        _atomic_text(self.out / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in self.history))
+                 "best_checkpoint": best, "config": dataclasses.asdict(self.cfg)}
+        save_checkpoint(self.out, epochs_done, decoder, self.tokenizer, self.tokens,
+                        self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
+                        keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [],
+                        thought_transform=self.model.thought_transform)
+
+    def _write_metrics(self) -> None:
+        """metrics.jsonl (one line per epoch; `is_best` marks the best checkpoint's) and the chart."""
+        best = self.best_checkpoint
+        lines = [json.dumps({**m, "is_best": m.get("checkpoint") is not None and m["checkpoint"] == best}) + "\n"
+                 for m in self.history]
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_text(self.out / "metrics.jsonl", "".join(lines))
         from .plots import plot_history
 
         plot_history(self.history, self.out / "training.png", title=self.cfg.name)
@@ -570,6 +721,10 @@ def _init_weights(decoder) -> None:
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch) % (2**63)
 
 
 def _atomic_json(path: Path, value) -> None:

@@ -7,6 +7,7 @@ import sys
 import transformers
 
 from coconut_engine.main_job import run_main_job
+from coconut_engine.tasks import ProsQAConfig, generate_prosqa, prosqa_vocabulary
 from test_tokenizer import build_gpt2_tokenizer_dir
 
 
@@ -46,14 +47,33 @@ def test_train_rejects_unknown_keys(tmp_path):
 
 
 def test_main_job_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, monkeypatch):
+    """The main job trains on ProsQA-distribution questions and scores a given split (here 6 generated
+    questions standing in for the real one) at the end of every stage and of the no-CoT run."""
     monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")  # "auto" would pick the Triton interpreter here
-    result = run_main_job(tmp_path, scale=0.01, progress=False)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(generate_prosqa(6, ProsQAConfig.official_like(), seed=99)))
+    result = run_main_job(tmp_path / "run", scale=0.01, progress=False, real_split=split)
     methods = [r["method"] for r in result["rows"]]
-    assert methods == ["no-CoT", "CoT (stage 0)", "Coconut stage 1", "Coconut stage 2", "Coconut stage 3"]
-    assert [r["thoughts"] for r in result["rows"]] == [0, 0, 1, 2, 3]
-    assert all(0.0 <= r["accuracy"] <= 1.0 for r in result["rows"])
-    assert "| Coconut stage 3 | 3.0 |" in capsys.readouterr().out
-    assert (tmp_path / "results.md").is_file() and (tmp_path / "coconut" / "training.png").is_file()
+    assert methods == ["no-CoT", "CoT (stage 0)", "Coconut stage 1", "Coconut stage 2", "Coconut stage 3",
+                       "Coconut stage 4 (all steps latent)"]
+    # evaluation caps a question's thoughts at its steps (the official collator)
+    steps = [len(r["steps"]) for r in json.loads((tmp_path / "run" / "coconut" / "data" / "val.json").read_text())]
+    capped = [sum(min(k, n) for n in steps) / len(steps) for k in (1, 2, 3, 3)]
+    assert [r["thoughts"] for r in result["rows"]] == [0, 0, *capped]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["real_accuracy"] in {i / 6 for i in range(7)} for r in result["rows"])
+    out = capsys.readouterr().out
+    assert "| method | thoughts | held-out accuracy | real ProsQA valid accuracy |" in out
+    assert f"| Coconut stage 4 (all steps latent) | {capped[-1]:.1f} |" in out and "process CPU time" in out
+    assert (tmp_path / "run" / "results.md").is_file() and (tmp_path / "run" / "coconut" / "training.png").is_file()
+    train = json.loads((tmp_path / "run" / "coconut" / "data" / "train.json").read_text())
+    assert {s for r in train for s in r["idx_to_symbol"]} <= set(prosqa_vocabulary.PEOPLE + prosqa_vocabulary.CONCEPTS)
+    staged = [json.loads(line) for line in (tmp_path / "run" / "coconut" / "metrics.jsonl").read_text().splitlines()]
+    assert [("real_accuracy" in m) for m in staged] == [True] * len(staged)  # one epoch per stage at this scale
+    # `coconut-engine eval` on the final checkpoint reproduces the reported real-split number
+    final = sorted((tmp_path / "run" / "coconut").glob("checkpoint-*"))[-1]
+    proc = cli("eval", "--model", str(final), "--data", str(split), "--backend", "torch")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] == result["rows"][-1]["real_accuracy"]
 
 
 def test_smoke_command():

@@ -1,6 +1,8 @@
 """Official data format, tokenization and the curriculum stage builder (table-driven), task generator."""
 import json
+import os
 import random
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -8,9 +10,19 @@ import pytest
 from coconut_engine.coconut import SpecialTokens
 from coconut_engine.data import (DataError, Record, StageRules, batches, build_sample, eval_prompt, extract_answer,
                                  load_records, tokenize_record)
-from coconut_engine.tasks import ProsQAConfig, generate_prosqa, prosqa_statistics
+from coconut_engine.tasks import ProsQAConfig, generate_prosqa, prosqa_statistics, prosqa_vocabulary
 
-PROSQA_VALID = Path(__file__).resolve().parents[2] / "shared" / "data" / "prosqa_valid.json"
+
+def _find_prosqa_valid() -> Path:
+    """`COCONUT_PROSQA_VALID`, else `shared/data/prosqa_valid.json` beside the checkout or a folder above it."""
+    if os.environ.get("COCONUT_PROSQA_VALID"):
+        return Path(os.environ["COCONUT_PROSQA_VALID"])
+    here = Path(__file__).resolve()
+    found = [p / "shared" / "data" / "prosqa_valid.json" for p in here.parents[1:4]]
+    return next((p for p in found if p.is_file()), found[0])
+
+
+PROSQA_VALID = _find_prosqa_valid()
 TOKENS = SpecialTokens(bot=1001, thought=1002, eot=1003)
 EOS = 1000
 
@@ -133,36 +145,86 @@ def test_token_budget_batches():
     assert [[len(micro) for micro in batch] for batch in batches(samples, 4)] == [[4], [1]]
 
 
-def test_generator_is_deterministic_and_consistent():
-    a, b = generate_prosqa(20, seed=3), generate_prosqa(20, seed=3)
-    assert a == b and a != generate_prosqa(20, seed=4)
+def _distances(edges: list[list[int]], start: int) -> dict[int, int]:
+    children = {}
+    for x, y in edges:
+        children.setdefault(x, []).append(y)
+    dist, queue = {start: 0}, deque([start])
+    while queue:
+        x = queue.popleft()
+        for y in children.get(x, ()):
+            if y not in dist:
+                dist[y] = dist[x] + 1
+                queue.append(y)
+    return dist
+
+
+@pytest.mark.parametrize("config", [ProsQAConfig(), ProsQAConfig.official_like()], ids=["small", "prosqa"])
+def test_generator_is_deterministic_and_consistent(config):
+    a, b = generate_prosqa(20, config, seed=3), generate_prosqa(20, config, seed=3)
+    assert a == b and a != generate_prosqa(20, config, seed=4)
     for r in a:
         symbols, root, target = r["idx_to_symbol"], r["root"], r["target"]
-        edges = {}
-        for x, y in r["edges"]:
-            edges.setdefault(x, set()).add(y)
-        seen, frontier = {root}, [root]
-        dist = {root: 0}
-        while frontier:
-            nxt = []
-            for x in frontier:
-                for y in edges.get(x, ()):
-                    if y not in seen:
-                        seen.add(y)
-                        dist[y] = dist[x] + 1
-                        nxt.append(y)
-            frontier = nxt
-        assert r["neg_target"] not in seen  # the distractor is unreachable
+        dist = _distances(r["edges"], root)
+        assert r["neg_target"] not in dist  # the distractor is unreachable
         assert dist[target] == len(r["steps"])  # the steps are a shortest chain
         assert r["answer"] == f"{symbols[root]} is a {symbols[target]}."
         assert r["question"].endswith("?") and symbols[r["neg_target"]] in r["question"].split("Is ")[-1]
 
 
-@pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="../shared/data/prosqa_valid.json is absent")
-def test_official_like_statistics_match_the_real_validation_split():
-    real = prosqa_statistics(json.loads(PROSQA_VALID.read_text()))
-    ours = prosqa_statistics(generate_prosqa(300, ProsQAConfig.official_like(), seed=0))
-    assert abs(ours["steps"] - real["steps"]) < 0.5
-    assert abs(ours["nodes"] - real["nodes"]) / real["nodes"] < 0.15
-    assert abs(ours["edges"] - real["edges"]) / real["edges"] < 0.25
-    assert abs(ours["question_words"] - real["question_words"]) / real["question_words"] < 0.3
+def test_prosqa_distribution_graphs_have_prosqa_structure():
+    """What every ProsQA question has (measured on the split, true of all 300): target and distractor
+    are leaves, every concept has a parent and every person a fact, another person reaches the
+    distractor in no more steps than the chain, the edge list is sorted by head, the facts are the
+    edges, and the steps walk the edges."""
+    for r in generate_prosqa(200, ProsQAConfig.official_like(), seed=7):
+        symbols, edges = r["idx_to_symbol"], r["edges"]
+        people = [i for i, s in enumerate(symbols) if s in prosqa_vocabulary.PEOPLE]
+        concepts = [i for i, s in enumerate(symbols) if s in prosqa_vocabulary.CONCEPTS]
+        assert len(people) + len(concepts) == len(symbols) == len(set(symbols)) and set(people) == {0, 1} | set(people)
+        heads = {x for x, _ in edges}
+        assert r["target"] not in heads and r["neg_target"] not in heads
+        assert {y for _, y in edges} == set(concepts) and set(people) <= heads
+        reach = [_distances(edges, p).get(r["neg_target"]) for p in people if p != r["root"]]
+        assert min(d for d in reach if d is not None) <= len(r["steps"])
+        assert edges == sorted(edges, key=lambda e: (e[1], e[0]))
+        facts = r["question"].rsplit(" Is ", 1)[0]
+        written = [f"{symbols[x]} is a {symbols[y]}." if x in people else f"Every {symbols[x]} is a {symbols[y]}."
+                   for x, y in edges]
+        assert sorted(f + "." for f in facts[:-1].split(". ")) == sorted(written)
+        assert set(r["steps"]) <= set(written)
+
+
+@pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="shared/data/prosqa_valid.json is absent")
+def test_prosqa_distribution_matches_the_real_validation_split():
+    """Mean and spread of node count, fact count, chain length and question length within 10 %, and
+    the same concept and people name sets (in the vocabulary module and in what is generated)."""
+    real_records = json.loads(PROSQA_VALID.read_text())
+    ours_records = generate_prosqa(1000, ProsQAConfig.official_like(), seed=0)
+    real, ours = prosqa_statistics(real_records), prosqa_statistics(ours_records)
+    for key in ("nodes", "edges", "steps", "question_words"):
+        for stat in (key, f"{key}_sd"):
+            assert abs(ours[stat] - real[stat]) <= 0.1 * real[stat], (stat, ours[stat], real[stat])
+
+    def names(records, upper: bool) -> set[str]:
+        return {s for r in records for s in r["idx_to_symbol"] if s[0].isupper() == upper}
+
+    assert names(real_records, True) == set(prosqa_vocabulary.PEOPLE) == names(ours_records, True)
+    assert names(real_records, False) == set(prosqa_vocabulary.CONCEPTS) == names(ours_records, False)
+
+
+@pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="shared/data/prosqa_valid.json is absent")
+def test_no_generated_question_is_a_validation_question():
+    """The main job's whole generated set (train + held-out, its seed) shares no question with the split."""
+    from coconut_engine.main_job import COMMON
+
+    real = {r["question"] for r in json.loads(PROSQA_VALID.read_text())}
+    size = COMMON["task_train_size"] + COMMON["task_val_size"]
+    ours = generate_prosqa(size, ProsQAConfig(**COMMON["task_config"]), seed=0)
+    assert COMMON["task_config"]["distribution"] == "prosqa"
+    assert not real & {r["question"] for r in ours}
+
+
+def test_unknown_distribution_is_a_clear_error():
+    with pytest.raises(ValueError, match="distribution must be 'small' or 'prosqa', got 'prosq'"):
+        ProsQAConfig(distribution="prosq")

@@ -18,8 +18,8 @@ from test_trainer import TASK, tiny
 
 
 def test_non_finite_weights_after_an_epochs_last_step_are_not_saved(tmp_path, monkeypatch):
-    trainer = Trainer(tiny(tmp_path, num_epochs=2, epochs_per_stage=2))  # 3 steps per epoch, one optimizer
-    step = trainer.optimizer.step
+    trainer = Trainer(tiny(tmp_path, num_epochs=2, epochs_per_stage=2))  # 3 steps per epoch
+    step = torch.optim.AdamW.step  # patched on the class: reset_optimizer makes a new optimizer every epoch
 
     def nan_on_step_six(*args, **kwargs):
         out = step(*args, **kwargs)
@@ -28,7 +28,7 @@ def test_non_finite_weights_after_an_epochs_last_step_are_not_saved(tmp_path, mo
                 trainer.decoder.final_norm.weight[0] = float("nan")
         return out
 
-    monkeypatch.setattr(trainer.optimizer, "step", nan_on_step_six)
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_on_step_six)
     with pytest.raises(TrainingError, match=r"parameter final_norm\.weight holds NaN or Inf after epoch 2: not "
                                             r"saved; the last good checkpoint is .*checkpoint-0001"):
         trainer.run()
@@ -106,6 +106,14 @@ def test_folder_as_train_path_and_yaml_types(tmp_path):
     path.write_text("num_epochs: 2.5\n")
     with pytest.raises(TrainingError, match=rf"^{path}: num_epochs must be int, got float 2.5"):
         TrainConfig.from_yaml(path)
+
+
+def test_paths_the_system_refuses_are_errors_naming_the_key(tmp_path):
+    too_long = "x" * 5000  # is_dir / exists raise OSError (ENAMETOOLONG) instead of answering False
+    with pytest.raises(TrainingError, match=r"train_path 'x{80}\.\.\.' is not a usable path"):
+        TrainConfig(train_path=too_long)
+    with pytest.raises(TrainingError, match=r"save_dir 'x{80}\.\.\.' is not a usable path"):
+        Trainer(tiny(tmp_path, save_dir=too_long))
 
 
 def test_fresh_run_refuses_a_non_empty_save_folder_unless_overwrite(tmp_path):

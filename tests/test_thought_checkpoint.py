@@ -86,8 +86,8 @@ def test_trained_transform_reaches_eval_and_generate(tmp_path, capsys, monkeypat
     rows = [json.loads(line) for line in dump.read_text().splitlines()]
     assert len(rows) == len(want["generations"])
     for row, g in zip(rows, want["generations"]):
-        assert row["output"] == g["output"] and row["num_thoughts"] == g["num_thoughts"] == 1
-        got, ref = row["thoughts"][0], g["thoughts"][0]
+        assert row["output"] == g["output"] and row["thoughts"] == g["thoughts"] == 1
+        got, ref = row["thought_traces"][0], g["thought_traces"][0]
         assert got["norm"] == pytest.approx(ref["norm"], rel=1e-5)
         assert got["p_eot"] == pytest.approx(ref["p_eot"], rel=1e-4, abs=1e-7)
         assert [t[0] for t in got["top_tokens"]] == [t[0] for t in ref["top_tokens"]]

@@ -1,11 +1,15 @@
-"""A ProsQA-style task generator: reachability questions over a random DAG of made-up concepts.
+"""ProsQA task generators: reachability questions over a random DAG of made-up concepts.
 
-Per question: a random DAG over concepts, people attached to concepts, a root person from whom a
-target concept is reachable by a chain of `num_steps` facts, and a distractor concept that is not
-reachable from the root. The question lists every fact in random order and asks
-"Is X a A or B?"; the steps are the chain from the root to the target; the answer "X is a A.".
-Output records are in the official format, with the graph (`idx_to_symbol`, `edges`, `root`,
-`target`, `neg_target`) as in ProsQA.
+Two distributions, one record format (the official one, with the graph: `idx_to_symbol`, `edges`,
+`root`, `target`, `neg_target`):
+
+- `distribution="prosqa"`: ProsQA's own (`prosqa_distribution.py`, from the statistics and names in
+  `prosqa_vocabulary.py`): what the main job and the ProsQA recipes train on.
+- `distribution="small"`: small graphs from the size knobs of `ProsQAConfig`, for tests and quick
+  runs. Per question: a random DAG over concepts, people attached to concepts, a root person from
+  whom a target concept is reachable by a chain of `num_steps` facts, and a distractor concept that
+  is not reachable from the root. The question lists every fact in random order and asks
+  "Is X a A or B?"; the steps are the chain from the root to the target; the answer "X is a A.".
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import random
 import statistics
 from collections import deque
 from dataclasses import dataclass
+
+from .prosqa_distribution import prosqa_distribution_question
 
 _ONSETS = ["b", "br", "d", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "sk", "st", "t", "tr",
            "v", "w", "y", "z", "zh", "ch", "dr", "fl", "gl", "pl", "scr", "sp", "th", "qu"]
@@ -23,8 +29,11 @@ _PEOPLE = ["Alex", "Tom", "Sally", "Davis", "Max", "Sam", "Polly", "Jack", "Fae"
 
 @dataclass(frozen=True)
 class ProsQAConfig:
-    """Difficulty knobs. `official_like()` approximates ProsQA's own statistics."""
+    """Which questions to generate. `distribution="prosqa"` draws every question from ProsQA's own
+    measured distribution (`prosqa_distribution.py`; the size knobs below are then unused);
+    `"small"` (the default) builds small graphs from the knobs, for tests and quick runs."""
 
+    distribution: str = "small"  # small | prosqa
     num_concepts: int = 8
     num_people: int = 2
     min_steps: int = 2
@@ -34,6 +43,8 @@ class ProsQAConfig:
     concept_pool: int | None = None  # draw concept names from this many fixed names (None: ~300)
 
     def __post_init__(self):
+        if self.distribution not in ("small", "prosqa"):
+            raise ValueError(f"distribution must be 'small' or 'prosqa', got {self.distribution!r}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if self.num_concepts < self.max_steps + 2:
@@ -45,7 +56,8 @@ class ProsQAConfig:
 
     @classmethod
     def official_like(cls) -> "ProsQAConfig":
-        return cls(num_concepts=18, num_people=4, min_steps=3, max_steps=5, extra_edges=28, person_facts=1)
+        """ProsQA's own distribution (vocabulary, graph sizes, chain lengths, question layout)."""
+        return cls(distribution="prosqa")
 
 
 _ALL_NAMES = sorted({onset + rhyme for onset in _ONSETS for rhyme in _RHYMES})
@@ -141,14 +153,22 @@ def generate_prosqa(num_questions: int, config: ProsQAConfig | None = None, seed
     """`num_questions` records in the official format (deterministic for a seed)."""
     rng = random.Random(seed)
     cfg = config or ProsQAConfig()
+    if cfg.distribution == "prosqa":
+        return [prosqa_distribution_question(rng) for _ in range(num_questions)]
     return [_one_question(rng, cfg) for _ in range(num_questions)]
 
 
 def prosqa_statistics(records: list[dict]) -> dict[str, float]:
-    """Mean steps, nodes, edges and question words of a ProsQA-format record list."""
-    return {
-        "steps": statistics.mean(len(r["steps"]) for r in records),
-        "nodes": statistics.mean(len(r["idx_to_symbol"]) for r in records),
-        "edges": statistics.mean(len(r["edges"]) for r in records),
-        "question_words": statistics.mean(len(r["question"].split()) for r in records),
+    """Mean and (population) standard deviation of steps, nodes, edges and question words of a
+    ProsQA-format record list: keys `steps`, `steps_sd`, `nodes`, `nodes_sd`, ..."""
+    sizes = {
+        "steps": [len(r["steps"]) for r in records],
+        "nodes": [len(r["idx_to_symbol"]) for r in records],
+        "edges": [len(r["edges"]) for r in records],
+        "question_words": [len(r["question"].split()) for r in records],
     }
+    out = {}
+    for name, values in sizes.items():
+        out[name] = statistics.mean(values)
+        out[f"{name}_sd"] = statistics.pstdev(values)
+    return out

@@ -1,0 +1,245 @@
+"""2-rank training on CPU (gloo): DDP and FSDP2 give the one-process weights, each gradient is reduced
+once per optimizer step, checkpoints resume on another rank count, bf16 autocast works on CPU."""
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from coconut_engine.checkpoint import checkpoint_dirs
+from coconut_engine.coconut import CoconutModel, CoconutSample, SpecialTokens
+from coconut_engine.config import ModelConfig
+from coconut_engine.distributed import DistEnv, DistributedError
+from coconut_engine.model import Decoder
+from coconut_engine.trainer import TrainConfig, Trainer, TrainingError
+
+TASK = {"num_concepts": 6, "extra_edges": 1, "person_facts": 0, "min_steps": 2, "max_steps": 2, "concept_pool": 12}
+
+
+def config(save_dir, shared: Path | None = None, **overrides) -> dict:
+    """2 epochs of 3 steps (40 samples, batch 16: the last batch has 8), stage 0 then stage 1, gradient
+    accumulation 2, and an optimizer that is not reset at the stage switch (a resume needs its state).
+    With `shared` (an earlier run's directory), its data and tokenizer (training a tokenizer takes
+    seconds)."""
+    values = dict(save_dir=str(save_dir), model="builtin:gpt2-micro", task_train_size=40, task_val_size=6,
+                  batch_size=16, gradient_accumulation_steps=2, num_epochs=2, epochs_per_stage=1, max_latent_stage=2,
+                  reset_optimizer=False, lr=1e-4, eval_max_new_tokens=4, attention_backend="torch", progress=False,
+                  task_config=TASK, keep_checkpoints=3)
+    if shared is not None:
+        values.update(train_path=str(shared / "data" / "train.json"), val_path=str(shared / "data" / "val.json"),
+                      tokenizer=str(shared / "tokenizer"))
+    values.update(overrides)
+    return values
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train_and_count(values: dict, out: Path, rank: int) -> None:
+    """Train one config on this rank, count what reaches autograd and DDP's reducer, save the counts."""
+    trainer = Trainer(TrainConfig(**values))
+    names = {p: n for n, p in trainer.decoder.named_parameters()}
+    accumulated = {n: 0 for n in names.values()}
+    reduced = {n: 0 for n in names.values()}
+    forwards = {"n": 0}
+    for p, n in names.items():  # DDP's reducer hook runs where this one does: after the grad is accumulated
+        p.register_post_accumulate_grad_hook(lambda _p, n=n: accumulated.__setitem__(n, accumulated[n] + 1))
+    if isinstance(trainer.train_model, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_allreduce(state, bucket):
+            for p in bucket.parameters():
+                reduced[names[p]] += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.train_model.register_comm_hook(None, counting_allreduce)
+    trainer.train_model.register_forward_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    history = trainer.run()
+    torch.save({"accumulated": accumulated, "reduced": reduced, "micro_batches": forwards["n"],
+                "steps": trainer.global_step, "history": history, "resumed_from": trainer.resumed_from,
+                "generations": trainer.last_generations}, out / f"rank{rank}.pt")
+
+
+def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[dict, str, str | None]]) -> None:
+    """One rank under torchrun's environment variables: each job (config, output folder, checkpoint to
+    start from: copied into the run's directory first) in turn, in one process group."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    for values, out, start_from in jobs:
+        if start_from is not None and rank == 0:
+            shutil.copytree(start_from, Path(values["save_dir"]) / Path(start_from).name)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        _train_and_count(values, Path(out), rank)
+    torch.distributed.destroy_process_group()
+
+
+def run_ranks(jobs: list[tuple[dict, Path, Path | None]], world: int = 2) -> list[list[dict]]:
+    """Run the jobs on `world` spawned ranks; per job, each rank's results."""
+    mp.spawn(_rank_main, args=(world, _free_port(), [(v, str(o), s and str(s)) for v, o, s in jobs]), nprocs=world)
+    return [[torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)] for _, out, _ in jobs]
+
+
+def final_weights(save_dir) -> dict:
+    from coconut_engine.loader import load_model
+
+    return dict(load_model(checkpoint_dirs(save_dir)[-1]).named_parameters())
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name].detach(), b[name].detach(), atol=atol, rtol=0, msg=name)
+
+
+def pause_config(save_dir, shared: Path) -> dict:
+    """Stage 1 from the first epoch in the pause_as_thought ablation, no accumulation, 2 steps (24 + 16)."""
+    return config(save_dir, shared, mode="pause_as_thought", num_epochs=1, stage0_epochs=0,
+                  gradient_accumulation_steps=1, batch_size=24)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One-process reference runs, then in one 2-rank job: their DDP twins, the FSDP2 twin, and the
+    DDP run's first checkpoint resumed under FSDP2."""
+    root = tmp_path_factory.mktemp("dist")
+    single = Trainer(TrainConfig(**config(root / "single")))
+    single.run()
+    shared = root / "single"
+    pause = Trainer(TrainConfig(**pause_config(root / "pause", shared)))
+    pause.run()
+    jobs = [(config(root / "ddp", shared), root / "out-ddp", None),
+            (pause_config(root / "ddp-pause", shared), root / "out-ddp-pause", None),
+            (config(root / "fsdp", shared, parallel="fsdp"), root / "out-fsdp", None),
+            (config(root / "fsdp-resumed", shared, parallel="fsdp", resume=True), root / "out-fsdp-resumed",
+             root / "ddp" / "checkpoint-0001")]
+    ddp, ddp_pause, fsdp, fsdp_resumed = run_ranks(jobs)
+    return {"root": root, "single": single, "pause": pause, "ddp": ddp, "ddp_pause": ddp_pause, "fsdp": fsdp,
+            "fsdp_resumed": fsdp_resumed}
+
+
+def test_ddp_two_ranks_give_the_one_process_weights(runs):
+    root, single = runs["root"], runs["single"]
+    assert [m["stage"] for m in single.history] == [0, 1]
+    assert_same_weights(final_weights(root / "ddp"), dict(single.decoder.named_parameters()))
+    for rank in runs["ddp"]:  # same train loss (all-reduced) and the same gathered evaluation on every rank
+        assert [m["train_loss"] for m in rank["history"]] == pytest.approx([m["train_loss"] for m in single.history],
+                                                                             rel=1e-5)
+        assert [m["accuracy"] for m in rank["history"]] == [m["accuracy"] for m in single.history]
+        assert [g["question"] for g in rank["generations"]] == [g["question"] for g in single.last_generations]
+
+
+def test_ddp_reduces_each_gradient_once_per_step(runs):
+    """Deferred weight gradients, the loss node and the gradient pages hand each parameter's gradient
+    to autograd once per backward (stage-0 batches without thoughts included), and no_sync keeps the
+    all-reduce to the step's last micro-batch: one reduction per parameter per optimizer step."""
+    for rank in runs["ddp"]:
+        assert rank["steps"] == 6 and rank["micro_batches"] == 12  # 3 steps x 2 epochs, 2 micro-batches each
+        assert set(rank["accumulated"].values()) == {rank["micro_batches"]}
+        assert set(rank["reduced"].values()) == {rank["steps"]}
+
+
+def test_ddp_pause_as_thought(runs):
+    assert_same_weights(final_weights(runs["root"] / "ddp-pause"), dict(runs["pause"].decoder.named_parameters()))
+    for rank in runs["ddp_pause"]:
+        assert set(rank["accumulated"].values()) == {rank["micro_batches"]} == {2}
+        assert set(rank["reduced"].values()) == {rank["steps"]} == {2}
+
+
+def test_fsdp_two_ranks_give_the_one_process_weights(runs):
+    single = runs["single"]
+    assert_same_weights(final_weights(runs["root"] / "fsdp"), dict(single.decoder.named_parameters()))
+    for rank in runs["fsdp"]:
+        assert rank["steps"] == 6
+        assert [m["accuracy"] for m in rank["history"]] == [m["accuracy"] for m in single.history]
+
+
+def test_a_two_rank_checkpoint_resumes_on_two_ranks_under_fsdp(runs):
+    """The DDP run's first checkpoint (optimizer state in the plain layout) resharded by FSDP2."""
+    assert all(rank["resumed_from"].name == "checkpoint-0001" and rank["steps"] == 6 for rank in runs["fsdp_resumed"])
+    assert_same_weights(final_weights(runs["root"] / "fsdp-resumed"), dict(runs["single"].decoder.named_parameters()))
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):
+    root, single = runs["root"], runs["single"]
+    shutil.copytree(checkpoint_dirs(root / "ddp")[0], tmp_path / "checkpoint-0001")
+    resumed = Trainer(TrainConfig(**config(tmp_path, root / "single", resume=True)))
+    assert resumed.epochs_done == 1
+    resumed.run()
+    assert_same_weights(dict(resumed.decoder.named_parameters()), dict(single.decoder.named_parameters()))
+
+
+# -- bf16 on CPU ------------------------------------------------------------------------------------
+
+def _tiny_model() -> CoconutModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_dict({"model_type": "gpt2", "vocab_size": 60, "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                 "n_positions": 256})
+    decoder = Decoder(cfg, attention_backend="torch")
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.normal_(0.0, 0.1) if p.dim() > 1 else p.uniform_(0.5, 1.0)
+    return CoconutModel(decoder, SpecialTokens(bot=57, thought=58, eot=59))
+
+
+def _samples() -> list[CoconutSample]:
+    g = torch.Generator().manual_seed(1)
+    return [CoconutSample(torch.randint(0, 56, (4 + 3 * i,), generator=g).tolist(), k,
+                          torch.randint(0, 56, (5,), generator=g).tolist()) for i, k in enumerate([2, 0, 1, 3])]
+
+
+def test_bf16_autocast_on_cpu_is_close_to_fp32_in_every_mode():
+    model, samples = _tiny_model(), _samples()
+    fp32 = model(samples, mode="paged")
+    losses = {}
+    for mode in ("paged", "two_pass", "multipass", "recompute"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[mode] = model(samples, mode=mode)
+        losses[mode].backward()
+    assert losses["paged"].item() != fp32.item()  # bf16 really ran
+    for mode, loss in losses.items():
+        assert loss.item() == pytest.approx(fp32.item(), rel=1e-2), mode
+        assert loss.item() == pytest.approx(losses["paged"].item(), rel=1e-2), mode
+
+
+def test_bf16_true_trains_in_bf16_on_cpu(runs, tmp_path):
+    shared = runs["root"] / "single"
+    fp32 = Trainer(TrainConfig(**config(tmp_path / "fp32", shared, num_epochs=1, gradient_accumulation_steps=1)))
+    bf16 = Trainer(TrainConfig(**config(tmp_path / "bf16", shared, num_epochs=1, gradient_accumulation_steps=1,
+                                        bf16=True)))
+    a, b = fp32.run()[0]["train_loss"], bf16.run()[0]["train_loss"]
+    assert a != b  # before: bf16 was silently ignored on CPU and the losses were equal
+    assert b == pytest.approx(a, rel=1e-2)
+
+
+# -- set-up -----------------------------------------------------------------------------------------
+
+def test_each_rank_selects_its_own_gpu_before_touching_cuda(monkeypatch):
+    selected = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    assert DistEnv(rank=1, world_size=1, local_rank=1).start(None) == torch.device("cuda", 1)
+    assert selected == [torch.device("cuda", 1)]
+    with pytest.raises(DistributedError, match="cuda:3.*LOCAL_RANK=3.*2 CUDA device"):
+        DistEnv(rank=0, world_size=1, local_rank=3).start(None)
+
+
+def test_bad_parallel_setting_and_environment(monkeypatch):
+    with pytest.raises(TrainingError, match="parallel 'zero3' is not one of"):
+        TrainConfig(parallel="zero3")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(DistributedError, match="WORLD_SIZE='two' is not an integer"):
+        DistEnv.from_environment()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(DistributedError, match="RANK=2 is outside WORLD_SIZE=2"):
+        DistEnv.from_environment()

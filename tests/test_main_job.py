@@ -1,0 +1,40 @@
+"""The main job's per-stage scoring of a fixed question set (the real ProsQA split in the job)."""
+import pytest
+
+from coconut_engine.data import Record
+from coconut_engine.main_job import StageEndScoring, format_table
+from coconut_engine.tasks import generate_prosqa
+from coconut_engine.trainer import TrainConfig, TrainingError
+
+TASK = {"num_concepts": 6, "extra_edges": 1, "person_facts": 0, "min_steps": 2, "max_steps": 2, "concept_pool": 12}
+
+
+def test_the_fixed_set_is_scored_at_the_last_epoch_of_each_stage_only(tmp_path):
+    cfg = TrainConfig(save_dir=str(tmp_path), model="builtin:gpt2-micro", task_train_size=16, task_val_size=4,
+                      batch_size=16, stage0_epochs=1, epochs_per_stage=2, max_latent_stage=1, num_epochs=3, lr=3e-3,
+                      eval_max_new_tokens=4, attention_backend="torch", progress=False, task_config=TASK)
+    scored = [Record(r["question"], tuple(r["steps"]), r["answer"]) for r in generate_prosqa(3, seed=11)]
+    history = StageEndScoring(cfg, scored).run()
+    assert [m["stage"] for m in history] == [0, 1, 1]
+    # stage 0 ends at epoch 1, stage 1 spans epochs 2-3: scored at epochs 1 and 3
+    assert [("real_accuracy" in m) for m in history] == [True, False, True]
+    assert history[-1]["real_accuracy"] in (0.0, 1 / 3, 2 / 3, 1.0)
+
+
+def test_table_has_the_real_split_column_only_when_scored():
+    rows = [{"method": "no-CoT", "thoughts": 0, "accuracy": 0.75, "tokens_per_answer": 7.0, "real_accuracy": 0.6}]
+    timing = {"seconds": 10.0, "cpu_seconds": 9.0, "phases": {"coconut": 6.0, "no_cot": 4.0, "training": 8.0}}
+    with_real = format_table({"rows": rows, "real_split": "valid.json", **timing})
+    assert "| no-CoT | 0.0 | 0.750 | 0.600 | 7.0 |" in with_real and "valid.json" in with_real
+    without = format_table({"rows": rows, "real_split": None, **timing})
+    assert "| no-CoT | 0.0 | 0.750 | 7.0 |" in without and "real ProsQA" not in without
+
+
+def test_a_fixed_question_the_model_cannot_take_is_an_error_naming_it(tmp_path):
+    cfg = TrainConfig(save_dir=str(tmp_path), model="builtin:gpt2-micro", task_train_size=16, task_val_size=4,
+                      batch_size=16, stage0_epochs=1, epochs_per_stage=1, max_latent_stage=1, num_epochs=1, lr=3e-3,
+                      eval_max_new_tokens=4, attention_backend="torch", progress=False, task_config=TASK)
+    too_long = Record("Every wumpus is a yumpus. " * 400 + "Is Tom a wumpus or yumpus?", ("Tom is a wumpus.",),
+                      "Tom is a wumpus.")
+    with pytest.raises(TrainingError, match="scoring the fixed question set after epoch 1: 1 request"):
+        StageEndScoring(cfg, [too_long]).run()
