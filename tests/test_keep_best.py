@@ -8,7 +8,7 @@ from test_trainer import tiny
 
 def scripted_eval(trainer, accuracies):
     """Replace generation with a scripted accuracy per epoch (the rest of the metrics as evaluate gives)."""
-    def fake(epoch):
+    def fake(epoch, decoder):
         return {"accuracy": accuracies[epoch], "cot_accuracy": 0.0, "tokens_per_answer": 3.0,
                 "thoughts_per_answer": 0.0, "val_loss": 1.0}
     trainer._evaluate = fake
