@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import COCONUT_FILE, checkpoint_thought_transform, load_checkpoint
+from .checkpoint import COCONUT_FILE, checkpoint_thought_transform, coconut_rules, load_checkpoint
 from .coconut import SpecialTokens, add_special_tokens
 from .data import DATA_MODES, Record, StageRules
 from .errors import CheckpointError
@@ -69,12 +69,7 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
     device = default_device(device)
     if is_coconut_checkpoint(path):
         decoder, tokenizer, tokens, info, _ = load_checkpoint(path, device=device, attention_backend=attention_backend)
-        try:
-            trained = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0,
-                                 info["mode"])
-            trained_stage = int(info["stage"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path / COCONUT_FILE}: malformed curriculum settings ({exc})") from exc
+        trained, trained_stage = coconut_rules(path, info)  # checked, each key named
         transform = checkpoint_thought_transform(path, info, decoder)
     else:
         if method is None:
