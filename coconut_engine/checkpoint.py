@@ -1,8 +1,9 @@
 """Training checkpoints: written whole or not at all, found again after a crash.
 
 A checkpoint is a directory `checkpoint-NNNN` (NNNN = epochs completed) holding the model in the
-Hugging Face layout (so transformers loads it), the tokenizer, `coconut.json` (special token ids
-and curriculum settings: what `coconut-engine eval` needs), `optimizer.pt` (tensors only, loaded
+Hugging Face layout (so transformers loads it), the tokenizer, `coconut.json` (special token ids,
+curriculum settings and the thought transform: what `coconut-engine eval` needs), the thought
+transform's parameters (`thought_transform.safetensors`, for the variants that have any), `optimizer.pt` (tensors only, loaded
 with weights_only=True) and `trainer_state.json`, written last. It is assembled in a temporary
 directory and renamed into place, so a kill while writing leaves the previous checkpoint intact.
 """
@@ -21,6 +22,7 @@ from .coconut import SpecialTokens
 from .errors import CheckpointError
 from .loader import load_model, load_tokenizer, save_model
 from .validation import is_integer
+from .thoughts import COCONUT_KEY, ThoughtTransform, load_thought_transform, save_thought_transform
 
 STATE_FILE = "trainer_state.json"
 COCONUT_FILE = "coconut.json"
@@ -79,7 +81,8 @@ def best_checkpoint(root: str | Path) -> Path | None:
 
 def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, tokens: SpecialTokens, coconut_info: dict,
                     optimizer: torch.optim.Optimizer | None, state: dict, keep_last: int = 2,
-                    before_rename=None, keep: Iterable[str] = ()) -> Path:
+                    before_rename=None, keep: Iterable[str] = (),
+                    thought_transform: ThoughtTransform | None = None) -> Path:
     """Write `checkpoint-{epochs_done}` atomically; keep the newest `keep_last` checkpoints and those
     named in `keep` (the best one), delete the others."""
     root = Path(root)
@@ -90,7 +93,10 @@ def save_checkpoint(root: str | Path, epochs_done: int, decoder, tokenizer, toke
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(decoder, tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / COCONUT_FILE).write_text(json.dumps({"special_tokens": asdict(tokens), **coconut_info}, indent=2))
+    info = {"special_tokens": asdict(tokens), **coconut_info}
+    if thought_transform is not None:
+        info[COCONUT_KEY] = save_thought_transform(thought_transform, tmp)
+    (tmp / COCONUT_FILE).write_text(json.dumps(info, indent=2))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
@@ -165,6 +171,12 @@ def load_checkpoint(path: str | Path, device="cpu", attention_backend: str = "au
         if not isinstance(state, dict):
             raise CheckpointError(f"{path / STATE_FILE}: expected a JSON object")
     return decoder, tokenizer, tokens, info, state
+
+
+def checkpoint_thought_transform(path: str | Path, info: dict, decoder) -> ThoughtTransform:
+    """The thought transform a checkpoint was trained with (`coconut.json` names it; identity when it
+    names none), on the decoder's device and dtype."""
+    return load_thought_transform(path, info.get(COCONUT_KEY), decoder.embed_tokens.weight)
 
 
 def read_optimizer_state(path: str | Path) -> dict:

@@ -41,6 +41,29 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def thought_count(text: str) -> int | str:
+    """`--num-thoughts` values: an integer >= 0 or "auto" (adaptive thinking)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0 or 'auto', got {text!r}")
+    return value
+
+
+def format_thoughts(thoughts) -> list[str]:
+    """One line per thought: its input norm, p(<eot>) and nearest tokens through the LM head."""
+    lines = []
+    for t, trace in enumerate(thoughts, 1):
+        nearest = " | ".join(f"{json.dumps(text) if text is not None else token} {p:.3f}"
+                             for token, text, p in trace.top_tokens)
+        lines.append(f"[thought {t}] norm {trace.norm:.2f}  p(<eot>) {trace.p_eot:.3f}  nearest: {nearest}")
+    return lines
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate (with continuous thoughts) for prompts given as arguments or in a JSONL file."""
     from .errors import CoconutEngineError
@@ -54,6 +77,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .checkpoint import COCONUT_FILE, checkpoint_thought_transform, read_coconut_info
     from .generate import Generator
     from .loader import load_model, load_tokenizer
     from .requests import InOrder, PromptRequest, read_requests
@@ -74,23 +100,35 @@ def _generate(args: argparse.Namespace) -> int:
         if result.error is not None:
             failed.append(index)
         if out is None:
+            if args.show_thoughts and result.thoughts:
+                print("\n".join(format_thoughts(result.thoughts)))
             print(result.text if result.error is None else f"ERROR: {result.error}", flush=True)
             return
-        out.write(json.dumps({"index": index, "sample": sample, "prompt": prompts[index], "text": result.text,
-                              "token_ids": result.token_ids, "finish_reason": result.finish_reason,
-                              "prompt_tokens": result.prompt_tokens, "num_thoughts": result.num_thoughts,
-                              "generated_tokens": result.generated_tokens, "error": result.error}) + "\n")
+        row = {"index": index, "sample": sample, "prompt": prompts[index], "text": result.text,
+               "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+               "prompt_tokens": result.prompt_tokens, "num_thoughts": result.num_thoughts,
+               "generated_tokens": result.generated_tokens, "error": result.error}
+        if args.show_thoughts:
+            row["thoughts"] = [dataclasses.asdict(t) for t in result.thoughts or []]
+        out.write(json.dumps(row) + "\n")
         out.flush()
 
     try:
         device = default_device(args.device)
         model = load_model(args.model, dtype=args.dtype, device=device, attention_backend=args.backend)
+        tokens, transform = None, None
+        if (args.model / COCONUT_FILE).is_file():  # a trained checkpoint: its markers and thought transform
+            tokens, info = read_coconut_info(args.model)
+            transform = checkpoint_thought_transform(args.model, info, model)
         generator = Generator(model, load_tokenizer(args.model), max_pages=args.max_pages, page_size=args.page_size,
-                              allow_long_context=args.allow_long_context)
+                              allow_long_context=args.allow_long_context, special_tokens=tokens,
+                              thought_transform=transform)
         results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      stop=args.stop, n=args.n, seed=args.seed, progress=bool(args.input),
-                                     thought_markers=markers, on_result=InOrder(emit, args.n))
+                                     thought_markers=markers, on_result=InOrder(emit, args.n),
+                                     max_thoughts=args.max_thoughts, eot_threshold=args.eot_threshold,
+                                     return_thoughts=args.show_thoughts)
     finally:
         if out is not None:
             out.close()
@@ -173,9 +211,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                      attention_backend=args.backend, c_thought=args.c_thought,
                                      pad_latent_to_max=args.pad_latent_to_max)
             max_new_tokens = args.max_new_tokens or official_max_new_tokens(args.data)
-            result = setup.evaluate(records, max_new_tokens, progress=True)
+            result = setup.evaluate(records, max_new_tokens, progress=True, num_thoughts=args.num_thoughts,
+                                    max_thoughts=args.max_thoughts, eot_threshold=args.eot_threshold,
+                                    return_thoughts=args.dump is not None)
             if out is not None:
-                out.writelines(json.dumps(g) + "\n" for g in result["generations"])
+                out.writelines(json.dumps({k: v for k, v in g.items() if k != "thought_traces"}) + "\n"
+                               for g in result["generations"])
+            if args.dump:  # per question: its answer and every thought's inspection
+                with open(args.dump, "w", encoding="utf-8") as f:
+                    f.writelines(json.dumps(g) + "\n" for g in result["generations"])
         finally:
             if out is not None:
                 out.close()
@@ -183,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: {exc}")
     print(json.dumps({key: result[key] for key in ("method", "stage", "accuracy", "cot_accuracy", "tokens_per_answer",
                                                    "thoughts_per_answer")}
-                     | {"questions": len(records), "failed": len(result["errors"])}))
+                     | {"num_thoughts": args.num_thoughts, "questions": len(records), "failed": len(result["errors"])}))
     for error in result["errors"]:
         print(f"ERROR: {error}", file=sys.stderr)
     if result["errors"]:
@@ -284,6 +328,15 @@ _TINY = {
 }
 
 
+def _thought_arguments(parser: argparse.ArgumentParser, default, help_default: str) -> None:
+    """--num-thoughts K|auto, --max-thoughts, --eot-threshold (eval and generate)."""
+    parser.add_argument("--num-thoughts", type=thought_count, default=default,
+                        help=f"thoughts per question, or 'auto' to stop when p(<eot>) > --eot-threshold "
+                             f"(default {help_default})")
+    parser.add_argument("--max-thoughts", type=int, default=8, help="upper bound for --num-thoughts auto")
+    parser.add_argument("--eot-threshold", type=float, default=0.5, help="p(<eot>) that ends thinking (auto)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coconut-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="give every question the stage's thoughts (default: capped at its steps, as official)")
     ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the official 64 (GSM8K) or 128")
     ev.add_argument("--output", type=Path, help="write the generations as JSONL")
+    ev.add_argument("--dump", type=Path, help="write per question its generation and thoughts (norm, nearest "
+                    "tokens, p(<eot>)) as JSONL")
+    _thought_arguments(ev, default=None, help_default="the stage's")
     ev.add_argument("--device", default=None)
     ev.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     ev.set_defaults(func=cmd_eval)
@@ -355,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, type=Path, help="HF model directory (config, safetensors, tokenizer)")
     gen.add_argument("--input", type=Path, help="JSONL with 'prompt' or 'question' (+ optional 'num_thoughts')")
     gen.add_argument("--output", type=Path, help="JSONL results (default: print texts)")
-    gen.add_argument("--num-thoughts", type=int, default=None,
-                     help="default: the thoughts a Coconut checkpoint was trained with (coconut.json), else 0")
+    _thought_arguments(gen, default=None,
+                       help_default="the thoughts a Coconut checkpoint was trained with (coconut.json), else 0")
+    gen.add_argument("--show-thoughts", action="store_true",
+                     help="print each thought's norm, p(<eot>) and nearest tokens (and add them to --output)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)

@@ -29,6 +29,7 @@ from torch import nn
 from .cache import AttentionBatch, ContiguousKVCache, PagedKVCache
 from .linear import DeferredWeightGrads
 from .model import Decoder
+from .thoughts import ThoughtTransform
 
 MODES = ("paged", "two_pass", "multipass", "recompute")
 SPECIAL_TOKEN_TEXTS = ("<|start-latent|>", "<|latent|>", "<|end-latent|>")  # official names: bot, thought, eot
@@ -97,7 +98,7 @@ class CoconutModel(nn.Module):
     """A Decoder plus the continuous-thought training forward (see the module docstring for modes)."""
 
     def __init__(self, decoder: Decoder, tokens: SpecialTokens, page_size: int = 16,
-                 defer_weight_grads: bool | None = None):
+                 defer_weight_grads: bool | None = None, thought_transform: ThoughtTransform | None = None):
         super().__init__()
         vocab = decoder.config.vocab_size
         if any(not 0 <= t < vocab for t in (tokens.bot, tokens.thought, tokens.eot)):
@@ -107,6 +108,7 @@ class CoconutModel(nn.Module):
         self.page_size = page_size
         # None: defer where it pays, from DEFER_WEIGHT_GRADS_MIN_HIDDEN (see there)
         self.defer_weight_grads = defer_weight_grads
+        self.thought_transform = thought_transform if thought_transform is not None else ThoughtTransform()
         self._cache: PagedKVCache | None = None
 
     @property
@@ -116,20 +118,36 @@ class CoconutModel(nn.Module):
             return self.defer_weight_grads
         return self.decoder.config.hidden_size >= DEFER_WEIGHT_GRADS_MIN_HIDDEN
 
-    def forward(self, samples: Sequence[CoconutSample], mode: str = "paged", reduction: str = "mean") -> torch.Tensor:
+    def thought_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of the thoughts that follow the positions whose last hidden states are
+        `hidden` `[N, hidden]`: the one call every mode (and generation) makes to form a thought."""
+        marker = self.decoder.embed_tokens.weight[self.tokens.thought] if self.thought_transform.uses_marker else None
+        return self.thought_transform(hidden, marker)
+
+    def forward(self, samples: Sequence[CoconutSample], mode: str = "paged", reduction: str = "mean",
+                eot_loss_weight: float = 0.0) -> torch.Tensor:
         """Token cross-entropy of the batch's suffix labels: their mean, or their sum (`reduction="sum"`,
-        for a trainer that divides by the label count of a larger batch)."""
+        for a trainer that divides by the label count of a larger batch).
+
+        `eot_loss_weight > 0` adds the halting loss: in every sample with markers (prompt ending in
+        `<bot>`, suffix starting with `<eot>`), at each position after which a thought or `<eot>`
+        comes, the binary cross-entropy of p(`<eot>`): 1 where `<eot>` follows (after the last
+        thought), 0 where another thought follows. Weighted, summed, and (for the mean) divided by the
+        same label count as the token loss.
+        """
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
         if not samples:
             raise ValueError("CoconutModel.forward: empty batch")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if eot_loss_weight < 0:
+            raise ValueError(f"eot_loss_weight must be >= 0, got {eot_loss_weight}")
         # where each weight's gradient is made (linear.DeferredWeightGrads): the tied LM head's by the
         # embedding's backward, every layer's (paged) by the prefill's
         deferred = DeferredWeightGrads() if torch.is_grad_enabled() and self.defers_weight_grads else None
         if mode == "multipass":
-            label_hidden, targets = self._multipass(samples, deferred)
+            label_hidden, targets, boundary = self._multipass(samples, deferred)
         else:
             if mode in ("paged", "two_pass"):
                 # most thoughts first: each thought step's sequences are then a prefix of the batch, whose
@@ -137,17 +155,37 @@ class CoconutModel(nn.Module):
                 samples = sorted(samples, key=lambda s: -s.num_thoughts)
             prompts, suffixes = self._token_embeddings(samples, deferred)
             if mode == "paged":
-                label_hidden, targets = self._paged(samples, prompts, suffixes, deferred)
+                label_hidden, targets, boundary = self._paged(samples, prompts, suffixes, deferred)
             else:
                 if mode == "recompute":
                     thoughts = self._thoughts_recompute(samples, prompts)
                 else:  # two_pass
                     cache = self._training_cache(samples)
                     _, last_hidden = self._prefill(samples, cache, prompts)
-                    thoughts = self._thoughts_paged(samples, cache, last_hidden, deferred)
-                label_hidden, targets = self._full_forward(samples, prompts, thoughts, suffixes)
-        return self.decoder.cross_entropy(label_hidden, torch.tensor(targets, device=label_hidden.device),
-                                          reduction, deferred)
+                    thoughts, _ = self._thoughts_paged(samples, cache, last_hidden, deferred)
+                label_hidden, targets, boundary = self._full_forward(samples, prompts, thoughts, suffixes)
+        targets = torch.tensor(targets, device=label_hidden.device)
+        if eot_loss_weight == 0:
+            return self.decoder.cross_entropy(label_hidden, targets, reduction, deferred)
+        loss = self.decoder.cross_entropy(label_hidden, targets, "sum", deferred)
+        hidden, follows_eot = boundary(self._marked(samples))
+        if hidden is not None:
+            loss = loss + eot_loss_weight * self.eot_bce(hidden, follows_eot).sum()
+        return loss / len(targets) if reduction == "mean" else loss
+
+    def _marked(self, samples) -> list[bool]:
+        """Which samples have the thought markers (prompt ends in `<bot>`, suffix starts with `<eot>`)."""
+        return [s.prompt[-1] == self.tokens.bot and s.suffix[0] == self.tokens.eot for s in samples]
+
+    def eot_bce(self, hidden: torch.Tensor, follows_eot: torch.Tensor) -> torch.Tensor:
+        """Per row, the binary cross-entropy of p(`<eot>`) from the LM head at `hidden` against
+        `follows_eot` (bool): -log p where `<eot>` follows, -log(1 - p) where a thought does."""
+        logits = self.decoder.logits(hidden).float()
+        total = torch.logsumexp(logits, dim=-1)
+        eot = logits[:, self.tokens.eot]
+        not_eot = torch.logsumexp(logits.index_fill(1, torch.tensor([self.tokens.eot], device=logits.device),
+                                                    float("-inf")), dim=-1)
+        return total - torch.where(follows_eot, eot, not_eot)
 
     def _token_embeddings(self, samples, deferred: DeferredWeightGrads | None = None
                           ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -206,14 +244,18 @@ class CoconutModel(nn.Module):
                 targets.extend(s.suffix[1:])
             start += len(s.prompt) + (len(s.suffix) if w else 0)
         parts = [hidden[torch.tensor(label_rows, device=hidden.device)]] if label_rows else []
+        steps = [last_hidden]
         if not all(with_suffix):
-            self._thoughts_paged(samples, cache, last_hidden, deferred)
+            _, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred)
+            steps.extend(outputs)
             later = [i for i, w in enumerate(with_suffix) if not w]
             suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later,
                                                               [suffixes[i] for i in later], deferred)
             parts.append(suffix_hidden)
             targets.extend(later_targets)
-        return torch.cat(parts), targets
+        # step t's outputs are those of the samples with >= t thoughts: a prefix of the (sorted) batch
+        offsets = list(itertools.accumulate((len(x) for x in steps[:-1]), initial=0))
+        return torch.cat(parts), targets, _boundary(samples, lambda i, t: offsets[t] + i, lambda: torch.cat(steps))
 
     def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor],
                  suffixes: Sequence[torch.Tensor | None] | None = None,
@@ -241,17 +283,21 @@ class CoconutModel(nn.Module):
         return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred)
 
     def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor,
-                        deferred: DeferredWeightGrads | None = None) -> list[list[torch.Tensor]]:
-        """Run every thought step; returns each sample's thought input embeddings (not detached)."""
+                        deferred: DeferredWeightGrads | None = None
+                        ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+        """Run every thought step; returns each sample's thought input embeddings (not detached) and
+        each step's new last hidden states (of the samples with at least that many thoughts)."""
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
+        outputs = []
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
             index = torch.tensor(active, device=last.device)
-            inputs = last[index]
+            inputs = self.thought_inputs(last[index])
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
-            last = last.index_copy(0, index, self.append_thought(cache, active, inputs, deferred))
-        return thoughts
+            outputs.append(self.append_thought(cache, active, inputs, deferred))
+            last = last.index_copy(0, index, outputs[-1])
+        return thoughts, outputs
 
     def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor],
                       deferred: DeferredWeightGrads | None = None):
@@ -288,8 +334,9 @@ class CoconutModel(nn.Module):
             lens = [len(samples[i].prompt) + t - 1 for i in active]
             batch = AttentionBatch.packed(lens, device=embeds.device)
             hidden = self.decoder(batch, inputs_embeds=embeds)
-            for row, i in zip(batch.last_token_indices().tolist(), active):
-                thoughts[i].append(hidden[row])
+            inputs = self.thought_inputs(hidden[batch.last_token_indices()])
+            for row, i in enumerate(active):
+                thoughts[i].append(inputs[row])
         return thoughts
 
     def _full_forward(self, samples, prompts, thoughts, suffixes):
@@ -297,13 +344,15 @@ class CoconutModel(nn.Module):
         embeds = self._splice(prompts, thoughts, suffixes)
         batch = AttentionBatch.packed([s.length for s in samples], device=embeds.device)
         hidden = self.decoder(batch, inputs_embeds=embeds)
-        rows, targets, start = [], [], 0
+        rows, targets, starts, start = [], [], [], 0
         for s in samples:
             suffix_start = start + len(s.prompt) + s.num_thoughts
             rows.extend(range(suffix_start, suffix_start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
+            starts.append(start)
             start += s.length
-        return hidden[torch.tensor(rows, device=embeds.device)], targets
+        return (hidden[torch.tensor(rows, device=embeds.device)], targets,
+                _boundary(samples, lambda i, t: starts[i] + len(samples[i].prompt) - 1 + t, lambda: hidden))
 
     # -- the official multi-pass algorithm ----------------------------------------------------
 
@@ -346,11 +395,34 @@ class CoconutModel(nn.Module):
                 fill = [b for b, s in enumerate(samples) if s.num_thoughts > k]
                 b_idx = torch.tensor(fill, device=device)
                 col = align + k
-                embeds = embeds.index_put((b_idx, torch.full_like(b_idx, col)), passes[-1][b_idx, col - 1 - start])
+                embeds = embeds.index_put((b_idx, torch.full_like(b_idx, col)),
+                                          self.thought_inputs(passes[-1][b_idx, col - 1 - start]))
         hidden = torch.cat(passes, dim=1)
         rows, targets = [], []
         for b, (pad, s) in enumerate(zip(pads, samples)):
             suffix_start = pad + len(s.prompt) + s.num_thoughts
             rows.extend(b * width + c for c in range(suffix_start, suffix_start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
-        return hidden.reshape(num * width, -1)[torch.tensor(rows, device=device)], targets
+        hidden = hidden.reshape(num * width, -1)
+        return (hidden[torch.tensor(rows, device=device)], targets,
+                _boundary(samples, lambda i, t: i * width + pads[i] + len(samples[i].prompt) - 1 + t, lambda: hidden))
+
+
+def _boundary(samples, row_of, source):
+    """The halting loss's positions, computed only when asked: a function of the samples' marker flags
+    returning the hidden states after which a thought or `<eot>` comes (row `row_of(i, t)` of `source()`
+    for sample i and t = 0..its thoughts) and whether `<eot>` comes (t = its thoughts)."""
+
+    def rows(marked: list[bool]):
+        index, follows_eot = [], []
+        for i, (s, m) in enumerate(zip(samples, marked)):
+            if m:
+                index.extend(row_of(i, t) for t in range(s.num_thoughts + 1))
+                follows_eot.extend(t == s.num_thoughts for t in range(s.num_thoughts + 1))
+        if not index:
+            return None, None
+        hidden = source()
+        return (hidden[torch.tensor(index, device=hidden.device)],
+                torch.tensor(follows_eot, device=hidden.device))
+
+    return rows

@@ -22,6 +22,7 @@ from .cache import AttentionBatch, PagedKVCache
 from .coconut import SPECIAL_TOKEN_TEXTS, CoconutModel, SpecialTokens
 from .errors import InvalidArgumentError
 from .model import Decoder
+from .thoughts import ThoughtTransform
 from .validation import check_sampling, is_integer
 
 
@@ -35,10 +36,27 @@ class GenerationResult:
     prompt_tokens: int
     num_thoughts: int
     error: str | None = None
+    thoughts: list["ThoughtTrace"] | None = None  # with generate(..., return_thoughts=True)
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass
+class ThoughtTrace:
+    """What one continuous thought holds (`generate(..., return_thoughts=True)`).
+
+    `norm`: the L2 norm of the thought's input vector (after the thought transform). `top_tokens`:
+    its nearest tokens through the LM head, `(token id, text or None, probability)` of the softmax of
+    the LM head applied to that vector, most probable first. `p_eot`: the model's probability of
+    `<eot>` at the position the thought fills (from the hidden state before it), the quantity
+    adaptive thinking (`num_thoughts="auto"`) compares with its threshold.
+    """
+
+    norm: float
+    top_tokens: list[tuple[int, str | None, float]]
+    p_eot: float
 
 
 @dataclass
@@ -47,20 +65,25 @@ class _Seq:
 
     key: tuple[int, int]  # (request index, sample index)
     prompt_tokens: int
-    num_thoughts: int
-    thoughts_left: int
+    max_thoughts: int  # the thought count (fixed), or its upper bound (adaptive)
+    adaptive: bool  # leaves the thought phase when p(<eot>) exceeds the threshold
+    thinking: bool  # the next step's input is a thought or <eot>, decided from this step's output
     generator: torch.Generator
     pending: list[int] = field(default_factory=list)  # token inputs of the next step
-    thought: torch.Tensor | None = None  # hidden-state input of the next step
+    thought: torch.Tensor | None = None  # thought input embedding of the next step
+    thoughts_done: int = 0
     out: list[int] = field(default_factory=list)
     forks: int = 0  # copies to fork off once the shared part (prompt + thoughts) is computed
+    trace: list[ThoughtTrace] | None = None
 
 
 @dataclass
 class _Request:
     index: int
     prompt: list[int]
-    num_thoughts: int
+    max_thoughts: int
+    adaptive: bool
+    thinking: bool  # the prompt ends with <bot> and thoughts follow it
     pages: int  # pages reserved for the request's whole life, all samples included
     tokens: int  # the most tokens one sample can hold: its pages are reserved as one run at admission
 
@@ -77,18 +100,26 @@ class _Params:
     stop_texts: tuple
     seed: int
     n: int
+    max_thoughts: int = 8
+    eot_threshold: float = 0.5
+    return_thoughts: bool = False
+    thought_top_k: int = 5
 
 
 class Generator:
     """Serve many prompts at once on a paged KV cache (see the module docstring)."""
 
     def __init__(self, model: Decoder | CoconutModel, tokenizer=None, max_pages: int = 1024, page_size: int = 16,
-                 special_tokens: SpecialTokens | None = None, allow_long_context: bool = False):
+                 special_tokens: SpecialTokens | None = None, allow_long_context: bool = False,
+                 thought_transform: ThoughtTransform | None = None):
         """`allow_long_context`: let a RoPE model run past `max_position_embeddings` (its trained
-        length); without it such a request is an error. Learned positions never allow it."""
+        length); without it such a request is an error. Learned positions never allow it.
+        `thought_transform`: what a thought feeds back (default: a CoconutModel's, else the identity)."""
         if isinstance(model, CoconutModel):
             special_tokens = special_tokens or model.tokens
+            thought_transform = model.thought_transform if thought_transform is None else thought_transform
             model = model.decoder
+        self.thought_transform = thought_transform if thought_transform is not None else ThoughtTransform()
         self.decoder = model
         self.tokenizer = tokenizer
         self.special_tokens = special_tokens or _special_tokens_from(tokenizer)
@@ -105,28 +136,41 @@ class Generator:
         return self.cache.page_size
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[str | Sequence[int]], num_thoughts: int | Sequence[int] = 0,
+    def generate(self, prompts: Sequence[str | Sequence[int]], num_thoughts: int | str | Sequence[int | str] = 0,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  stop: Sequence[int | str] | None = None, n: int = 1, seed: int = 0,
                  thought_markers: bool | None = None, progress: bool = False,
-                 on_result: Callable[[int, int, GenerationResult], None] | None = None) -> list[GenerationResult]:
+                 on_result: Callable[[int, int, GenerationResult], None] | None = None, max_thoughts: int = 8,
+                 eot_threshold: float = 0.5, return_thoughts: bool = False,
+                 thought_top_k: int = 5) -> list[GenerationResult]:
         """Generate for every prompt; returns `len(prompts) * n` results, request-major.
 
         `num_thoughts`: one count for all prompts or one per prompt; with thoughts (or
         `thought_markers=True`, as in Coconut stage 0) the prompt is followed by `<bot>`, the thoughts
-        and `<eot>`. `stop`: token ids and/or strings. A bad request gets an "error" result that
-        names it; the other requests still complete. `on_result(request, sample, result)` is called
-        as each result is ready (finishing order), e.g. to write it out before the rest are done.
+        and `<eot>`. `"auto"` thinks adaptively: before each thought the sequence leaves the thought
+        phase (feeds `<eot>`) when p(`<eot>`) exceeds `eot_threshold` or it has `max_thoughts`
+        thoughts; the rest of the batch keeps thinking in the same steps. `return_thoughts`: each
+        result carries a `ThoughtTrace` per thought (its `thought_top_k` nearest tokens).
+        `stop`: token ids and/or strings. A bad request gets an "error" result that names it; the
+        other requests still complete. `on_result(request, sample, result)` is called as each
+        result is ready (finishing order), e.g. to write it out before the rest are done.
         """
         check_sampling(temperature, top_k, top_p, max_new_tokens, n, seed)
         if isinstance(prompts, (str, bytes)):  # would be one request per character
             raise InvalidArgumentError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
                                        f"{prompts!r:.40}: pass [prompt]")
+        if not is_integer(max_thoughts) or max_thoughts < 0:
+            raise InvalidArgumentError(f"max_thoughts must be an integer >= 0, got {max_thoughts!r}")
+        if not 0.0 <= eot_threshold <= 1.0:
+            raise InvalidArgumentError(f"eot_threshold must be a probability in [0, 1], got {eot_threshold!r}")
+        if not is_integer(thought_top_k) or thought_top_k < 1:
+            raise InvalidArgumentError(f"thought_top_k must be an integer >= 1, got {thought_top_k!r}")
         counts = _per_request(num_thoughts, len(prompts))
         if len(counts) != len(prompts):
             raise InvalidArgumentError(f"num_thoughts: {len(counts)} thought counts for {len(prompts)} prompts")
         stop_ids, stop_texts, stop_error = _split_stop(stop)
-        params = _Params(max_new_tokens, temperature, top_k, top_p, frozenset(stop_ids), tuple(stop_texts), seed, n)
+        params = _Params(max_new_tokens, temperature, top_k, top_p, frozenset(stop_ids), tuple(stop_texts), seed, n,
+                         max_thoughts, eot_threshold, return_thoughts, thought_top_k)
         results: dict[tuple[int, int], GenerationResult] = {}
         queue: deque[_Request] = deque()
         for i, (prompt, k) in enumerate(zip(prompts, counts)):
@@ -179,10 +223,13 @@ class Generator:
         """Validate and tokenize one request; returns (request, None) or (None, error message)."""
         if stop_error:
             return None, f"request {index}: {stop_error}"
-        if not is_integer(k) or k < 0:
-            return None, f"request {index}: num_thoughts must be an integer >= 0, got {k!r}"
-        k = int(k)
-        markers = (k > 0) if thought_markers is None else thought_markers
+        adaptive = isinstance(k, str) and k == "auto"
+        if not adaptive and (not is_integer(k) or k < 0):
+            return None, f"request {index}: num_thoughts must be an integer >= 0, got {k!r} (or 'auto': adaptive thinking)"
+        if adaptive and thought_markers is False:
+            return None, f"request {index}: num_thoughts='auto' needs the thought markers (thought_markers=False)"
+        k = params.max_thoughts if adaptive else int(k)
+        markers = (adaptive or k > 0) if thought_markers is None else thought_markers
         if markers and self.special_tokens is None:
             return None, (f"request {index}: thoughts need the special tokens {SPECIAL_TOKEN_TEXTS}: pass a "
                           "CoconutModel, special_tokens=, or a tokenizer that has them")
@@ -200,9 +247,10 @@ class Generator:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             return None, f"request {index}: token ids {bad[:5]} are outside the vocabulary of {vocab}"
-        if markers:  # <bot>; with no thoughts <eot> follows at once, else after the last thought
-            ids = ids + [self.special_tokens.bot] + ([self.special_tokens.eot] if k == 0 else [])
-        length = len(ids) + k + (1 if markers and k else 0) + params.max_new_tokens
+        thinking = adaptive or k > 0
+        if markers:  # <bot>; <eot> follows at once without thoughts, else after the last thought
+            ids = ids + [self.special_tokens.bot] + ([] if thinking else [self.special_tokens.eot])
+        length = len(ids) + k + (1 if thinking else 0) + params.max_new_tokens
         error = self._position_error(length - 1)  # the last new token is sampled, never fed back
         if error:
             return None, (f"request {index}: {len(ids)} prompt tokens + {k} thoughts + {params.max_new_tokens} new "
@@ -211,7 +259,7 @@ class Generator:
         if pages > self.cache.num_pages:
             return None, (f"request {index}: needs up to {pages} pages ({len(ids)} prompt tokens + {k} thoughts + "
                           f"{params.max_new_tokens} new tokens, n={params.n}) but the pool has {self.cache.num_pages}")
-        return _Request(index, ids, k, pages, length), None
+        return _Request(index, ids, k, adaptive, thinking, pages, length), None
 
     def _position_error(self, positions: int) -> str | None:
         """Why a sequence may not use `positions` positions on this model, or None."""
@@ -227,9 +275,9 @@ class Generator:
                 "(Generator(allow_long_context=True) runs RoPE past its trained length)")
 
     def _admit(self, request: _Request, params: _Params) -> _Seq:
-        seq = _Seq(key=(request.index, 0), prompt_tokens=len(request.prompt), num_thoughts=request.num_thoughts,
-                   thoughts_left=request.num_thoughts, generator=_sample_generator(params.seed, 0),
-                   pending=list(request.prompt), forks=params.n - 1)
+        seq = _Seq(key=(request.index, 0), prompt_tokens=len(request.prompt), max_thoughts=request.max_thoughts,
+                   adaptive=request.adaptive, thinking=request.thinking, generator=_sample_generator(params.seed, 0),
+                   pending=list(request.prompt), forks=params.n - 1, trace=[] if params.return_thoughts else None)
         self.cache.add_sequence(seq.key)
         try:
             # the pages `generate` holds back for it anyway, taken now as one run where the pool has one:
@@ -249,20 +297,17 @@ class Generator:
         last = self.decoder(batch, inputs_embeds=self._step_inputs(running, counts, batch),
                             cache=self.cache)[batch.last_token_indices()]
         to_sample: list[tuple[_Seq, int]] = []
+        thinking: list[tuple[_Seq, int]] = []
         for row, s in enumerate(running):
-            was_thought = s.thought is not None
             s.pending, s.thought = [], None
-            s.thoughts_left -= was_thought
-            if s.thoughts_left > 0:
-                s.thought = last[row]  # the continuous thought: last hidden state -> next input
-            elif was_thought:
-                s.pending = [self.special_tokens.eot]
-            else:
-                to_sample.append((s, row))
+            (thinking if s.thinking else to_sample).append((s, row))
+        if thinking:
+            self._think(thinking, last, params)
         for s, row in list(to_sample):  # fork n-1 copies once the shared prompt + thoughts are cached
             for j in range(1, s.forks + 1):
-                child = _Seq(key=(s.key[0], j), prompt_tokens=s.prompt_tokens, num_thoughts=s.num_thoughts,
-                             thoughts_left=0, generator=_sample_generator(params.seed, j))
+                child = _Seq(key=(s.key[0], j), prompt_tokens=s.prompt_tokens, max_thoughts=s.max_thoughts,
+                             adaptive=s.adaptive, thinking=False, generator=_sample_generator(params.seed, j),
+                             thoughts_done=s.thoughts_done, trace=None if s.trace is None else list(s.trace))
                 self.cache.fork(s.key, child.key)
                 running.append(child)
                 to_sample.append((child, row))
@@ -283,6 +328,50 @@ class Generator:
             else:
                 s.pending = [token]
         return finished
+
+    def _think(self, thinking: list[tuple[_Seq, int]], last: torch.Tensor, params: _Params) -> None:
+        """Each sequence in its thought phase gets its next input: a thought (its last hidden state
+        through the thought transform) or, when it has its thoughts (or, adaptive, p(<eot>) exceeds
+        the threshold), `<eot>`."""
+        hidden = last[torch.tensor([row for _, row in thinking], device=self.device)]
+        p_eot = None
+        if params.return_thoughts or any(s.adaptive for s, _ in thinking):
+            p_eot = torch.softmax(self.decoder.logits(hidden).float(), dim=-1)[:, self.special_tokens.eot].tolist()
+        go = []
+        for j, (s, _) in enumerate(thinking):
+            if s.thoughts_done < s.max_thoughts and not (s.adaptive and p_eot[j] > params.eot_threshold):
+                go.append(j)
+            else:
+                s.thinking = False
+                s.pending = [self.special_tokens.eot]
+        if not go:
+            return
+        inputs = self.thought_inputs(hidden[torch.tensor(go, device=self.device)])
+        traces = self._traces(inputs, [p_eot[j] for j in go], params) if params.return_thoughts else None
+        for n, j in enumerate(go):
+            s = thinking[j][0]
+            s.thought = inputs[n]
+            s.thoughts_done += 1
+            if traces is not None:
+                s.trace.append(traces[n])
+
+    def thought_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The thoughts' input embeddings after the positions whose last hidden states are `hidden`:
+        the thought transform, as in training (CoconutModel.thought_inputs)."""
+        marker = (self.decoder.embed_tokens.weight[self.special_tokens.thought]
+                  if self.thought_transform.uses_marker else None)
+        return self.thought_transform(hidden, marker)
+
+    def _traces(self, inputs: torch.Tensor, p_eot: list[float], params: _Params) -> list[ThoughtTrace]:
+        """Inspection of thought input vectors: norm, nearest tokens through the LM head, p(<eot>)."""
+        probs = torch.softmax(self.decoder.logits(inputs).float(), dim=-1)
+        top = torch.topk(probs, min(params.thought_top_k, probs.shape[-1]), dim=-1)
+        norms = inputs.float().norm(dim=-1).tolist()
+        traces = []
+        for n, (ids, values) in enumerate(zip(top.indices.tolist(), top.values.tolist())):
+            texts = ([self.tokenizer.decode([t]) for t in ids] if self.tokenizer is not None else [None] * len(ids))
+            traces.append(ThoughtTrace(norms[n], list(zip(ids, texts, values)), p_eot[n]))
+        return traces
 
     def _step_inputs(self, running: list[_Seq], counts: list[int], batch: AttentionBatch) -> torch.Tensor:
         """Packed input embeddings: token embeddings, with each thought's hidden state in its row."""
@@ -326,7 +415,8 @@ class Generator:
             for stop_text in params.stop_texts:
                 cut = text.find(stop_text)
                 text = text[:cut] if cut >= 0 else text
-        return GenerationResult(text, list(seq.out), reason, seq.prompt_tokens, seq.num_thoughts)
+        return GenerationResult(text, list(seq.out), reason, seq.prompt_tokens, seq.thoughts_done,
+                                thoughts=seq.trace)
 
 
 def _sample_generator(seed: int, sample_index: int) -> torch.Generator:
@@ -403,9 +493,11 @@ def _special_tokens_from(tokenizer) -> SpecialTokens | None:
 @torch.no_grad()
 def generate_no_cache(decoder: Decoder, prompt: Sequence[int], num_thoughts: int, max_new_tokens: int,
                       tokens: SpecialTokens | None = None, eos_ids: Sequence[int] = (),
-                      thought_markers: bool | None = None) -> list[int]:
+                      thought_markers: bool | None = None,
+                      thought_transform: ThoughtTransform | None = None) -> list[int]:
     """The official style, one question at a time and no KV cache: every thought and every new token
     re-runs the whole sequence. Greedy. The slow reference for tests and benchmarks."""
+    transform = thought_transform if thought_transform is not None else ThoughtTransform()
     embed = decoder.embed_tokens
     device = embed.weight.device
     markers = (num_thoughts > 0) if thought_markers is None else thought_markers
@@ -414,8 +506,9 @@ def generate_no_cache(decoder: Decoder, prompt: Sequence[int], num_thoughts: int
     def last_hidden():
         return decoder(AttentionBatch.packed([len(inputs)], device=device), inputs_embeds=torch.stack(inputs))[-1]
 
+    marker = embed.weight[tokens.thought] if transform.uses_marker else None
     for _ in range(num_thoughts):
-        inputs.append(last_hidden())
+        inputs.append(transform(last_hidden()[None], marker)[0])
     if markers:
         inputs.append(embed(torch.tensor(tokens.eot, device=device)))
     out: list[int] = []

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import COCONUT_FILE, load_checkpoint
+from .checkpoint import COCONUT_FILE, checkpoint_thought_transform, coconut_rules, load_checkpoint
 from .coconut import SpecialTokens, add_special_tokens
 from .data import DATA_MODES, Record, StageRules
 from .errors import CheckpointError
 from .model import Decoder
+from .thoughts import ThoughtTransform
 
 METHODS = DATA_MODES  # no_cot | cot | coconut (and the ablations no_thoughts, pause_as_thought)
 DEFAULT_MAX_LATENT_STAGE = 6  # the official ProsQA setting, for base models that have none
@@ -28,13 +29,15 @@ class ScoringSetup:
     rules: StageRules
     stage: int
     label: str
+    thought_transform: ThoughtTransform | None = None  # a checkpoint's trained one; None: identity
 
-    def evaluate(self, records: list[Record], max_new_tokens: int, progress: bool = False) -> dict:
-        """Score `records` (trainer.evaluate's result, plus this setup's label, method and stage)."""
+    def evaluate(self, records: list[Record], max_new_tokens: int, progress: bool = False, **thinking) -> dict:
+        """Score `records` (trainer.evaluate's result, plus this setup's label, method and stage);
+        `thinking`: evaluate's num_thoughts / max_thoughts / eot_threshold / return_thoughts."""
         from .trainer import evaluate
 
         result = evaluate(self.decoder, self.tokenizer, self.tokens, records, self.stage, self.rules,
-                          max_new_tokens, progress=progress)
+                          max_new_tokens, progress=progress, thought_transform=self.thought_transform, **thinking)
         return {**result, "label": self.label, "method": self.rules.mode, "stage": self.stage}
 
 
@@ -66,12 +69,8 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
     device = default_device(device)
     if is_coconut_checkpoint(path):
         decoder, tokenizer, tokens, info, _ = load_checkpoint(path, device=device, attention_backend=attention_backend)
-        try:
-            trained = StageRules(info["c_thought"], info["max_latent_stage"], info["pad_latent_to_max"], 0.0,
-                                 info["mode"])
-            trained_stage = int(info["stage"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path / COCONUT_FILE}: malformed curriculum settings ({exc})") from exc
+        trained, trained_stage = coconut_rules(path, info)  # checked, each key named
+        transform = checkpoint_thought_transform(path, info, decoder)
     else:
         if method is None:
             raise CheckpointError(f"{path}: a plain model directory (no {COCONUT_FILE}): give the method to score "
@@ -81,6 +80,7 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
         tokens = add_special_tokens(decoder, tokenizer)  # as training adds them
         trained = StageRules(1, DEFAULT_MAX_LATENT_STAGE, False, 0.0, method)
         trained_stage = 0
+        transform = None
     mode = method or trained.mode
     rules = StageRules(trained.c_thought if c_thought is None else c_thought,
                        trained.max_latent_stage if max_latent_stage is None else max_latent_stage,
@@ -90,7 +90,7 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
     if mode in ("cot", "no_cot"):
         stage = 0
     label = f"{path.name}: {mode}" + (f" stage {stage}" if mode not in ("cot", "no_cot") else "")
-    return ScoringSetup(decoder.eval(), tokenizer, tokens, rules, stage, label)
+    return ScoringSetup(decoder.eval(), tokenizer, tokens, rules, stage, label, transform)
 
 
 def trained_thoughts(path: str | Path) -> tuple[int, bool | None]:

@@ -26,7 +26,7 @@ _MIN = {  # integer keys: smallest allowed value
 }
 _FLOAT_RANGE = {  # float keys: (low, low excluded, high)
     "lr": (0.0, True, None), "weight_decay": (0.0, False, None), "max_grad_norm": (0.0, True, None),
-    "uniform_prob": (0.0, False, 1.0),
+    "uniform_prob": (0.0, False, 1.0), "eot_loss_weight": (0.0, False, None),
 }
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 # What a run writes into its save folder (an `overwrite` removes these, and only these): name pattern

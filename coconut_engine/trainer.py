@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import (checkpoint_dirs, checkpoint_name, load_checkpoint, load_optimizer_state,
-                         read_optimizer_state, remove_stale_tmp, save_checkpoint)
+from .checkpoint import (checkpoint_dirs, checkpoint_name, checkpoint_thought_transform, load_checkpoint,
+                         load_optimizer_state, read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
                           gradient_sync, is_fsdp, load_gathered_optimizer_state, wrap_for_training)
@@ -35,6 +35,7 @@ from .generate import Generator
 from .metrics import GenerationScore, score_generation, summarize
 from .model import Decoder, DropoutRates
 from .schedule import LRSchedule
+from .thoughts import THOUGHT_TRANSFORMS, ThoughtTransform, build_thought_transform
 from .tracking import TRACKERS, check_tracker, make_tracker
 from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
 from .validation import first_non_finite
@@ -105,6 +106,8 @@ class TrainConfig:
     progress: bool = True
     overwrite: bool = False  # a fresh run in a non-empty save_dir replaces the earlier run's outputs
     drop_long_records: bool = False  # drop (and count) records longer than the model's positions
+    thought_transform: str = "identity"  # what a thought feeds back: identity | gated | linear | norm
+    eot_loss_weight: float = 0.0  # > 0: also learn p(<eot>) after <bot> and each thought (adaptive thinking)
 
     def __post_init__(self):
         self.validate()
@@ -136,6 +139,11 @@ class TrainConfig:
             raise TrainingError(f"config: {exc}") from exc
         need(self.forward_mode in ("paged", "two_pass", "multipass", "recompute"),
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
+        need(self.thought_transform in THOUGHT_TRANSFORMS,
+             f"thought_transform {self.thought_transform!r} is not one of {', '.join(THOUGHT_TRANSFORMS)}")
+        need(self.parallel != "fsdp" or self.thought_transform == "identity",
+             f"thought_transform {self.thought_transform!r} with parallel: fsdp is not supported (evaluation and "
+             "checkpoints gather the decoder only); use parallel: ddp")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
@@ -238,35 +246,49 @@ def _coerce(value, annotation, key: str, source: str):
 
 @torch.no_grad()
 def evaluate(decoder, tokenizer, tokens: SpecialTokens, records: list[Record], stage: int, rules: StageRules,
-             max_new_tokens: int = 128, page_size: int = 16, progress: bool = False) -> dict:
+             max_new_tokens: int = 128, page_size: int = 16, progress: bool = False,
+             thought_transform: ThoughtTransform | None = None, num_thoughts: int | str | None = None,
+             max_thoughts: int = 8, eot_threshold: float = 0.5, return_thoughts: bool = False) -> dict:
     """Batched generation at a stage scored as the official eval (`metrics.py`): answer exact match
     ("accuracy"), CoT exact match ("cot_accuracy"), generated tokens and thoughts per answer, and
-    each question's generation. The decoder runs in eval mode (no dropout)."""
+    each question's generation. The decoder runs in eval mode (no dropout).
+
+    `num_thoughts` replaces the stage's thought count for every question (an integer, or "auto" for
+    adaptive thinking with `max_thoughts` and `eot_threshold`); `return_thoughts` adds each thought's
+    inspection (`ThoughtTrace` fields) to the generations as `thought_traces`."""
     tokenized = [tokenize_record(r, tokenizer) for r in records]
     prompts, thoughts = [], []
     markers = rules.markers and rules.mode != "pause_as_thought"
+    if num_thoughts is not None and not markers:
+        raise TrainingError(f"evaluate: num_thoughts={num_thoughts!r} needs a mode with thoughts, not {rules.mode}")
     for rec in tokenized:
         prompt, k, _ = eval_prompt(rec, stage, rules, tokens)
         prompts.append(prompt)
-        thoughts.append(k)
-    longest = max(len(p) + k for p, k in zip(prompts, thoughts)) + 2 + max_new_tokens
+        thoughts.append(k if num_thoughts is None else num_thoughts)
+    most = max(k if isinstance(k, int) else max_thoughts for k in thoughts)
+    longest = max(len(p) for p in prompts) + most + 2 + max_new_tokens
     pages = min(4096, max(len(prompts) * -(-longest // page_size), -(-longest // page_size)))
-    generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens)
+    generator = Generator(decoder, tokenizer, max_pages=pages, page_size=page_size, special_tokens=tokens,
+                          thought_transform=thought_transform)
     was_training = decoder.training
     decoder.eval()
     try:
         results = generator.generate(prompts, num_thoughts=thoughts, max_new_tokens=max_new_tokens,
-                                     thought_markers=markers, progress=progress)
+                                     thought_markers=markers, progress=progress, max_thoughts=max_thoughts,
+                                     eot_threshold=eot_threshold, return_thoughts=return_thoughts)
     finally:
         decoder.train(was_training)
     generations = []
-    for rec, r, k in zip(records, results, thoughts):
+    for rec, r in zip(records, results):
+        k = r.num_thoughts  # the thoughts actually run (adaptive thinking decides them per question)
         score = score_generation(r.text or "", rec.answer, rec.steps, r.generated_tokens, k) if r.error is None \
             else GenerationScore(False, False, r.generated_tokens, k)
         generations.append({"question": rec.question, "answer": rec.answer, "output": r.text,
                             "correct": score.answer_correct, "cot_correct": score.cot_correct,
                             "generated_tokens": r.generated_tokens, "thoughts": k,
                             **({"error": r.error} if r.error is not None else {})})
+        if return_thoughts:
+            generations[-1]["thought_traces"] = [dataclasses.asdict(t) for t in r.thoughts or []]
     return summarise(generations)
 
 
@@ -336,6 +358,10 @@ class Trainer:
                                                                       attention_backend=cfg.attention_backend)
             if info.get("mode") != cfg.mode:
                 raise TrainingError(f"{latest}: trained in mode {info.get('mode')!r}, config says {cfg.mode!r}")
+            transform = checkpoint_thought_transform(latest, info, decoder)
+            if transform.kind != cfg.thought_transform:
+                raise TrainingError(f"{latest}: trained with thought_transform {transform.kind!r}, config says "
+                                    f"{cfg.thought_transform!r}")
             saved = state.get("config", {})  # checkpoints written before the run config was recorded: {}
             if not isinstance(saved, dict):
                 raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got "
@@ -353,6 +379,7 @@ class Trainer:
             self.resumed_from = latest
         else:
             decoder, tokenizer, tokens = self._fresh_model()
+            transform = build_thought_transform(cfg.thought_transform, decoder.embed_tokens.weight)
             self.resumed_from = None
         if cfg.dropout is not None:
             decoder.dropout = DropoutRates(cfg.dropout, cfg.dropout, cfg.dropout)
@@ -361,7 +388,7 @@ class Trainer:
                   f"the paged attention; embedding ({decoder.dropout.embd}) and residual ({decoder.dropout.resid}) "
                   "dropout are applied", flush=True)
         self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
-        self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size)
+        self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size, thought_transform=transform)
         # every rank starts from rank 0's weights; under FSDP the decoder's parameters become shards
         self.train_model = wrap_for_training(self.model, cfg.parallel, self.env, self.device, cfg.bf16)
         self.train_tok = [tokenize_record(r, tokenizer) for r in self.train_records]
@@ -457,7 +484,7 @@ class Trainer:
         return load_tokenizer(path)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.decoder.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def _resets_optimizer_at(self, epoch: int) -> bool:
         """Whether `epoch` starts with a fresh optimizer: every epoch (reset_optimizer true, as the official
@@ -534,7 +561,8 @@ class Trainer:
             for i, (micro, weight) in enumerate(micros):
                 with gradient_sync(self.train_model, i == len(micros) - 1):
                     with autocast:
-                        loss = self.train_model(micro, mode=cfg.forward_mode, reduction="sum")
+                        loss = self.train_model(micro, mode=cfg.forward_mode, reduction="sum",
+                                                eot_loss_weight=cfg.eot_loss_weight)
                     (loss * (weight * scale) / labels).backward()
                 loss_sum += loss.detach().float() * weight
             env.sum_(loss_sum)
@@ -543,7 +571,7 @@ class Trainer:
                 raise TrainingError(
                     f"loss is {batch_loss} at epoch {epoch + 1}, step {self.global_step + 1}: training stopped; "
                     f"{self._last_good()}")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.decoder.parameters(), cfg.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise TrainingError(f"gradient norm is {grad_norm} at epoch {epoch + 1}, step {self.global_step + 1}: "
                                     f"training stopped before the update; {self._last_good()}")
@@ -605,13 +633,16 @@ class Trainer:
     def _evaluate(self, epoch: int, decoder) -> dict:
         """Accuracy and validation loss, each rank evaluating every world_size-th question."""
         env, stage = self.env, self.cfg.stage_of(epoch)
-        model = self.model if decoder is self.decoder else CoconutModel(decoder, self.tokens, self.cfg.page_size)
+        transform = self.model.thought_transform
+        model = self.model if decoder is self.decoder else CoconutModel(decoder, self.tokens, self.cfg.page_size,
+                                                                        thought_transform=transform)
         decoder.eval()
         records = self.val_records[env.rank :: env.world_size]
         generations = []
         if records:
             generations = evaluate(decoder, self.tokenizer, self.tokens, records, stage, self.rules,
-                                   self.cfg.max_new_tokens(), self.cfg.page_size)["generations"]
+                                   self.cfg.max_new_tokens(), self.cfg.page_size,
+                                   thought_transform=transform)["generations"]
         val_samples = [build_sample(rec, stage, self.rules, self.tokens) for rec in self.val_tok[env.rank :: env.world_size]]
         loss_and_count = validation_loss_sum(model, val_samples, self.cfg.batch_size, self.cfg.forward_mode)
         decoder.train()
@@ -651,7 +682,8 @@ class Trainer:
                  "best_checkpoint": best, "config": dataclasses.asdict(self.cfg)}
         save_checkpoint(self.out, epochs_done, decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
-                        keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [])
+                        keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [],
+                        thought_transform=self.model.thought_transform)
 
     def _write_metrics(self) -> None:
         """metrics.jsonl (one line per epoch; `is_best` marks the best checkpoint's) and the chart."""

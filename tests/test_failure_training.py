@@ -41,8 +41,8 @@ def test_nan_validation_loss_is_not_saved(tmp_path, monkeypatch):
     trainer = Trainer(tiny(tmp_path, num_epochs=1))
     forward = CoconutModel.forward
 
-    def nan_when_validating(self, samples, mode="paged", reduction="mean"):
-        loss = forward(self, samples, mode=mode, reduction=reduction)
+    def nan_when_validating(self, samples, mode="paged", reduction="mean", **kwargs):
+        loss = forward(self, samples, mode=mode, reduction=reduction, **kwargs)
         return loss if torch.is_grad_enabled() else loss * float("inf")
 
     monkeypatch.setattr(CoconutModel, "forward", nan_when_validating)
@@ -66,8 +66,8 @@ def test_non_finite_gradient_norm_stops_before_the_update(tmp_path, monkeypatch)
     trainer = Trainer(tiny(tmp_path, num_epochs=2, epochs_per_stage=1))
     forward = CoconutModel.forward
 
-    def inf_gradient_in_epoch_two(self, samples, mode="paged", reduction="mean"):
-        loss = forward(self, samples, mode=mode, reduction=reduction)
+    def inf_gradient_in_epoch_two(self, samples, mode="paged", reduction="mean", **kwargs):
+        loss = forward(self, samples, mode=mode, reduction=reduction, **kwargs)
         return _InfGradient.apply(loss) if trainer.global_step >= 3 and torch.is_grad_enabled() else loss
 
     monkeypatch.setattr(CoconutModel, "forward", inf_gradient_in_epoch_two)

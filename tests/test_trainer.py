@@ -118,8 +118,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     trainer = Trainer(tiny(tmp_path, num_epochs=2, epochs_per_stage=1))
     forward = CoconutModel.forward
 
-    def nan_in_epoch_two(self, samples, mode="paged", reduction="mean"):
-        loss = forward(self, samples, mode=mode, reduction=reduction)
+    def nan_in_epoch_two(self, samples, mode="paged", reduction="mean", **kwargs):
+        loss = forward(self, samples, mode=mode, reduction=reduction, **kwargs)
         # training steps only: a NaN validation loss is refused before saving (test_failure_training)
         return loss * float("nan") if trainer.global_step >= 3 and torch.is_grad_enabled() else loss
 
