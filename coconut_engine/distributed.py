@@ -132,9 +132,12 @@ def wrap_for_training(model: nn.Module, parallel: str, env: DistEnv, device: tor
     if not env.distributed:
         return model
     if parallel == "ddp":
+        # a learned thought transform gets no gradient from a batch without thoughts (stage 0)
+        transform = getattr(model, "thought_transform", None)
+        unused = transform is not None and any(p.requires_grad for p in transform.parameters())
         return nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None,
-            gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True, find_unused_parameters=unused)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for p in model.parameters():  # fully_shard keeps each rank's own values: start from rank 0's

@@ -44,7 +44,7 @@ def _free_port() -> int:
 def _train_and_count(values: dict, out: Path, rank: int) -> None:
     """Train one config on this rank, count what reaches autograd and DDP's reducer, save the counts."""
     trainer = Trainer(TrainConfig(**values))
-    names = {p: n for n, p in trainer.decoder.named_parameters()}
+    names = {p: n for n, p in trainer.model.named_parameters()}  # the decoder and the thought transform
     accumulated = {n: 0 for n in names.values()}
     reduced = {n: 0 for n in names.values()}
     forwards = {"n": 0}
@@ -116,14 +116,17 @@ def runs(tmp_path_factory):
     shared = root / "single"
     pause = Trainer(TrainConfig(**pause_config(root / "pause", shared)))
     pause.run()
+    linear = Trainer(TrainConfig(**config(root / "linear", shared, thought_transform="linear")))
+    linear.run()
     jobs = [(config(root / "ddp", shared), root / "out-ddp", None),
+            (config(root / "ddp-linear", shared, thought_transform="linear"), root / "out-ddp-linear", None),
             (pause_config(root / "ddp-pause", shared), root / "out-ddp-pause", None),
             (config(root / "fsdp", shared, parallel="fsdp"), root / "out-fsdp", None),
             (config(root / "fsdp-resumed", shared, parallel="fsdp", resume=True), root / "out-fsdp-resumed",
              root / "ddp" / "checkpoint-0001")]
-    ddp, ddp_pause, fsdp, fsdp_resumed = run_ranks(jobs)
-    return {"root": root, "single": single, "pause": pause, "ddp": ddp, "ddp_pause": ddp_pause, "fsdp": fsdp,
-            "fsdp_resumed": fsdp_resumed}
+    ddp, ddp_linear, ddp_pause, fsdp, fsdp_resumed = run_ranks(jobs)
+    return {"root": root, "single": single, "pause": pause, "linear": linear, "ddp": ddp, "ddp_linear": ddp_linear,
+            "ddp_pause": ddp_pause, "fsdp": fsdp, "fsdp_resumed": fsdp_resumed}
 
 
 def test_ddp_two_ranks_give_the_one_process_weights(runs):
@@ -152,6 +155,13 @@ def test_ddp_pause_as_thought(runs):
     for rank in runs["ddp_pause"]:
         assert set(rank["accumulated"].values()) == {rank["micro_batches"]} == {2}
         assert set(rank["reduced"].values()) == {rank["steps"]} == {2}
+
+
+def test_ddp_with_a_learned_thought_transform(runs):
+    """Stage-0 steps leave the transform without a gradient: DDP must expect unused parameters (without,
+    the second step fails in the reducer), and the run still gives the one-process weights."""
+    assert all(rank["steps"] == 6 for rank in runs["ddp_linear"])
+    assert_same_weights(final_weights(runs["root"] / "ddp-linear"), dict(runs["linear"].decoder.named_parameters()))
 
 
 def test_fsdp_two_ranks_give_the_one_process_weights(runs):
