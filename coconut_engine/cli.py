@@ -174,8 +174,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         if args.config is None and not overrides:
             from .main_job import run_main_job
 
-            run_main_job()
+            run_main_job(task=args.task or "small")
             return 0
+        if args.task is not None:
+            raise SystemExit("error: --task picks the main job's task; it takes no --config or --key value")
         config = (TrainConfig.from_yaml(args.config, overrides) if args.config
                   else TrainConfig.from_dict(overrides, source="command line"))
         history = train(config)
@@ -348,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     tr.add_argument("--config", type=Path, help="YAML config (official Coconut keys)")
+    tr.add_argument("--task", choices=("small", "prosqa"), default=None,
+                    help="the main job's task (no other arguments): small (default, the 24-name task) or prosqa "
+                         "(questions from ProsQA's own distribution; does not learn in the 10-minute budget)")
     tr.set_defaults(func=cmd_train, takes_extra=True)
 
     ev = sub.add_parser("eval", help=cmd_eval.__doc__)

@@ -47,12 +47,42 @@ def test_train_rejects_unknown_keys(tmp_path):
 
 
 def test_main_job_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, monkeypatch):
-    """The main job trains on ProsQA-distribution questions and scores a given split (here 6 generated
-    questions standing in for the real one) at the end of every stage and of the no-CoT run."""
+    """The default main job (the small task) trains the curriculum and the no-CoT baseline, and scores a
+    given split (here 6 ProsQA-distribution questions standing in for the real one) once, with the
+    final Coconut model; failed requests count as wrong and are reported, not raised."""
     monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")  # "auto" would pick the Triton interpreter here
     split = tmp_path / "split.json"
     split.write_text(json.dumps(generate_prosqa(6, ProsQAConfig.official_like(), seed=99)))
     result = run_main_job(tmp_path / "run", scale=0.01, progress=False, real_split=split)
+    methods = [r["method"] for r in result["rows"]]
+    assert methods == ["no-CoT", "CoT (stage 0)", "Coconut stage 1", "Coconut stage 2", "Coconut stage 3"]
+    # evaluation caps a question's thoughts at its steps (the official collator): 2-step questions get 2 at stage 3
+    steps = [len(r["steps"]) for r in json.loads((tmp_path / "run" / "coconut" / "data" / "val.json").read_text())]
+    stage3 = sum(min(3, n) for n in steps) / len(steps)
+    assert [r["thoughts"] for r in result["rows"]] == [0, 0, 1, 2, stage3]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and "real_accuracy" not in r for r in result["rows"])
+    assert result["task"] == "small" and result["real_split"] is None  # not scored per stage
+    assert result["prosqa_valid_accuracy"] in {i / 6 for i in range(7)} and result["prosqa_valid_questions"] == 6
+    assert 0 <= result["prosqa_valid_failed"] <= 6
+    out = capsys.readouterr().out
+    assert "| method | thoughts | held-out accuracy | generated tokens / answer |" in out
+    assert f"| Coconut stage 3 | {stage3:.1f} |" in out and "process CPU time" in out
+    assert f"Final Coconut model on the real ProsQA validation split ({split})" in out
+    assert (tmp_path / "run" / "results.md").is_file() and (tmp_path / "run" / "coconut" / "training.png").is_file()
+    train = json.loads((tmp_path / "run" / "coconut" / "data" / "train.json").read_text())
+    assert len({s for r in train for s in r["idx_to_symbol"] if s.islower()}) <= 24  # the 24-name concept pool
+    staged = [json.loads(line) for line in (tmp_path / "run" / "coconut" / "metrics.jsonl").read_text().splitlines()]
+    assert not any("real_accuracy" in m for m in staged)
+
+
+def test_main_job_prosqa_task_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, monkeypatch):
+    """`task="prosqa"` trains on ProsQA-distribution questions, adds the all-latent stage, and scores a
+    given split (here 6 generated questions standing in for the real one) at the end of every stage
+    and of the no-CoT run."""
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")  # "auto" would pick the Triton interpreter here
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(generate_prosqa(6, ProsQAConfig.official_like(), seed=99)))
+    result = run_main_job(tmp_path / "run", scale=0.01, progress=False, real_split=split, task="prosqa")
     methods = [r["method"] for r in result["rows"]]
     assert methods == ["no-CoT", "CoT (stage 0)", "Coconut stage 1", "Coconut stage 2", "Coconut stage 3",
                        "Coconut stage 4 (all steps latent)"]

@@ -215,14 +215,16 @@ def test_prosqa_distribution_matches_the_real_validation_split():
 
 @pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="shared/data/prosqa_valid.json is absent")
 def test_no_generated_question_is_a_validation_question():
-    """The main job's whole generated set (train + held-out, its seed) shares no question with the split."""
-    from coconut_engine.main_job import COMMON
+    """The main job's whole generated set (train + held-out, its seed), for the prosqa task and the
+    default small one, shares no question with the split."""
+    from coconut_engine.main_job import COMMON, PROSQA_COMMON
 
     real = {r["question"] for r in json.loads(PROSQA_VALID.read_text())}
-    size = COMMON["task_train_size"] + COMMON["task_val_size"]
-    ours = generate_prosqa(size, ProsQAConfig(**COMMON["task_config"]), seed=0)
-    assert COMMON["task_config"]["distribution"] == "prosqa"
-    assert not real & {r["question"] for r in ours}
+    assert PROSQA_COMMON["task_config"]["distribution"] == "prosqa"
+    for common in (PROSQA_COMMON, COMMON):
+        size = common["task_train_size"] + common["task_val_size"]
+        ours = generate_prosqa(size, ProsQAConfig(**common["task_config"]), seed=0)
+        assert not real & {r["question"] for r in ours}
 
 
 def test_unknown_distribution_is_a_clear_error():

@@ -1,6 +1,7 @@
 """Issue 18, command line: generate and eval report bad input as errors (no traceback), open the
 output first and write results as they finish, and exit non-zero when a request failed."""
 import json
+from types import SimpleNamespace
 
 import pytest
 
@@ -151,20 +152,22 @@ def test_a_bad_device_is_an_error_naming_the_argument(checkpoint):
 
 
 def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
-    # evaluate() counts failed requests as wrong; the main job printed that accuracy without a word
+    # the default main job scores the real split once and counts failed requests as wrong: it must say so
     import coconut_engine.main_job as main_job
 
     class Finished:
-        def __init__(self, config):
-            self.decoder = self.tokenizer = self.tokens = self.rules = None
+        def __init__(self, config, records):
+            assert records is None  # the default task does not score the split per stage
+            self.tokenizer = self.tokens = self.rules = None
+            self.decoder = SimpleNamespace(eval=lambda: None)
 
         def run(self):
             return [{"epoch": 1, "stage": 0, "accuracy": 0.5, "tokens_per_answer": 3.0, "val_loss": 1.0,
-                     "thoughts_per_answer": 0.0}]
+                     "thoughts_per_answer": 0.0, "train_seconds": 1.0}]
 
     valid = tmp_path / "valid.json"
     valid.write_text(json.dumps([{"question": "q?", "steps": [], "answer": "a"}] * 2))
-    monkeypatch.setattr(main_job, "Trainer", Finished)
+    monkeypatch.setattr(main_job, "StageEndScoring", Finished)
     monkeypatch.setattr(main_job, "PROSQA_VALID", valid)
     monkeypatch.setattr(main_job, "evaluate", lambda *args, **kwargs: {
         "accuracy": 0.5, "errors": ["record 1: request 1: need 1100 positions"]})
@@ -172,3 +175,14 @@ def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
     assert result["prosqa_valid_failed"] == 1
     assert "1 of 2 ProsQA requests failed and count as wrong (first: record 1: request 1: need 1100 positions)" \
         in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_train_task_picks_the_main_job_task_and_takes_nothing_else(monkeypatch):
+    import coconut_engine.main_job as main_job
+
+    called = []
+    monkeypatch.setattr(main_job, "run_main_job", lambda **kwargs: called.append(kwargs))
+    assert cli.main(["train", "--task", "prosqa"]) == 0 and cli.main(["train"]) == 0
+    assert called == [{"task": "prosqa"}, {"task": "small"}]
+    with pytest.raises(SystemExit, match="--task picks the main job's task; it takes no --config or --key value"):
+        cli.main(["train", "--task", "prosqa", "--lr", "1e-3"])

@@ -2,7 +2,7 @@
 import pytest
 
 from coconut_engine.data import Record
-from coconut_engine.main_job import StageEndScoring, format_table
+from coconut_engine.main_job import StageEndScoring, default_configs, format_table
 from coconut_engine.tasks import generate_prosqa
 from coconut_engine.trainer import TrainConfig, TrainingError
 
@@ -38,3 +38,14 @@ def test_a_fixed_question_the_model_cannot_take_is_an_error_naming_it(tmp_path):
                       "Tom is a wumpus.")
     with pytest.raises(TrainingError, match="scoring the fixed question set after epoch 1: 1 request"):
         StageEndScoring(cfg, [too_long]).run()
+
+
+def test_the_default_task_is_the_small_one_and_prosqa_adds_the_all_latent_stage(tmp_path):
+    coconut, no_cot = default_configs(tmp_path, progress=False)
+    assert coconut.task_config["concept_pool"] == 24 and coconut.max_latent_stage == 3
+    assert (coconut.stage0_epochs, coconut.epochs_per_stage, coconut.num_epochs, no_cot.num_epochs) == (6, 2, 12, 12)
+    coconut, no_cot = default_configs(tmp_path, progress=False, task="prosqa")
+    assert coconut.task_config == {"distribution": "prosqa"}
+    assert (coconut.stage0_epochs, coconut.epochs_per_stage, coconut.num_epochs, no_cot.num_epochs) == (3, 1, 7, 6)
+    with pytest.raises(TrainingError, match="main job: unknown task 'prosq'"):
+        default_configs(tmp_path, task="prosq")
