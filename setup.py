@@ -1,5 +1,5 @@
 """Install coconut-engine: the library, its Triton kernels (as coconut_engine.kernels) and the CLI."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="coconut-engine",
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["coconut_engine", "coconut_engine.kernels", "coconut_engine.convert"],
+    packages=find_packages(include=["coconut_engine", "coconut_engine.*"]) + ["coconut_engine.kernels"],
     # kernels/ sits at the top of the repository but must not install as a top-level package
     # named "kernels" (that name belongs to another PyPI package that transformers probes for).
     package_dir={"coconut_engine": "coconut_engine", "coconut_engine.kernels": "kernels"},
