@@ -98,17 +98,23 @@ class StageRules:
         return min(cap, stage) * self.c_thought
 
 
-def load_records(path: str | Path) -> list[Record]:
-    """Read an official-format JSON file; a malformed record is an error naming its index."""
+def read_json(path: str | Path):
+    """A JSON file's content; a missing, unreadable or malformed file is a DataError naming it."""
     path = Path(path)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     except OSError as exc:  # a folder, no permission, ...
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def load_records(path: str | Path) -> list[Record]:
+    """Read an official-format JSON file; a malformed record is an error naming its index."""
+    path = Path(path)
+    raw = read_json(path)
     if not isinstance(raw, list):
         raise DataError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
     if not raw:

@@ -225,6 +225,19 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, num_s
     return max(1, min(wanted, triton.cdiv(max(max_seqlen_k, 1), MIN_KEYS_PER_SPLIT), MAX_SPLITS))
 
 
+def split_keys(num_splits: int | None, q: torch.Tensor, num_seqs: int, num_kv_heads: int, max_seqlen_k: int,
+               block_n: int) -> tuple[int, int]:
+    """(splits, keys per split) of a one-token step: `num_splits` when given, one split under the
+    interpreter or off CUDA, else `choose_num_splits`; each split a whole number of key tiles."""
+    if num_splits is not None:
+        splits = max(1, int(num_splits))
+    elif interpreting() or q.device.type != "cuda":
+        splits = 1
+    else:
+        splits = choose_num_splits(num_seqs, num_kv_heads, max_seqlen_k, multiprocessor_count(q.device))
+    return splits, triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), splits), block_n) * block_n
+
+
 def check_attention_inputs(op: str, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch,
                            **more: torch.Tensor) -> None:
     """Dtypes, devices and shapes a paged-attention kernel relies on, each failure a KernelInputError."""
@@ -286,15 +299,8 @@ def paged_attention(
     ieee = bool(ieee)
     decode = batch.max_seqlen_q <= 1
     cfg = forward_config(group, head_dim, q.dtype, ieee, decode)
-    if not decode:
-        splits = 1
-    elif num_splits is not None:
-        splits = max(1, int(num_splits))
-    elif interpreting() or q.device.type != "cuda":
-        splits = 1
-    else:
-        splits = choose_num_splits(num_seqs, num_kv_heads, batch.max_seqlen_k, multiprocessor_count(q.device))
-    split_size = triton.cdiv(triton.cdiv(max(batch.max_seqlen_k, 1), splits), cfg.block_n) * cfg.block_n
+    splits, split_size = split_keys(num_splits if decode else 1, q, num_seqs, num_kv_heads, batch.max_seqlen_k,
+                                    cfg.block_n)
     block_d = max(16, triton.next_power_of_2(head_dim))
     if splits > 1:
         o_dst = torch.empty((num_tokens, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)

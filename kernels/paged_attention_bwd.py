@@ -21,9 +21,9 @@ import triton.language as tl
 
 from coconut_engine.errors import KernelInputError
 
-from ._launch import check_dtype, check_same_device, device_guard, interpreting, multiprocessor_count
+from ._launch import check_dtype, check_same_device, device_guard, interpreting
 from .paged_attention import (_LOG2E, TileConfig, _dot, _load_kv_tile, _query_rows, check_attention_inputs,
-                              choose_num_splits)
+                              split_keys)
 
 
 @triton.jit
@@ -258,13 +258,7 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     meta = (batch.cu_seqlens_q, batch.seq_lens_k, table)
     with device_guard(q.device):
         if one_token:
-            if num_splits is not None:
-                splits = max(1, int(num_splits))
-            elif interpreting() or q.device.type != "cuda":
-                splits = 1
-            else:
-                splits = choose_num_splits(num_seqs, num_kv_heads, batch.max_seqlen_k, multiprocessor_count(q.device))
-            split_size = triton.cdiv(triton.cdiv(max(batch.max_seqlen_k, 1), splits), cfg.block_n) * cfg.block_n
+            splits, split_size = split_keys(num_splits, q, num_seqs, num_kv_heads, batch.max_seqlen_k, cfg.block_n)
             dq_dst = dq if splits == 1 else torch.empty((num_tokens, num_heads, splits, head_dim),
                                                         dtype=torch.float32, device=q.device)
             _bwd_one_token_kernel[(num_seqs, num_kv_heads * splits)](

@@ -1,10 +1,9 @@
 """ProntoQA's `5hop_0shot_random.json`: `{id: {"test_example": {question, query, chain_of_thought, answer}}}`."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..data import DataError
+from ..data import DataError, read_json
 
 PRONTOQA_SPLITS = {"train": 9000, "valid": 200}  # the official script's split; the rest is test
 
@@ -13,12 +12,7 @@ def read_prontoqa(path: str | Path) -> list[dict]:
     """Official-format records as `preprocessing/prontoqa.py` makes them: question + " " + query,
     the chain of thought paired into steps of two sentences, the answer."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    raw = read_json(path)
     if not isinstance(raw, dict) or not raw:
         raise DataError(f"{path}: expected a non-empty JSON object of examples")
     records = []
