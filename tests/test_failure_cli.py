@@ -160,6 +160,7 @@ def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
             assert records is None  # the default task does not score the split per stage
             self.tokenizer = self.tokens = self.rules = None
             self.decoder = SimpleNamespace(eval=lambda: None)
+            self.model = SimpleNamespace(thought_transform=None)  # the identity
 
         def run(self):
             return [{"epoch": 1, "stage": 0, "accuracy": 0.5, "tokens_per_answer": 3.0, "val_loss": 1.0,
