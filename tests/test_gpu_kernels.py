@@ -40,12 +40,12 @@ def test_forward_on_gpu(dtype, group, head_dim, page, kind):
     torch.testing.assert_close(lse, ref_lse, atol=TOL[dtype], rtol=1e-2 if dtype == torch.bfloat16 else 0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_on_gpu(dtype):
+def check_backward_on_gpu(dtype, group: int, head_dim: int, prefix: list[int], q_lens: list[int]) -> None:
+    """The Triton backward (dQ, dK/dV into fp32 gradient pages) vs autograd through the reference."""
     from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward
 
-    q, k_pool, v_pool, batch = to_cuda(make_case(4, 128, 16, dtype, [5, 300, 0, 17], [7, 1, 40, 16]))
-    scale = 128 ** -0.5
+    q, k_pool, v_pool, batch = to_cuda(make_case(group, head_dim, 16, dtype, prefix, q_lens))
+    scale = head_dim ** -0.5
     out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
     dout = torch.randn_like(out)
     grad_k = torch.zeros(k_pool.shape, dtype=torch.float32, device="cuda")
@@ -57,6 +57,11 @@ def test_backward_on_gpu(dtype):
     limit = 1e-4 if dtype == torch.float32 else 2e-2
     for got, want in ((dq.float(), qr.grad), (grad_k, kr.grad), (grad_v, vr.grad)):
         assert ((got - want).norm() / want.norm()).item() < limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_on_gpu(dtype):
+    check_backward_on_gpu(dtype, 4, 128, [5, 300, 0, 17], [7, 1, 40, 16])
 
 
 def test_pool_beyond_32_bit_offsets():
@@ -107,21 +112,7 @@ def test_model_paged_steps_match_a_full_forward_in_bf16(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_token_backward_on_gpu(dtype):
     """The fused one-token backward, its keys split across programs by the occupancy heuristic."""
-    from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward
-
-    q, k_pool, v_pool, batch = to_cuda(make_case(7, 64, 16, dtype, [3000, 17, 0, 900], [1, 1, 1, 0]))
-    scale = 64 ** -0.5
-    out, lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
-    dout = torch.randn_like(out)
-    grad_k = torch.zeros(k_pool.shape, dtype=torch.float32, device="cuda")
-    grad_v = torch.zeros_like(grad_k)
-    dq = paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale,
-                                  ieee=dtype == torch.float32)
-    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k_pool, v_pool))
-    (reference.paged_attention(qr, kr, vr, batch, scale) * dout.float()).sum().backward()
-    limit = 1e-4 if dtype == torch.float32 else 2e-2
-    for got, want in ((dq.float(), qr.grad), (grad_k, kr.grad), (grad_v, vr.grad)):
-        assert ((got - want).norm() / want.norm()).item() < limit
+    check_backward_on_gpu(dtype, 7, 64, [3000, 17, 0, 900], [1, 1, 1, 0])
 
 
 def test_decode_over_32k_keys_with_the_default_split_count():
