@@ -141,10 +141,6 @@ def kv_runs(page_lists: Sequence[Sequence[int]], k_lens: Sequence[int], page_siz
     out = []
     for pages, k_len in zip(page_lists, k_lens):
         used = -(-k_len // page_size)
-        first = pages[0] if used else 0
-        if used and pages[used - 1] == first + used - 1 and list(pages[:used]) == list(range(first, first + used)):
-            out.append(((first * page_size, k_len),))  # the common case: one run
-            continue
         runs, start = [], 0
         while start < used:
             end = start + 1

@@ -317,9 +317,10 @@ class Generator:
         rows = sorted({row for _, row in to_sample})
         logits = self.decoder.logits(last[torch.tensor(rows, device=self.device)]).float()
         greedy = logits.argmax(dim=-1).tolist() if params.temperature <= 0 else None
+        index_of = {row: i for i, row in enumerate(rows)}
         finished = []
         for s, row in to_sample:
-            index = rows.index(row)
+            index = index_of[row]
             token = greedy[index] if greedy is not None else _sample(logits[index], params, s.generator)
             s.out.append(token)
             reason = self._finish_reason(s, token, params)
