@@ -121,8 +121,7 @@ class CoconutModel(nn.Module):
     def thought_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
         """The input embeddings of the thoughts that follow the positions whose last hidden states are
         `hidden` `[N, hidden]`: the one call every mode (and generation) makes to form a thought."""
-        marker = self.decoder.embed_tokens.weight[self.tokens.thought] if self.thought_transform.uses_marker else None
-        return self.thought_transform(hidden, marker)
+        return self.thought_transform.next_inputs(hidden, self.decoder.embed_tokens.weight, self.tokens.thought)
 
     def forward(self, samples: Sequence[CoconutSample], mode: str = "paged", reduction: str = "mean",
                 eot_loss_weight: float = 0.0) -> torch.Tensor:

@@ -359,9 +359,8 @@ class Generator:
     def thought_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
         """The thoughts' input embeddings after the positions whose last hidden states are `hidden`:
         the thought transform, as in training (CoconutModel.thought_inputs)."""
-        marker = (self.decoder.embed_tokens.weight[self.special_tokens.thought]
-                  if self.thought_transform.uses_marker else None)
-        return self.thought_transform(hidden, marker)
+        return self.thought_transform.next_inputs(hidden, self.decoder.embed_tokens.weight,
+                                                  self.special_tokens.thought)
 
     def _traces(self, inputs: torch.Tensor, p_eot: list[float], params: _Params) -> list[ThoughtTrace]:
         """Inspection of thought input vectors: norm, nearest tokens through the LM head, p(<eot>)."""
@@ -507,9 +506,8 @@ def generate_no_cache(decoder: Decoder, prompt: Sequence[int], num_thoughts: int
     def last_hidden():
         return decoder(AttentionBatch.packed([len(inputs)], device=device), inputs_embeds=torch.stack(inputs))[-1]
 
-    marker = embed.weight[tokens.thought] if transform.uses_marker else None
     for _ in range(num_thoughts):
-        inputs.append(transform(last_hidden()[None], marker)[0])
+        inputs.append(transform.next_inputs(last_hidden()[None], embed.weight, tokens.thought)[0])
     if markers:
         inputs.append(embed(torch.tensor(tokens.eot, device=device)))
     out: list[int] = []

@@ -39,6 +39,12 @@ class ThoughtTransform(nn.Module):
         """The official feed-back: the hidden state itself."""
         return hidden
 
+    def next_inputs(self, hidden: torch.Tensor, embedding_weight: torch.Tensor, thought_token: int) -> torch.Tensor:
+        """The thoughts' input embeddings after the positions whose last hidden states are `hidden`, with
+        the `<|latent|>` row of `embedding_weight` read only by variants that use it: the one call that
+        training (every mode) and generation make to form a thought."""
+        return self(hidden, embedding_weight[thought_token] if self.uses_marker else None)
+
 
 class GatedThought(ThoughtTransform):
     """`h + gain * sigmoid(W [h; e] + b) * (e - h)`; gain starts at 0 (identity)."""
