@@ -1,8 +1,9 @@
 """Generation requests from a JSONL file, and results handed on in request order as they finish.
 
 Each line of a requests file is an object with "prompt" (used as is) or "question" (the official
-Coconut format: followed by a newline), and optionally "num_thoughts" (an integer >= 0). Any other
-line is a DataError naming the file, the line and the key.
+Coconut format: followed by a newline), and optionally "num_thoughts": an integer >= 0, or "auto"
+(adaptive thinking: think until p(<eot>) passes the command line's --eot-threshold or --max-thoughts
+is reached). Any other line is a DataError naming the file, the line and the key.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class PromptRequest:
     """One line of a requests file."""
 
     prompt: str
-    num_thoughts: int | None = None  # None: the command line's count
+    num_thoughts: int | str | None = None  # an int, "auto", or None: the command line's count
 
 
 def read_requests(path: str | Path) -> list[PromptRequest]:
@@ -58,8 +59,8 @@ def _parse_line(line: str, where: str) -> PromptRequest:
     if not isinstance(text, str):
         raise DataError(f"{where}: '{key}' must be a string, got {type(text).__name__} {text!r:.60}")
     thoughts = record.get("num_thoughts")
-    if thoughts is not None and not (is_integer(thoughts) and thoughts >= 0):
-        raise DataError(f"{where}: 'num_thoughts' must be an integer >= 0, got {type(thoughts).__name__} "
+    if thoughts is not None and thoughts != "auto" and not (is_integer(thoughts) and thoughts >= 0):
+        raise DataError(f"{where}: 'num_thoughts' must be an integer >= 0 or \"auto\", got {type(thoughts).__name__} "
                         f"{thoughts!r:.60}")
     return PromptRequest(text if key == "prompt" else text + "\n", thoughts)
 

@@ -30,9 +30,9 @@ def run(*argv):
 @pytest.mark.parametrize("line,message", [
     ({"prompt": 5}, r"q\.jsonl:2: 'prompt' must be a string, got int 5"),
     ({"question": ["a"]}, r"q\.jsonl:2: 'question' must be a string, got list"),
-    ({"prompt": "hi", "num_thoughts": "abc"}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0, got str 'abc'"),
-    ({"prompt": "hi", "num_thoughts": 2.7}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0, got float 2\.7"),
-    ({"prompt": "hi", "num_thoughts": True}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0, got bool True"),
+    ({"prompt": "hi", "num_thoughts": "abc"}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0 or .auto., got str 'abc'"),
+    ({"prompt": "hi", "num_thoughts": 2.7}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0 or .auto., got float 2\.7"),
+    ({"prompt": "hi", "num_thoughts": True}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0 or .auto., got bool True"),
 ])
 def test_generate_rejects_malformed_request_lines(checkpoint, tmp_path, line, message):
     path = tmp_path / "q.jsonl"
@@ -187,3 +187,26 @@ def test_train_task_picks_the_main_job_task_and_takes_nothing_else(monkeypatch):
     assert called == [{"task": "prosqa"}, {"task": "small"}]
     with pytest.raises(SystemExit, match="--task picks the main job's task; it takes no --config or --key value"):
         cli.main(["train", "--task", "prosqa", "--lr", "1e-3"])
+
+
+def test_generate_jsonl_requests_may_think_adaptively(checkpoint, tmp_path):
+    """A request line's "num_thoughts": "auto" thinks as `Generator.generate(num_thoughts="auto")` does with
+    the command line's --max-thoughts / --eot-threshold, next to lines with a fixed count."""
+    from coconut_engine.checkpoint import read_coconut_info
+    from coconut_engine.loader import load_model, load_tokenizer
+
+    model = checkpoint[0]
+    requests, out = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    lines = [{"question": "Is Tom a wumpus?", "num_thoughts": "auto"}, {"question": "Is Tom a wumpus?", "num_thoughts": 1}]
+    requests.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    # a threshold of 0 leaves the thought phase at once; 1 never does (max_thoughts then ends it)
+    for threshold, expected_auto in (("0", 0), ("1", 3)):
+        code, error = run("generate", "--model", str(model), "--input", str(requests), "--output", str(out),
+                          "--max-new-tokens", "2", "--max-thoughts", "3", "--eot-threshold", threshold)
+        assert code == 0, error
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+        assert [r["num_thoughts"] for r in rows] == [expected_auto, 1]
+    tokens, _ = read_coconut_info(model)
+    gen = Generator(load_model(model, attention_backend="torch"), load_tokenizer(model), special_tokens=tokens)
+    direct = gen.generate(["Is Tom a wumpus?\n"], num_thoughts="auto", max_thoughts=3, eot_threshold=1.0, max_new_tokens=2)
+    assert rows[0]["token_ids"] == direct[0].token_ids
