@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .cache import AttentionBatch, ContiguousKVCache
 from .kernels._launch import interpreting
+from .kernels.torch_backend import as_dtype
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -93,7 +94,8 @@ class _StoreKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, k, v, dependency, cache, layer: int, batch: AttentionBatch, ops: KernelSet):
-        ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
+        ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
+                     every_slot_valid=batch.every_slot_valid)
         # Every slot an attention reads in this training step was written by a store of this step,
         # so zeroing the written slots' gradient rows here keeps the gradient pages clean.
         cache.grad_kv_slots(layer).index_fill_(1, batch.slot_mapping, 0)  # K's and V's rows in one op
@@ -106,7 +108,7 @@ class _StoreKV(torch.autograd.Function):
         cache = ctx.cache
         _check_generation(cache, ctx.generation)
         grad_k, grad_v = cache.grad_kv_slots(ctx.layer).index_select(1, ctx.slots)  # one gather for both
-        return grad_k.to(ctx.dtypes[0]), grad_v.to(ctx.dtypes[1]), None, None, None, None, None
+        return as_dtype(grad_k, ctx.dtypes[0]), as_dtype(grad_v, ctx.dtypes[1]), None, None, None, None, None
 
 
 class _PagedAttention(torch.autograd.Function):
@@ -171,11 +173,12 @@ def attention(
     pool_dtype = cache.kv.dtype
     if cache.tracks_gradients and torch.is_grad_enabled():
         dependency = _StoreKV.apply(k, v, cache.dependency, cache, layer, batch, ops)
-        out, cache.dependency = _PagedAttention.apply(_own_storage(q.to(pool_dtype)), dependency, cache, layer,
+        out, cache.dependency = _PagedAttention.apply(_own_storage(as_dtype(q, pool_dtype)), dependency, cache, layer,
                                                       batch, scale, ops)
-        return out.to(q.dtype)
-    ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping)
-    return ops.paged_attention(q.to(pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale).to(q.dtype)
+        return as_dtype(out, q.dtype)
+    ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
+                 every_slot_valid=batch.every_slot_valid)
+    return as_dtype(ops.paged_attention(as_dtype(q, pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale), q.dtype)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:

@@ -45,6 +45,9 @@ class AttentionBatch:
     # then reads each run as a view of the pool instead of gathering pages. None: not known (a batch
     # not built by `PagedKVCache.prepare`, or one whose pages are strided runs).
     kv_runs: tuple[tuple[tuple[int, int], ...], ...] | None = None
+    # Known on the host: no slot of slot_mapping is -1 (every new token is stored), so a store need
+    # not look (a host-device sync). False: not known.
+    every_slot_valid: bool = False
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def memo(self, key: str, build):
@@ -426,20 +429,20 @@ class PagedKVCache:
             dst = torch.tensor([c[1] for c in copies], device=self.device)
             self.kv[:, :, dst] = self.kv[:, :, src]
         page_lists = [alloc._seqs[s].pages for s in seq_ids]
-        counts = torch.tensor([int(c) for c in num_new_tokens], dtype=torch.int64)
-        starts = torch.tensor(old_lens, dtype=torch.int64)
-        width = max((len(p) for p in page_lists), default=0)
-        table = torch.tensor([p + [0] * (width - len(p)) for p in page_lists], dtype=torch.int32).reshape(len(seq_ids), width)
-        # every new token: its sequence, its absolute position, and the slot its K/V goes to
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), counts)
-        first_token = torch.cumsum(counts, 0) - counts
-        positions = starts[seq_of_token] + torch.arange(int(counts.sum())) - first_token[seq_of_token]
-        slots = table[seq_of_token, positions // self.page_size].long() * self.page_size + positions % self.page_size
         q_lens = tuple(int(c) for c in num_new_tokens)
         k_lens = tuple(start + count for start, count in zip(old_lens, q_lens))
+        counts = torch.tensor(q_lens, dtype=torch.int64)
+        width = max((len(p) for p in page_lists), default=0)
+        table = torch.tensor([p + [0] * (width - len(p)) for p in page_lists], dtype=torch.int32).reshape(len(seq_ids), width)
+        # every new token: its sequence, its row among the sequence's new tokens, its absolute
+        # position, and the slot its K/V goes to
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), counts)
+        row_of_token = torch.arange(sum(q_lens)) - (torch.cumsum(counts, 0) - counts)[seq_of_token]
+        positions = torch.tensor(old_lens, dtype=torch.int64)[seq_of_token] + row_of_token
+        slots = table[seq_of_token, positions // self.page_size].long() * self.page_size + positions % self.page_size
         dev = self.device
         strided = _strided_pages(page_lists)
-        return AttentionBatch(
+        batch = AttentionBatch(
             cu_seqlens_q=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(dev, torch.int32),
             seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=dev),
             block_table=table.to(dev),
@@ -451,7 +454,10 @@ class PagedKVCache:
             k_lens=k_lens,
             strided_pages=strided,
             kv_runs=kv_runs(page_lists, k_lens, self.page_size) if strided is None else None,
+            every_slot_valid=True,
         )
+        batch.memo("token_rows", lambda: (seq_of_token.to(dev), row_of_token.to(dev)))
+        return batch
 
 
 class ContiguousKVCache:

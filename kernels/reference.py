@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write `k`, `v` (`[T, kv_heads, head_dim]`) into the pools at `slot_mapping` (-1 = skip)."""
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor,
+             every_slot_valid: bool = False) -> None:
+    """Write `k`, `v` (`[T, kv_heads, head_dim]`) into the pools at `slot_mapping` (-1 = skip;
+    `every_slot_valid`, the caller's promise that none is, changes nothing here)."""
     valid = slot_mapping >= 0
     slots = slot_mapping[valid]
     k_pool.view(-1, *k_pool.shape[2:])[slots] = k[valid].to(k_pool.dtype)

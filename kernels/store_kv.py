@@ -26,8 +26,12 @@ def _store_kv_kernel(K, V, K_POOL, V_POOL, SLOTS, num_tokens, stride_k, stride_v
     tl.store(V_POOL + dst, v.to(V_POOL.dtype.element_ty), mask=mask)
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor,
+             every_slot_valid: bool = False) -> None:
     """Write `k`, `v` (`[T, kv_heads, head_dim]`, heads and dims contiguous) at `slot_mapping` (-1 = skip).
+
+    `every_slot_valid` (no slot is -1) is accepted for the torch backend's signature; the kernel
+    masks -1 slots on the device either way.
 
     k and v are converted to the pools' dtype on the way; wrong dtypes or devices raise KernelInputError.
     """

@@ -17,6 +17,7 @@ softmax from the gathered K/V.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -43,50 +44,69 @@ def uses_fused_kernels(device: torch.device) -> bool:
     return device.type == "cpu" and _fused_cpu_kernels() is not None
 
 
-def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write `k`, `v` (`[T, kv_heads, head_dim]`) into the pools at `slot_mapping` (-1 = skip)."""
-    if bool((slot_mapping < 0).any()):
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor,
+             every_slot_valid: bool = False) -> None:
+    """Write `k`, `v` (`[T, kv_heads, head_dim]`) into the pools at `slot_mapping` (-1 = skip).
+
+    `every_slot_valid` is the caller's host-side knowledge that no slot is -1
+    (`AttentionBatch.every_slot_valid`): the store then skips the check, a host-device sync."""
+    if not every_slot_valid and bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, k.to(k_pool.dtype))
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, v.to(v_pool.dtype))
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, slot_mapping, as_dtype(k, k_pool.dtype))
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, as_dtype(v, v_pool.dtype))
 
 
 def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = False, out=None):
     """Causal GQA attention of the packed queries `q` (`[T, heads, D]`) over the pages.
 
     Same contract as `reference.paged_attention`: returns `out` (q's dtype), and the log-sum-exp
-    (`[T, heads]`, fp32) when `return_lse`.
+    (`[T, heads]`, fp32) when `return_lse`. Without `out` the padded path returns the kernel's
+    own result (a view where the step is rectangular) instead of copying it into a new tensor.
     """
+    plan = step_plan(batch)
+    fused = uses_fused_kernels(q.device)
+    padded_path = batch.num_tokens and not (
+        (batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch))
+        or (batch.max_seqlen_q == 1 and not fused)
+        or (plan.per_sequence_prefill and (fused or not return_lse)))
+    if padded_path:
+        o_rows, lse_rows = _padded_attention(q, k_pool, v_pool, batch, scale, return_lse, fused)
+        if out is None and len(q) == batch.num_tokens:
+            out = as_dtype(o_rows, q.dtype)
+        else:
+            out = torch.empty_like(q) if out is None else out
+            out[: batch.num_tokens] = o_rows
+        return (out, lse_rows) if return_lse else out
     if out is None:
         out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
-    fused = uses_fused_kernels(q.device)
     if batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch):
         _one_token_runs(q, k_pool, v_pool, batch, scale, out, lse)
-        return (out, lse) if return_lse else out
-    if batch.max_seqlen_q == 1 and not fused:
+    elif batch.max_seqlen_q == 1 and not fused:
         _one_token_step(q, k_pool, v_pool, batch, scale, out, lse)
-        return (out, lse) if return_lse else out
-    if _per_sequence_prefill(batch) and (fused or not return_lse):
+    else:
         _fresh_prefill(q, k_pool, v_pool, batch, scale, out, lse, fused)
-        return (out, lse) if return_lse else out
+    return (out, lse) if return_lse else out
+
+
+def _padded_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool, fused: bool):
+    """The step padded to `[B, heads, max_q, D]` over every sequence's keys (views of the pool where
+    the pages are strided runs); returns the packed rows of the output and (or None) the log-sum-exp."""
     q_pad = _pad_rows(q, batch).transpose(1, 2)
-    k, v = _padded_kv(k_pool, batch).to(q.dtype), _padded_kv(v_pool, batch).to(q.dtype)
+    k, v = as_dtype(_padded_kv(k_pool, batch), q.dtype), as_dtype(_padded_kv(v_pool, batch), q.dtype)
+    lse_pad = None
     if fused:
         mask, causal = _mask(batch, q.dtype)
-        o_pad, lse_pad = _fused_cpu_kernels()[0](q_pad, k, v, 0.0, causal, attn_mask=mask, scale=scale)
-        if lse is not None:
-            lse[:] = _unpad_rows(lse_pad.transpose(1, 2), batch)
+        o_pad, lse_pad = _fused_cpu_kernels()[0](q_pad, k, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
     elif return_lse:
         o_pad, lse_pad = _softmax_attention(q_pad, k, v, batch, scale)
-        lse[:] = _unpad_rows(lse_pad.transpose(1, 2), batch)
     else:
         o_pad = _sdpa(q_pad, k, v, batch, scale)
-    out[: batch.num_tokens] = _unpad_rows(o_pad.transpose(1, 2), batch).to(out.dtype)
-    return (out, lse) if return_lse else out
+    lse_rows = _unpad_rows(lse_pad.transpose(1, 2), batch) if return_lse else None
+    return _unpad_rows(o_pad.transpose(1, 2), batch), lse_rows
 
 
 def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
@@ -101,10 +121,43 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     if batch.max_seqlen_q == 1 and not (fused and _small_one_token_step(q, batch)):
         return _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     if fused:
-        if _per_sequence_prefill(batch):
+        if step_plan(batch).per_sequence_prefill:
             return _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
         return _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     return _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
+
+
+# -- the step's plan -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What every layer of a step needs to know about its shape, worked out on the host once per step
+    (memoised on the AttentionBatch) instead of by each layer."""
+
+    rectangular: bool  # every sequence has max_q new tokens: padding the packed rows is a view
+    fresh: bool  # a prefill from empty: every sequence's keys are exactly its new tokens
+    unmasked: bool  # equal lengths and a decode step or a prefill from empty: causal needs no mask
+    per_sequence_prefill: bool  # a long ragged prefill from empty (see FRESH_PREFILL_MIN_TOKENS)
+
+
+def step_plan(batch) -> StepPlan:
+    """The StepPlan of `batch` (built by the first layer that asks)."""
+    def build():
+        fresh = all(q == k for q, k in zip(batch.q_lens, batch.k_lens))
+        equal = len(set(batch.q_lens)) <= 1 and len(set(batch.k_lens)) <= 1
+        return StepPlan(
+            rectangular=batch.num_tokens == batch.num_seqs * batch.max_seqlen_q,
+            fresh=fresh,
+            unmasked=equal and batch.max_seqlen_q in (1, batch.max_seqlen_k),
+            per_sequence_prefill=fresh and not equal and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS,
+        )
+
+    return batch.memo("step_plan", build)
+
+
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` (no call at all where it already is)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 # -- layout helpers ------------------------------------------------------------------------------
@@ -141,7 +194,7 @@ def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
 def _rectangular(batch) -> bool:
     """Every sequence has max_q new tokens (a thought or decode step, an equal-length prefill):
     packed rows are then already `[B, max_q]` in order, and padding is a view."""
-    return batch.num_tokens == batch.num_seqs * batch.max_seqlen_q
+    return step_plan(batch).rectangular
 
 
 def _pad_rows(x: torch.Tensor, batch) -> torch.Tensor:
@@ -180,7 +233,7 @@ def _add_into_pool(grad_pool: torch.Tensor, padded_grad: torch.Tensor, batch) ->
     zero (masked keys get zero probability, padding query rows a zero output gradient)."""
     strided = _strided_rows(grad_pool, batch)
     if strided is not None:
-        strided[:, : batch.max_seqlen_k] += padded_grad.transpose(1, 2).to(grad_pool.dtype)
+        strided[:, : batch.max_seqlen_k] += as_dtype(padded_grad.transpose(1, 2), grad_pool.dtype)
         return
     slots, real = _padded_slots(batch, grad_pool.shape[1], padded_grad.device)
     rows = padded_grad.transpose(1, 2)[real]
@@ -194,10 +247,13 @@ def _visible(batch, device) -> torch.Tensor:
     masked; real rows see key 0 anyway. Built once per step.
     """
     def build():
-        q_lens = torch.tensor(batch.q_lens, device=device)
-        k_lens = torch.tensor(batch.k_lens, device=device)
         i = torch.arange(batch.max_seqlen_q, device=device)
         j = torch.arange(batch.max_seqlen_k, device=device)
+        if _rectangular(batch):  # every row is real, at position k_len - max_q + i: it sees key 0
+            q_pos = batch.seq_lens_k.to(device)[:, None] + (i - batch.max_seqlen_q)[None, :]
+            return (j[None, None, :] <= q_pos[:, :, None])[:, None]
+        q_lens = torch.tensor(batch.q_lens, device=device)
+        k_lens = torch.tensor(batch.k_lens, device=device)
         q_pos = (k_lens - q_lens)[:, None] + i[None, :]
         seen = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None])
         return (seen | (j == 0))[:, None]
@@ -208,8 +264,9 @@ def _visible(batch, device) -> torch.Tensor:
 def _mask(batch, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
     """The fused kernel's (additive mask, is_causal) for this step: no mask where every sequence
     has the same lengths and the step is a decode or a prefill from empty."""
-    if len(set(batch.q_lens)) == 1 and len(set(batch.k_lens)) == 1 and batch.max_seqlen_q in (1, batch.max_seqlen_k):
+    if step_plan(batch).unmasked:
         return None, batch.max_seqlen_q > 1
+
     def build():
         return torch.zeros((), dtype=dtype, device=batch.positions.device).masked_fill(
             ~_visible(batch, batch.positions.device), float("-inf"))
@@ -221,14 +278,9 @@ def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _fresh(batch) -> bool:
-    """A prefill from empty: every sequence's keys are exactly this step's new tokens."""
-    return all(q == k for q, k in zip(batch.q_lens, batch.k_lens))
-
-
 def _per_sequence_prefill(batch) -> bool:
     """A long ragged prefill from empty: cheaper per sequence than padded (see FRESH_PREFILL_MIN_TOKENS)."""
-    return _fresh(batch) and len(set(batch.q_lens)) > 1 and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS
+    return step_plan(batch).per_sequence_prefill
 
 
 def _step_rows(pool: torch.Tensor, batch) -> list[torch.Tensor]:
@@ -284,8 +336,7 @@ def _fresh_prefill(q, k_pool, v_pool, batch, scale: float, out, lse, fused: bool
 def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
     """SDPA over the padded step (no mask where the lengths allow; a boolean mask is slow on CPU)."""
     group = q_pad.shape[1] // k.shape[1]
-    same_lengths = len(set(batch.q_lens)) == 1 and len(set(batch.k_lens)) == 1
-    if same_lengths and batch.max_seqlen_q in (1, batch.max_seqlen_k):
+    if step_plan(batch).unmasked:
         return F.scaled_dot_product_attention(q_pad, k, v, is_causal=batch.max_seqlen_q > 1, scale=scale,
                                               enable_gqa=group > 1)
     return F.scaled_dot_product_attention(q_pad, k, v, attn_mask=_visible(batch, q_pad.device), scale=scale,
@@ -455,15 +506,15 @@ def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, 
 def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
     """The fused CPU flash backward over the padded step, from the forward's log-sum-exp."""
     q_pad = _pad_rows(q, batch).transpose(1, 2)
-    do_pad = _pad_rows(dout.to(q.dtype), batch).transpose(1, 2)
+    do_pad = _pad_rows(as_dtype(dout, q.dtype), batch).transpose(1, 2)
     o_pad = _pad_rows(out, batch).transpose(1, 2)
     lse_pad = _pad_rows(lse, batch).transpose(1, 2).contiguous()
-    k, v = _padded_kv(k_pool, batch).to(q.dtype), _padded_kv(v_pool, batch).to(q.dtype)
+    k, v = as_dtype(_padded_kv(k_pool, batch), q.dtype), as_dtype(_padded_kv(v_pool, batch), q.dtype)
     mask, causal = _mask(batch, q.dtype)
     dq, dk, dv = _fused_cpu_kernels()[1](do_pad, q_pad, k, v, o_pad, lse_pad, 0.0, causal, attn_mask=mask, scale=scale)
     _add_into_pool(grad_k_pool, dk, batch)
     _add_into_pool(grad_v_pool, dv, batch)
-    return _unpad_rows(dq.transpose(1, 2), batch).to(q.dtype)
+    return as_dtype(_unpad_rows(dq.transpose(1, 2), batch), q.dtype)
 
 
 def _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):

@@ -201,3 +201,23 @@ def test_reserve_takes_a_run_of_pages_and_prepare_reports_key_runs():
     assert batch.strided_pages is None
     assert batch.kv_runs == (((0, 5),), ((12, 9),), ((24, 12),), ((8, 4), (36, 10)))
     assert cache.prepare(["f"], [1]).kv_runs == (((8, 4), (36, 11)),)
+
+
+def test_prepare_hands_the_layers_its_token_rows_and_valid_slots():
+    """`prepare` already knows each new token's sequence and row: the batch carries them (memoised
+    for every layer, equal to what `token_rows` derives from the lengths), and it marks every slot
+    valid (a store need not check for -1 on the device); a batch without a cache promises nothing."""
+    from coconut_engine.cache import AttentionBatch
+
+    cache = PagedKVCache(CONFIG, num_pages=16, page_size=4)
+    for seq in range(3):
+        cache.add_sequence(seq)
+    cache.prepare([0, 1, 2], [5, 2, 7])
+    batch = cache.prepare([0, 1, 2], [3, 0, 1])
+    assert batch.every_slot_valid
+    seq, row = batch.token_rows()
+    derived = AttentionBatch.packed(batch.q_lens).token_rows()
+    assert seq.tolist() == derived[0].tolist() == [0, 0, 0, 2]
+    assert row.tolist() == derived[1].tolist() == [0, 1, 2, 0]
+    assert batch.positions.tolist() == [5, 6, 7, 7]
+    assert not AttentionBatch.packed([2, 3]).every_slot_valid

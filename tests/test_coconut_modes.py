@@ -182,3 +182,26 @@ def test_bad_samples_and_modes(coconut):
         coconut(ragged_samples(), mode="fast")
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         CoconutModel(coconut.decoder, SpecialTokens(1, 2, 999))
+
+
+def test_paged_training_step_makes_no_host_device_sync(coconut):
+    """A paged forward + backward (torch backend) reads no tensor value on the host: the step's
+    metadata comes from the host-side lengths (`PagedKVCache.prepare`), and a store knows from the
+    batch that every slot is valid instead of checking the slots per layer. On a GPU each such read
+    would wait for the device (DESIGN: no host-device syncs in the per-step hot path)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountScalarReads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.reads = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.reads += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    coconut.decoder.attention_backend = "torch"
+    counter = CountScalarReads()
+    with counter:
+        coconut(ragged_samples(), mode="paged").backward()
+    assert counter.reads == 0

@@ -72,12 +72,14 @@ def check_backward(backward, q, k_pool, v_pool, batch):
 
 @pytest.mark.parametrize("backward", [BACKWARDS["torch-fused"], BACKWARDS["torch-recompute"]],
                          ids=["torch-fused", "torch-recompute"])
-@pytest.mark.parametrize("q_kind", ["extend", "decode"])
+@pytest.mark.parametrize("q_kind", ["extend", "decode", "rectangular-decode", "rectangular-extend"])
 @pytest.mark.parametrize("group,head_dim,page,dtype", [s for s in SHAPES if s[3] == torch.float32])
 def test_torch_backward_on_strided_pages(backward, q_kind, group, head_dim, page, dtype):
     """Pages laid out as strided runs (a training cache): K/V read as a view and the padded dK/dV
-    added back whole; the junk between and after the runs gets exactly nothing."""
-    q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
+    added back whole; the junk between and after the runs gets exactly nothing. "rectangular": the
+    same new tokens for every sequence over ragged prefixes (a training thought or suffix step)."""
+    q_lens = {"extend": [3, 1, 0, page + 2, 17, 40], "decode": [1, 1, 1, 0, 1, 1], "rectangular-decode": [1] * 6,
+              "rectangular-extend": [3] * 6}[q_kind]
     q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, lengths(page), q_lens, strided=True)
     grad_k, grad_v = check_backward(backward, q, k_pool, v_pool, batch)
     keys = torch.zeros(k_pool.shape[:2], dtype=torch.bool)  # the pool rows that hold a real key

@@ -95,17 +95,20 @@ def test_store_kv_matches_reference(impl, skip, dtype, page):
 
 @pytest.mark.parametrize("strided", [False, True], ids=["gathered", "strided"])
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "sdpa"])
-@pytest.mark.parametrize("q_kind", ["extend", "decode", "equal-decode", "equal-prefill"])
+@pytest.mark.parametrize("q_kind", ["extend", "decode", "equal-decode", "equal-prefill", "rectangular-decode",
+                                    "rectangular-extend"])
 @pytest.mark.parametrize("group,head_dim,page,dtype", SHAPES)
 def test_torch_backend_matches_reference(strided, fused, q_kind, group, head_dim, page, dtype, monkeypatch):
     """The torch backend, with the fused CPU kernels and without (SDPA forward, explicit softmax for
     the lse), on permuted pages and on strided page runs (read as a view): output and log-sum-exp
-    equal the loop reference; rows of no sequence stay unwritten."""
+    equal the loop reference; rows of no sequence stay unwritten. "rectangular": every sequence has
+    the same new tokens over ragged prefixes (a training thought or suffix step), whose mask is built
+    from the key lengths alone and whose output is the kernel's own (a view where q_len is 1)."""
     if not fused:
         monkeypatch.setattr(torch_backend, "uses_fused_kernels", lambda device: False)
     prefix = {"equal-decode": [page + 1] * 4, "equal-prefill": [0] * 4}.get(q_kind, lengths(page))
     q_lens = {"extend": [3, 1, 0, page + 2, 17, 40], "decode": [1, 1, 1, 0, 1, 1], "equal-decode": [1] * 4,
-              "equal-prefill": [page + 3] * 4}[q_kind]
+              "equal-prefill": [page + 3] * 4, "rectangular-decode": [1] * 6, "rectangular-extend": [3] * 6}[q_kind]
     q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens, strided=strided)
     scale = head_dim ** -0.5
     ref_out, ref_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
