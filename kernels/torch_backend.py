@@ -96,10 +96,10 @@ def _padded_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool, 
     """The step padded to `[B, heads, max_q, D]` over every sequence's keys (views of the pool where
     the pages are strided runs); returns the packed rows of the output and (or None) the log-sum-exp."""
     q_pad = _pad_rows(q, batch).transpose(1, 2)
-    k, v = as_dtype(_padded_kv(k_pool, batch), q.dtype), as_dtype(_padded_kv(v_pool, batch), q.dtype)
+    k, v = as_dtype(_padded_kv(k_pool, batch, fused), q.dtype), as_dtype(_padded_kv(v_pool, batch, fused), q.dtype)
     lse_pad = None
     if fused:
-        mask, causal = _mask(batch, q.dtype)
+        mask, causal = _mask(batch, q.dtype, k.shape[2])
         o_pad, lse_pad = _fused_cpu_kernels()[0](q_pad, k, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
     elif return_lse:
         o_pad, lse_pad = _softmax_attention(q_pad, k, v, batch, scale)
@@ -173,12 +173,17 @@ def _strided_rows(pool: torch.Tensor, batch) -> torch.Tensor | None:
     return pool[first : first + batch.num_seqs * stride].view(batch.num_seqs, stride * pool.shape[1], *pool.shape[2:])
 
 
-def _token_major_kv(pool: torch.Tensor, batch) -> torch.Tensor:
-    """Every sequence's K or V in the pool's own layout, `[B, max_k, kv_heads, D]` (junk past k_len): a
-    view of the pool where the pages are strided runs, else gathered through the block table."""
+def _token_major_kv(pool: torch.Tensor, batch, whole_rows: bool = False) -> torch.Tensor:
+    """Every sequence's K or V in the pool's own layout, `[B, keys, kv_heads, D]` (junk past k_len): a
+    view of the pool where the pages are strided runs, else gathered through the block table.
+
+    `keys` is max_k, except with `whole_rows` on strided runs under a mask, where it is the whole row:
+    the view is then dense, so the fused backward returns dK/dV in the pool's own layout and adding
+    them into the gradient pages is a plain add, not a transposing one (tiny shape's thought step:
+    14 vs 65 us per add); the mask hides the extra keys."""
     strided = _strided_rows(pool, batch)
     if strided is not None:
-        return strided[:, : batch.max_seqlen_k]
+        return strided if whole_rows and not step_plan(batch).unmasked else strided[:, : batch.max_seqlen_k]
     page_size = pool.shape[1]
     num_pages = -(-batch.max_seqlen_k // page_size)
     table = batch.block_table[:, :num_pages].reshape(-1)
@@ -186,9 +191,10 @@ def _token_major_kv(pool: torch.Tensor, batch) -> torch.Tensor:
     return rows[:, : batch.max_seqlen_k]
 
 
-def _padded_kv(pool: torch.Tensor, batch) -> torch.Tensor:
-    """Every sequence's K or V, heads first: `[B, kv_heads, max_k, D]` (junk past k_len)."""
-    return _token_major_kv(pool, batch).transpose(1, 2)
+def _padded_kv(pool: torch.Tensor, batch, whole_rows: bool = False) -> torch.Tensor:
+    """Every sequence's K or V, heads first: `[B, kv_heads, keys, D]` (junk past k_len; `keys` as
+    `_token_major_kv` has them)."""
+    return _token_major_kv(pool, batch, whole_rows).transpose(1, 2)
 
 
 def _rectangular(batch) -> bool:
@@ -227,28 +233,28 @@ def _padded_slots(batch, page_size: int, device) -> tuple[torch.Tensor, torch.Te
 
 
 def _add_into_pool(grad_pool: torch.Tensor, padded_grad: torch.Tensor, batch) -> None:
-    """Add padded key gradients `[B, kv_heads, max_k, D]` into the gradient pages of the real keys.
+    """Add padded key gradients `[B, kv_heads, keys, D]` into the gradient pages of the real keys.
 
     On a strided view the whole padded block is added: past each row's keys the gradient is exactly
     zero (masked keys get zero probability, padding query rows a zero output gradient)."""
     strided = _strided_rows(grad_pool, batch)
     if strided is not None:
-        strided[:, : batch.max_seqlen_k] += as_dtype(padded_grad.transpose(1, 2), grad_pool.dtype)
+        strided[:, : padded_grad.shape[2]] += as_dtype(padded_grad.transpose(1, 2), grad_pool.dtype)
         return
     slots, real = _padded_slots(batch, grad_pool.shape[1], padded_grad.device)
     rows = padded_grad.transpose(1, 2)[real]
     grad_pool.view(-1, *grad_pool.shape[2:]).index_add_(0, slots[real], rows.to(grad_pool.dtype))
 
 
-def _visible(batch, device) -> torch.Tensor:
-    """Causal visibility `[B, 1, max_q, max_k]`: padded query row i of sequence b sees key j.
+def _visible(batch, device, keys: int) -> torch.Tensor:
+    """Causal visibility `[B, 1, max_q, keys]`: padded query row i of sequence b sees key j.
 
     Key 0 is visible to every row, so that padding rows (which nothing reads) are never fully
     masked; real rows see key 0 anyway. Built once per step.
     """
     def build():
         i = torch.arange(batch.max_seqlen_q, device=device)
-        j = torch.arange(batch.max_seqlen_k, device=device)
+        j = torch.arange(keys, device=device)
         if _rectangular(batch):  # every row is real, at position k_len - max_q + i: it sees key 0
             q_pos = batch.seq_lens_k.to(device)[:, None] + (i - batch.max_seqlen_q)[None, :]
             return (j[None, None, :] <= q_pos[:, :, None])[:, None]
@@ -258,20 +264,20 @@ def _visible(batch, device) -> torch.Tensor:
         seen = (j[None, None, :] <= q_pos[:, :, None]) & (j[None, None, :] < k_lens[:, None, None])
         return (seen | (j == 0))[:, None]
 
-    return batch.memo("visible", build)
+    return batch.memo(f"visible_{keys}", build)
 
 
-def _mask(batch, dtype: torch.dtype) -> tuple[torch.Tensor | None, bool]:
-    """The fused kernel's (additive mask, is_causal) for this step: no mask where every sequence
-    has the same lengths and the step is a decode or a prefill from empty."""
+def _mask(batch, dtype: torch.dtype, keys: int) -> tuple[torch.Tensor | None, bool]:
+    """The fused kernel's (additive mask over `keys` keys, is_causal) for this step: no mask where
+    every sequence has the same lengths and the step is a decode or a prefill from empty."""
     if step_plan(batch).unmasked:
         return None, batch.max_seqlen_q > 1
 
     def build():
         return torch.zeros((), dtype=dtype, device=batch.positions.device).masked_fill(
-            ~_visible(batch, batch.positions.device), float("-inf"))
+            ~_visible(batch, batch.positions.device, keys), float("-inf"))
 
-    return batch.memo(f"additive_mask_{dtype}", build), False
+    return batch.memo(f"additive_mask_{dtype}_{keys}", build), False
 
 
 def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -339,7 +345,7 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
     if step_plan(batch).unmasked:
         return F.scaled_dot_product_attention(q_pad, k, v, is_causal=batch.max_seqlen_q > 1, scale=scale,
                                               enable_gqa=group > 1)
-    return F.scaled_dot_product_attention(q_pad, k, v, attn_mask=_visible(batch, q_pad.device), scale=scale,
+    return F.scaled_dot_product_attention(q_pad, k, v, attn_mask=_visible(batch, q_pad.device, k.shape[2]), scale=scale,
                                           enable_gqa=group > 1)
 
 
@@ -389,14 +395,14 @@ def _small_one_token_step(q: torch.Tensor, batch) -> bool:
     return batch.num_seqs * q.shape[1] * batch.max_seqlen_k * q.shape[2] <= ONE_TOKEN_FUSED_MAX_ELEMENTS
 
 
-def _one_token_keys(batch, device) -> torch.Tensor:
-    """`[B, max_k]`: the padded key positions a one-token step attends to (key 0 always, so that a
+def _one_token_keys(batch, device, keys: int) -> torch.Tensor:
+    """`[B, keys]`: the padded key positions a one-token step attends to (key 0 always, so that a
     sequence without a new token, a padding row that nothing reads, is never fully masked)."""
     def build():
-        j = torch.arange(batch.max_seqlen_k, device=device)
+        j = torch.arange(keys, device=device)
         return (j[None, :] < torch.tensor(batch.k_lens, device=device)[:, None]) | (j == 0)
 
-    return batch.memo("one_token_keys", build)
+    return batch.memo(f"one_token_keys_{keys}", build)
 
 
 def _one_token_rows(x: torch.Tensor, batch, kv_heads: int) -> torch.Tensor:
@@ -409,7 +415,7 @@ def _one_token_probs(q32, k_rows, batch, scale: float, lse=None):
     """Probabilities `[B, keys, kv_heads, group]` of the queries `q32` (`[B, kv_heads, group, D]`) over
     `k_rows` (`[B, keys, kv_heads, D]`), and the log-sum-exp `[B, kv_heads, group]` (computed if not given)."""
     scores = _dot_keys(k_rows, q32).mul_(scale)
-    scores.masked_fill_(~_one_token_keys(batch, scores.device)[:, :, None, None], float("-inf"))
+    scores.masked_fill_(~_one_token_keys(batch, scores.device, scores.shape[1])[:, :, None, None], float("-inf"))
     if lse is None:
         lse = torch.logsumexp(scores, dim=1)
     return scores.sub_(lse.unsqueeze(1)).exp_(), lse
@@ -447,13 +453,13 @@ def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> No
     of the gradient pages (exactly zero past each sequence's keys), else added at the keys' slots."""
     strided = _strided_rows(grad_pool, batch)
     if strided is not None and weights.shape[-1] == 1:
-        strided[:, : batch.max_seqlen_k].addcmul_(weights, vectors[:, None, :, 0], value=scale)
+        strided[:, : weights.shape[1]].addcmul_(weights, vectors[:, None, :, 0], value=scale)
         return
     rows = weights.new_empty(*weights.shape[:3], vectors.shape[-1])  # [B, keys, kv_heads, D]
     for keys in _key_chunks(weights, vectors[0].numel()):
         rows[:, keys] = (weights[:, keys].unsqueeze(-1) * vectors.unsqueeze(1)).sum(3).mul_(scale)
     if strided is not None:
-        strided[:, : batch.max_seqlen_k] += rows
+        strided[:, : rows.shape[1]] += rows
     else:
         _add_into_pool(grad_pool, rows.transpose(1, 2), batch)
 
@@ -495,7 +501,7 @@ def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, 
     the fused kernel; returns (out, lse `[B, heads, max_q]`)."""
     group = q_pad.shape[1] // k.shape[1]
     scores = torch.matmul(q_pad.float(), _repeat_kv(k.float(), group).transpose(-1, -2)) * scale
-    scores = scores.masked_fill_(~_visible(batch, q_pad.device), float("-inf"))
+    scores = scores.masked_fill_(~_visible(batch, q_pad.device, k.shape[2]), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp_(scores.sub_(lse[..., None]))
     return torch.matmul(probs, _repeat_kv(v.float(), group)), lse
@@ -509,8 +515,8 @@ def _fused_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
     do_pad = _pad_rows(as_dtype(dout, q.dtype), batch).transpose(1, 2)
     o_pad = _pad_rows(out, batch).transpose(1, 2)
     lse_pad = _pad_rows(lse, batch).transpose(1, 2).contiguous()
-    k, v = as_dtype(_padded_kv(k_pool, batch), q.dtype), as_dtype(_padded_kv(v_pool, batch), q.dtype)
-    mask, causal = _mask(batch, q.dtype)
+    k, v = as_dtype(_padded_kv(k_pool, batch, True), q.dtype), as_dtype(_padded_kv(v_pool, batch, True), q.dtype)
+    mask, causal = _mask(batch, q.dtype, k.shape[2])
     dq, dk, dv = _fused_cpu_kernels()[1](do_pad, q_pad, k, v, o_pad, lse_pad, 0.0, causal, attn_mask=mask, scale=scale)
     _add_into_pool(grad_k_pool, dk, batch)
     _add_into_pool(grad_v_pool, dv, batch)
@@ -538,7 +544,7 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
     delta = _pad_rows((dout.float() * out.float()).sum(-1), batch).transpose(1, 2)  # rowsum(dO * O)
     k, v = _padded_kv(k_pool, batch).float(), _padded_kv(v_pool, batch).float()
     k_rep, v_rep = _repeat_kv(k, group), _repeat_kv(v, group)
-    scores = torch.matmul(q_pad, k_rep.transpose(-1, -2)).mul_(scale).masked_fill_(~_visible(batch, q.device),
+    scores = torch.matmul(q_pad, k_rep.transpose(-1, -2)).mul_(scale).masked_fill_(~_visible(batch, q.device, k.shape[2]),
                                                                                    float("-inf"))
     if lse is None:
         probs = torch.softmax(scores, dim=-1)
