@@ -431,19 +431,19 @@ class PagedKVCache:
         page_lists = [alloc._seqs[s].pages for s in seq_ids]
         q_lens = tuple(int(c) for c in num_new_tokens)
         k_lens = tuple(start + count for start, count in zip(old_lens, q_lens))
-        counts = torch.tensor(q_lens, dtype=torch.int64)
+        cu = _cumsum(q_lens)  # on the host: nothing of the step's shape is read back from a tensor
         width = max((len(p) for p in page_lists), default=0)
         table = torch.tensor([p + [0] * (width - len(p)) for p in page_lists], dtype=torch.int32).reshape(len(seq_ids), width)
         # every new token: its sequence, its row among the sequence's new tokens, its absolute
         # position, and the slot its K/V goes to
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), counts)
-        row_of_token = torch.arange(sum(q_lens)) - (torch.cumsum(counts, 0) - counts)[seq_of_token]
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), torch.tensor(q_lens), output_size=cu[-1])
+        row_of_token = torch.arange(cu[-1]) - torch.tensor(cu[:-1], dtype=torch.int64)[seq_of_token]
         positions = torch.tensor(old_lens, dtype=torch.int64)[seq_of_token] + row_of_token
         slots = table[seq_of_token, positions // self.page_size].long() * self.page_size + positions % self.page_size
         dev = self.device
         strided = _strided_pages(page_lists)
         batch = AttentionBatch(
-            cu_seqlens_q=torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(dev, torch.int32),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
             seq_lens_k=torch.tensor(k_lens, dtype=torch.int32, device=dev),
             block_table=table.to(dev),
             slot_mapping=slots.to(dev),
