@@ -66,9 +66,9 @@ def test_one_token_steps_read_the_pages_in_place(models, monkeypatch):
     _, decoder = models
     original = torch_backend._token_major_kv
 
-    def token_major_kv(pool, batch):
+    def token_major_kv(pool, batch, *args):
         assert batch.max_seqlen_q > 1, "a one-token step gathered the pages"
-        return original(pool, batch)
+        return original(pool, batch, *args)
 
     monkeypatch.setattr(torch_backend, "_token_major_kv", token_major_kv)
     gen = Generator(decoder, max_pages=160, page_size=4, special_tokens=TOKENS)
