@@ -1,24 +1,58 @@
 """Host time per decoder call by step kind: the tiny shape's paged training step (forward of the
 prefill, a thought step and the suffix step; the step's backward) and a decode step of the
-smollm2-135m shape at batch 16 with equal and ragged (+-20 %) prompt lengths.
+smollm2-135m shape with equal and ragged (+-20 %) prompt lengths; optionally against an earlier
+revision of the engine, timed in the same process.
 
 On CPU a call's host time is its wall time. Every number is the median over `--reps` rounds in
-which the contenders take turns. Usage (from the repository root):
+which the contenders take turns (the order rotating each round). Each step is timed twice: wall
+time and the process's CPU time; on a shared machine the CPU time moves less (a step that is
+preempted keeps its wall clock running, not its CPU clock), and only ratios of contenders timed in
+turns compare. Usage (from the repository root):
 
-    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 5
-    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 5 --stages 1,2,3,4,5,6
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 21 --stages 1,2,3,4,5,6 --against e993c0e
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7 --decode-batches 1,16 --against e993c0e
+
+`--against REV` extracts the library (`coconut_engine/`, `kernels/`) of git revision REV into a
+temporary directory, imports it as a second package and adds its paged step (and its decode step)
+to the contenders: before and after run on the same weights and batch, in turns, in one process.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import io
 import json
+import shutil
 import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+import coconut_engine
 from coconut_engine import bench
-from coconut_engine.model import Decoder
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_revision(rev: str):
+    """The engine of git revision `rev` as a package of its own (`coconut_engine_<rev>`)."""
+    name = "coconut_engine_" + "".join(c if c.isalnum() else "_" for c in rev)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "coconut_engine", "kernels"],
+                             check=True, capture_output=True).stdout
+    root = Path(tempfile.mkdtemp(prefix="host_overhead_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(root)
+    shutil.move(str(root / "coconut_engine"), str(root / name))
+    shutil.move(str(root / "kernels"), str(root / name / "kernels"))
+    sys.path.insert(0, str(root))
+    return importlib.import_module(name)
 
 
 def _call_kind(batch) -> str:
@@ -27,83 +61,122 @@ def _call_kind(batch) -> str:
     return "prefill" if batch.max_seqlen_q > 64 else "suffix"
 
 
-def training_calls(stage: int, reps: int) -> dict:
-    """Median microseconds per decoder call forward by kind, and per step forward + backward, for the
-    paged mode (next to multipass and floor steps) of the tiny shape."""
-    modes = ["paged", "multipass", "floor"]
-    steps, _ = bench._train_steps("tiny", modes, stage, 8, torch.device("cpu"), "torch", 250, 0)
-    calls: dict[str, list[float]] = {}
-    current = {"mode": None}
-    forward = Decoder.forward
+def _take_turns(contenders: dict[str, Callable[[], object]], reps: int) -> dict[str, dict[str, float]]:
+    """Median wall and CPU milliseconds of each contender, `reps` rounds in turns after a warm-up round."""
+    names = list(contenders)
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for rep in range(reps + 1):
+        for i in range(len(names)):
+            name = names[(rep + i) % len(names)]
+            t0, c0 = time.perf_counter(), time.process_time()
+            contenders[name]()
+            if rep:
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    return {n: {"wall_ms": statistics.median(wall[n]), "cpu_ms": statistics.median(cpu[n])} for n in names}
 
-    def timed(self, batch, *args, **kwargs):
-        t0 = time.perf_counter()
-        out = forward(self, batch, *args, **kwargs)
-        if current["mode"] == "paged":
-            calls.setdefault(_call_kind(batch), []).append((time.perf_counter() - t0) * 1e6)
-        return out
 
-    Decoder.forward = timed
+def _engines(against: str | None) -> dict[str, object]:
+    """{label: the package's bench module}: this checkout ("after") and, if asked, revision `against`."""
+    engines = {"after": bench}
+    if against:
+        engines[f"before ({against})"] = importlib.import_module(load_revision(against).__name__ + ".bench")
+    return engines
+
+
+def training_calls(stage: int, reps: int, against: str | None = None) -> dict:
+    """Median microseconds per decoder call forward by kind (the paged mode of each engine), and the
+    median step (forward + backward) of each engine's paged mode, in turns with multipass and floor."""
+    contenders, calls, current = {}, {}, {"label": None}
+    patched = []
+    for label, engine in _engines(against).items():
+        modes = ["paged", "multipass", "floor"] if label == "after" else ["paged"]
+        steps, _ = engine._train_steps("tiny", modes, stage, 8, torch.device("cpu"), "torch", 250, 0)
+        for mode in modes:
+            name = f"{label} {mode}" if mode == "paged" else mode
+
+            def run(step=steps[mode][1], name=name):
+                current["label"] = name
+                step()
+
+            contenders[name] = run
+        decoder_cls = importlib.import_module(engine.__name__.rsplit(".", 1)[0] + ".model").Decoder
+        forward = decoder_cls.forward
+
+        def timed(self, batch, *args, _forward=forward, **kwargs):
+            t0 = time.perf_counter()
+            out = _forward(self, batch, *args, **kwargs)
+            if current["label"].endswith("paged"):
+                calls.setdefault(current["label"], {}).setdefault(_call_kind(batch), []).append(
+                    (time.perf_counter() - t0) * 1e6)
+            return out
+
+        decoder_cls.forward = timed
+        patched.append((decoder_cls, forward))
     try:
-        step_ms = {m: [] for m in modes}
-        for rep in range(reps + 1):
-            for i in range(len(modes)):
-                mode = modes[(rep + i) % len(modes)]
-                current["mode"] = mode
-                t0 = time.perf_counter()
-                steps[mode][1]()
-                if rep:
-                    step_ms[mode].append((time.perf_counter() - t0) * 1e3)
+        steps_ms = _take_turns(contenders, reps)
     finally:
-        Decoder.forward = forward
-    return {"calls_us": {k: statistics.median(v) for k, v in calls.items()},
-            "step_ms": {m: statistics.median(v) for m, v in step_ms.items()}}
+        for cls, forward in patched:
+            cls.forward = forward
+    return {"calls_us": {label: {k: statistics.median(v) for k, v in kinds.items()} for label, kinds in calls.items()},
+            "steps": steps_ms}
 
 
-def stage_times(stages, reps: int) -> dict:
-    """Median ms of the tiny shape's paged, multipass and floor steps at each stage, in turns in this process."""
-    modes = ["paged", "multipass", "floor"]
+def stage_times(stages, reps: int, against: str | None = None) -> dict:
+    """Median wall and CPU ms of the tiny shape's paged (each engine), multipass and floor steps at each
+    stage, in turns in this process."""
+    engines = _engines(against)
     out = {}
     for stage in stages:
-        steps, _ = bench._train_steps("tiny", modes, stage, 8, torch.device("cpu"), "torch", 250, 0)
-        times = {m: [] for m in modes}
-        for rep in range(reps + 1):
-            for i in range(len(modes)):
-                mode = modes[(rep + i) % len(modes)]
-                t0 = time.perf_counter()
-                steps[mode][1]()
-                if rep:
-                    times[mode].append((time.perf_counter() - t0) * 1e3)
-        out[stage] = {m: statistics.median(t) for m, t in times.items()}
+        contenders = {}
+        for label, engine in engines.items():
+            modes = ["paged", "multipass", "floor"] if label == "after" else ["paged"]
+            steps, _ = engine._train_steps("tiny", modes, stage, 8, torch.device("cpu"), "torch", 250, 0)
+            for mode in modes:
+                contenders[f"{label} {mode}" if mode == "paged" else mode] = steps[mode][1]
+        out[stage] = _take_turns(contenders, reps)
+        print(json.dumps({stage: out[stage]}), file=sys.stderr, flush=True)
     return out
 
 
-def decode_calls(batch: int, reps: int) -> dict:
-    """Median milliseconds of a decode step (decoder call, LM head, argmax) of the smollm2-135m shape."""
-    decoder = bench.build_random_model("smollm2-135m", attention_backend="torch").eval()
-    steps = {kind: bench._engine_decode_step(decoder, bench.prompt_lengths(batch, 400, kind == "ragged"), reps + 2)
-             for kind in ("equal", "ragged")}
-    times = {k: [] for k in steps}
-    for rep in range(reps + 1):
-        for i, kind in enumerate(steps):
-            kind = list(steps)[(rep + i) % 2]
-            t0 = time.perf_counter()
-            steps[kind]()
-            if rep:
-                times[kind].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+def decode_calls(batches, reps: int, against: str | None = None) -> dict:
+    """Median ms of a decode step (decoder call, LM head, argmax) of the smollm2-135m shape, equal and
+    ragged prompts of ~400 tokens, per batch size: each engine, and transformers' forward over its cache."""
+    engines = _engines(against)
+    decoders = {label: engine.build_random_model("smollm2-135m", attention_backend="torch").eval()
+                for label, engine in engines.items()}
+    hf = bench._as_transformers(decoders["after"], torch.device("cpu"))
+    out = {}
+    for batch in batches:
+        contenders = {}
+        for kind in ("equal", "ragged"):
+            lens = bench.prompt_lengths(batch, 400, kind == "ragged")
+            for label, engine in engines.items():
+                contenders[f"{label} {kind}"] = engine._engine_decode_step(decoders[label], lens, reps + 2)
+            contenders[f"transformers {kind}"] = bench._transformers_decode_step(hf, decoders["after"].config, lens,
+                                                                                 torch.device("cpu"))
+        out[batch] = _take_turns(contenders, reps)
+        print(json.dumps({batch: out[batch]}), file=sys.stderr, flush=True)
+    return out
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--stage", type=int, default=6)
-    parser.add_argument("--decode-batch", type=int, default=16)
+    parser.add_argument("--decode-batches", default="16", help="decode step batch sizes, e.g. 1,16,64 ('' for none)")
     parser.add_argument("--stages", default=None, help="instead: the tiny shape's step by stage, e.g. 1,2,3,4,5,6")
+    parser.add_argument("--against", default=None, help="a git revision whose engine runs in turns with this one")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    meta = {"engine": str(Path(coconut_engine.__file__).parent), "against": args.against, "reps": args.reps,
+            "torch": torch.__version__}
     if args.stages:
-        print(json.dumps(stage_times([int(s) for s in args.stages.split(",")], args.reps)))
+        print(json.dumps({**meta, "stages": stage_times([int(s) for s in args.stages.split(",")], args.reps,
+                                                        args.against)}))
         raise SystemExit(0)
-    result = {"training": training_calls(args.stage, args.reps), "decode_ms": decode_calls(args.decode_batch, args.reps)}
+    batches = [int(b) for b in args.decode_batches.split(",") if b]
+    result = {**meta, "training": training_calls(args.stage, args.reps, args.against),
+              "decode": decode_calls(batches, args.reps, args.against) if batches else {}}
     print(json.dumps(result))
