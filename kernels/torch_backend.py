@@ -476,24 +476,29 @@ def _one_token_runs(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
     padding to the longest sequence, no mask: a ragged step costs what an equal-length one does);
     a sequence of several runs merges them by their log-sum-exps."""
     forward = _fused_cpu_kernels()[0]
-    k_flat, v_flat = k_pool.view(-1, *k_pool.shape[2:]), v_pool.view(-1, *v_pool.shape[2:])
-    rows = (row for row, _ in _sequences(batch))
+    # heads-first views of the whole pool and of every query: a run or a query is then one slice
+    k_all = k_pool.view(-1, *k_pool.shape[2:]).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, slots, D]
+    v_all = v_pool.view(-1, *v_pool.shape[2:]).transpose(0, 1).unsqueeze(0)
+    q_all = q.unsqueeze(2)  # [T, heads, 1, D]
+    outs, lses, row = [], [], 0
     for q_len, runs in zip(batch.q_lens, batch.kv_runs):
         if not q_len:
             continue
-        row = next(rows)
-        q_b = _heads_first(q[row])
-        parts = [forward(q_b, _heads_first(k_flat[s : s + n].to(q.dtype)), _heads_first(v_flat[s : s + n].to(q.dtype)),
+        q_b = q_all[row : row + 1]
+        parts = [forward(q_b, as_dtype(k_all[:, :, s : s + n], q.dtype), as_dtype(v_all[:, :, s : s + n], q.dtype),
                          0.0, False, scale=scale)[:2] for s, n in runs]
         o, lse_b = parts[0]
         if len(parts) > 1:  # [1, heads, 1, D] outputs weighted by exp(run lse - total lse)
-            lses = torch.stack([p[1] for p in parts])
-            lse_b = torch.logsumexp(lses, dim=0)
-            weights = (lses - lse_b).exp_().unsqueeze(-1)
+            lses_b = torch.stack([p[1] for p in parts])
+            lse_b = torch.logsumexp(lses_b, dim=0)
+            weights = (lses_b - lse_b).exp_().unsqueeze(-1)
             o = (torch.stack([p[0].float() for p in parts]) * weights).sum(0)
-        out[row] = o[0].transpose(0, 1).to(out.dtype)
-        if lse is not None:
-            lse[row] = lse_b[0].transpose(0, 1)
+        outs.append(o)
+        lses.append(lse_b)
+        row += 1
+    out[:row] = torch.cat(outs).view(row, *q.shape[1:])  # one copy for the step, not one per sequence
+    if lse is not None:
+        lse[:row] = torch.cat(lses).view(row, q.shape[1])
 
 
 def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
