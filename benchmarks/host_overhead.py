@@ -12,6 +12,7 @@ turns compare. Usage (from the repository root):
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 21 --stages 1,2,3,4,5,6 --against e993c0e
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7 --decode-batches 1,16 --against e993c0e
+    OMP_NUM_THREADS=2 python benchmarks/host_overhead.py --reps 5 --stages 6 --shape gpt2-6l --against e993c0e
 
 `--against REV` extracts the library (`coconut_engine/`, `kernels/`) of git revision REV into a
 temporary directory, imports it as a second package and adds its paged step (and its decode step)
@@ -123,8 +124,8 @@ def training_calls(stage: int, reps: int, against: str | None = None) -> dict:
             "steps": steps_ms}
 
 
-def stage_times(stages, reps: int, against: str | None = None) -> dict:
-    """Median wall and CPU ms of the tiny shape's paged (each engine), multipass and floor steps at each
+def stage_times(stages, reps: int, against: str | None = None, shape: str = "tiny") -> dict:
+    """Median wall and CPU ms of the paged (each engine), multipass and floor steps of `shape` at each
     stage, in turns in this process."""
     engines = _engines(against)
     out = {}
@@ -132,7 +133,7 @@ def stage_times(stages, reps: int, against: str | None = None) -> dict:
         contenders = {}
         for label, engine in engines.items():
             modes = ["paged", "multipass", "floor"] if label == "after" else ["paged"]
-            steps, _ = engine._train_steps("tiny", modes, stage, 8, torch.device("cpu"), "torch", 250, 0)
+            steps, _ = engine._train_steps(shape, modes, stage, 8, torch.device("cpu"), "torch", 250, 0)
             for mode in modes:
                 contenders[f"{label} {mode}" if mode == "paged" else mode] = steps[mode][1]
         out[stage] = _take_turns(contenders, reps)
@@ -166,15 +167,17 @@ if __name__ == "__main__":
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--stage", type=int, default=6)
     parser.add_argument("--decode-batches", default="16", help="decode step batch sizes, e.g. 1,16,64 ('' for none)")
-    parser.add_argument("--stages", default=None, help="instead: the tiny shape's step by stage, e.g. 1,2,3,4,5,6")
+    parser.add_argument("--stages", default=None, help="instead: the training step by stage, e.g. 1,2,3,4,5,6")
+    parser.add_argument("--shape", default="tiny", help="with --stages: the model shape (bench.SHAPES)")
     parser.add_argument("--against", default=None, help="a git revision whose engine runs in turns with this one")
     args = parser.parse_args()
     torch.set_num_threads(1)
     meta = {"engine": str(Path(coconut_engine.__file__).parent), "against": args.against, "reps": args.reps,
             "torch": torch.__version__}
     if args.stages:
-        print(json.dumps({**meta, "stages": stage_times([int(s) for s in args.stages.split(",")], args.reps,
-                                                        args.against)}))
+        print(json.dumps({**meta, "shape": args.shape,
+                          "stages": stage_times([int(s) for s in args.stages.split(",")], args.reps, args.against,
+                                                args.shape)}))
         raise SystemExit(0)
     batches = [int(b) for b in args.decode_batches.split(",") if b]
     result = {**meta, "training": training_calls(args.stage, args.reps, args.against),
