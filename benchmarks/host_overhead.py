@@ -12,7 +12,7 @@ turns compare. Usage (from the repository root):
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 21 --stages 1,2,3,4,5,6 --against e993c0e
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7 --decode-batches 1,16 --against e993c0e
-    OMP_NUM_THREADS=2 python benchmarks/host_overhead.py --reps 5 --stages 6 --shape gpt2-6l --against e993c0e
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 5 --stages 6 --shape gpt2-6l --against e993c0e
 
 `--against REV` extracts the library (`coconut_engine/`, `kernels/`) of git revision REV into a
 temporary directory, imports it as a second package and adds its paged step (and its decode step)
