@@ -96,7 +96,7 @@ def _padded_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool, 
     """The step padded to `[B, heads, max_q, D]` over every sequence's keys (views of the pool where
     the pages are strided runs); returns the packed rows of the output and (or None) the log-sum-exp."""
     q_pad = _pad_rows(q, batch).transpose(1, 2)
-    k, v = as_dtype(_padded_kv(k_pool, batch, fused), q.dtype), as_dtype(_padded_kv(v_pool, batch, fused), q.dtype)
+    k, v = as_dtype(_padded_kv(k_pool, batch), q.dtype), as_dtype(_padded_kv(v_pool, batch), q.dtype)
     lse_pad = None
     if fused:
         mask, causal = _mask(batch, q.dtype, k.shape[2])
@@ -180,7 +180,9 @@ def _token_major_kv(pool: torch.Tensor, batch, whole_rows: bool = False) -> torc
     `keys` is max_k, except with `whole_rows` on strided runs under a mask, where it is the whole row:
     the view is then dense, so the fused backward returns dK/dV in the pool's own layout and adding
     them into the gradient pages is a plain add, not a transposing one (tiny shape's thought step:
-    14 vs 65 us per add); the mask hides the extra keys."""
+    14 vs 65 us per add); the mask hides the extra keys. Only the backward asks for whole rows: a
+    forward gains nothing from them, and a generation step's row (a request's pages reserved for
+    its whole life) can be far longer than its keys."""
     strided = _strided_rows(pool, batch)
     if strided is not None:
         return strided if whole_rows and not step_plan(batch).unmasked else strided[:, : batch.max_seqlen_k]
