@@ -1,0 +1,112 @@
+"""Attention-probability dropout whose mask is a pure function of logical coordinates.
+
+As in FlashAttention, no mask is stored: whether probability (query i, key j) of one head of one
+sequence is kept is a counter-based hash of (seed, sequence row, head, query position, key position),
+recomputed wherever it is needed (the forward, the backward, every backend). The positions are the
+absolute ones of the sequence and the row is the sequence's identity in the training forward (the
+sample's index), not where the step puts it in the packed batch or the pool: every training mode,
+however it splits the work into steps and pages, draws the same mask for the same (row, head, q, k).
+
+The hash is 32-bit integer arithmetic (Wellons' "lowbias32" finaliser, chained over the coordinates),
+written here once for Python ints and int64 tensors; the Triton kernels compute the same function in
+uint32 (`paged_attention._dropout_keep`). Probability (i, j) is kept when the hash's top 24 bits are
+at least `threshold = int(p * 2**24)`; kept values are scaled by 1 / (1 - p).
+
+This module does not import Triton.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+MIX_MUL_1 = 0x7FEB352D
+MIX_MUL_2 = 0x846CA68B
+THRESHOLD_BITS = 24  # the keep test compares the hash's top 24 bits
+
+
+def _mul32(x, c: int):
+    """`x * c` modulo 2**32 for `x` in [0, 2**32) without an intermediate above 2**49 (exact in int64)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x):
+    """The 32-bit hash finaliser (a bijection of [0, 2**32)), for a Python int or an int64 tensor."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX_MUL_1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX_MUL_2)
+    return x ^ (x >> 16)
+
+
+def layer_seed(seed: int, layer: int) -> int:
+    """The seed of one layer's mask, derived on the host from the forward's seed (each layer draws its own)."""
+    return mix32((seed ^ mix32((layer + 1) & MASK32)) & MASK32)
+
+
+def as_int32(value: int) -> int:
+    """A 32-bit pattern as the signed int a kernel argument of type int32 carries (bit-cast back there)."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+@dataclass(frozen=True)
+class AttentionDropout:
+    """Dropout on one layer's attention probabilities in one step.
+
+    `rows` (int32 `[B]`, on the step's device) is each sequence's mask row: its identity in the training
+    forward (the sample's index), the same whichever step or batch position the mode gives it.
+    """
+
+    p: float
+    seed: int  # 32-bit, already this layer's (`layer_seed`)
+    rows: torch.Tensor
+
+    def __post_init__(self):
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"AttentionDropout: p must be in (0, 1), got {self.p}")
+        if not 0 <= self.seed <= MASK32:
+            raise ValueError(f"AttentionDropout: seed must be a 32-bit value, got {self.seed}")
+
+    @property
+    def threshold(self) -> int:
+        """Hashes whose top 24 bits fall below this are dropped."""
+        return int(self.p * (1 << THRESHOLD_BITS))
+
+    @property
+    def scale(self) -> float:
+        """What kept probabilities are multiplied by."""
+        return 1.0 / (1.0 - self.p)
+
+
+def keep_mask(dropout: AttentionDropout, rows: torch.Tensor, heads: torch.Tensor, q_pos: torch.Tensor,
+              k_pos: torch.Tensor) -> torch.Tensor:
+    """Boolean keep mask over the broadcast of `rows`, `heads`, `q_pos`, `k_pos` (integer tensors whose
+    shapes broadcast together, e.g. `[B,1,1,1]`, `[1,H,1,1]`, `[B,1,Q,1]`, `[1,1,1,K]`)."""
+    h = mix32(dropout.seed ^ rows.long())
+    h = mix32(h ^ heads.long())
+    h = mix32(h ^ q_pos.long())
+    h = mix32(h ^ k_pos.long())
+    return (h >> (32 - THRESHOLD_BITS)) >= dropout.threshold
+
+
+def dropped(probs: torch.Tensor, keep: torch.Tensor, dropout: AttentionDropout) -> torch.Tensor:
+    """`probs` with the dropped entries zeroed and the kept ones scaled by 1 / (1 - p) (differentiable)."""
+    return torch.where(keep, probs * dropout.scale, torch.zeros((), dtype=probs.dtype, device=probs.device))
+
+
+def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
+                      dropout: AttentionDropout, rows: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+                      ) -> torch.Tensor:
+    """Attention with dropped probabilities under autograd, heads first: q `[B, heads, Q, D]`, k/v
+    `[B, kv_heads, K, D]`, `visible` broadcastable to `[B, heads, Q, K]`; the mask is drawn for mask rows
+    `rows` `[B]`, query positions `q_pos` `[B, Q]` and key positions `k_pos` `[B, K]`."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    # a finite minimum: a row of left padding (multipass) sees no key and must stay finite
+    probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), dim=-1)
+    heads = torch.arange(q.shape[1], device=q.device)
+    keep = keep_mask(dropout, rows[:, None, None, None], heads[None, :, None, None], q_pos[:, None, :, None],
+                     k_pos[:, None, None, :])
+    return torch.matmul(dropped(probs, keep, dropout), v.float()).to(q.dtype)
