@@ -1,0 +1,181 @@
+"""Attention-probability dropout (the checkpoint's attn_pdrop / attention_dropout): one mask, a function of
+(seed, sample, head, query position, key position), drawn identically by the Triton kernels, the torch
+backend, the reference and the no-cache / contiguous-cache paths; so the four training modes agree on loss
+and gradients with dropout on."""
+import pytest
+import torch
+
+from coconut_engine.coconut import MODES, CoconutModel
+from coconut_engine.kernels import reference, torch_backend
+from coconut_engine.kernels.dropout import AttentionDropout, keep_mask, mix32
+from coconut_engine.kernels.paged_attention import paged_attention as triton_forward
+from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward as triton_backward
+from coconut_engine.loader import load_model
+from paged_cases import make_case
+from test_coconut_modes import TOKENS, loss_and_grads, ragged_samples
+from tiny_models import CORE_FAMILIES, build_hf_model
+
+P = 0.3
+# the checkpoint's own key for attention dropout, the other dropouts off (their masks depend on the layout)
+DROPOUT_KEYS = {"gpt2": dict(attn_pdrop=P, embd_pdrop=0.0, resid_pdrop=0.0), "llama": dict(attention_dropout=P),
+                "qwen2": dict(attention_dropout=P)}
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=CORE_FAMILIES)
+def dropping(request, tmp_path_factory):
+    """A Coconut model whose checkpoint asks for attention dropout P, in training mode, with its
+    paged (torch backend) loss and gradients under seed 5, and its loss in eval mode."""
+    path = tmp_path_factory.mktemp(request.param)
+    build_hf_model(request.param, path, **DROPOUT_KEYS[request.param])
+    decoder = load_model(path, attention_backend="torch")
+    assert decoder.dropout.attn == P
+    model = CoconutModel(decoder, TOKENS, page_size=4)
+    with torch.no_grad():
+        clean = model(ragged_samples()).item()
+    decoder.train()
+    torch.manual_seed(5)
+    return model, loss_and_grads(model, ragged_samples(), "paged"), clean
+
+
+def seeded_loss_and_grads(model, mode, backend, seed=5):
+    model.decoder.attention_backend = backend
+    try:
+        torch.manual_seed(seed)
+        return loss_and_grads(model, ragged_samples(), mode)
+    finally:
+        model.decoder.attention_backend = "torch"
+
+
+@pytest.mark.parametrize("mode,backend", [
+    ("paged", "triton"), ("two_pass", "torch"), ("two_pass", "triton"), ("multipass", "torch"), ("recompute", "torch"),
+])
+def test_modes_agree_with_attention_dropout(dropping, mode, backend):
+    """Same seed: every mode and backend drops the same probabilities (same loss, same gradients as the
+    paged torch run, at the mode-equality tolerances), and they are dropped (the loss is not the clean one)."""
+    model, (ref_loss, ref_grads), clean = dropping
+    loss, grads = seeded_loss_and_grads(model, mode, backend)
+    assert abs(ref_loss - clean) > 1e-3  # dropout changed the loss ...
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)  # ... identically in every mode
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        assert (grad - ref).norm() <= 1e-4 * ref.norm() + 1e-12, name
+
+
+def test_same_seed_same_loss_other_seed_other_loss(dropping):
+    model, (ref_loss, ref_grads), _ = dropping
+    again, grads = seeded_loss_and_grads(model, "paged", "torch")
+    assert again == ref_loss and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    other, _ = seeded_loss_and_grads(model, "paged", "torch", seed=6)
+    assert abs(other - ref_loss) > 1e-4
+
+
+def test_eval_and_no_grad_forwards_draw_nothing_and_drop_nothing(dropping):
+    """Eval mode, and a training-mode forward without gradients (generation), compute the clean loss in
+    every mode and consume no random numbers (no seed drawn: the kernels run their no-dropout variant)."""
+    model, _, clean = dropping
+    model.decoder.eval()
+    try:
+        state = torch.get_rng_state()
+        with torch.no_grad():
+            losses = [model(ragged_samples(), mode=mode).item() for mode in MODES]
+        assert torch.equal(torch.get_rng_state(), state)
+        assert model.decoder.attention_dropout_seed() is None
+    finally:
+        model.decoder.train()
+    with torch.no_grad():
+        losses.append(model(ragged_samples(), mode="paged").item())
+    assert max(abs(loss - clean) for loss in losses) <= 1e-5 * abs(clean)
+
+
+# -- the kernels against the reference -------------------------------------------------------------
+
+def oracle(q, k_pool, v_pool, batch, dout, dropout):
+    """Output and gradients by autograd through the loop reference with the same dropout."""
+    q, k_pool, v_pool = (t.detach().float().requires_grad_() for t in (q, k_pool, v_pool))
+    out = reference.paged_attention(q, k_pool, v_pool, batch, q.shape[-1] ** -0.5, dropout=dropout)
+    (out * dout).sum().backward()
+    return out.detach(), q.grad, k_pool.grad, v_pool.grad
+
+
+BACKENDS = {"triton": (triton_forward, triton_backward),
+            "torch": (torch_backend.paged_attention, torch_backend.paged_attention_backward)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("q_kind", ["extend", "decode"])
+@pytest.mark.parametrize("group,head_dim,page", [(1, 32, 16), (7, 80, 16), (2, 64, 8)])
+def test_kernels_match_the_reference_with_dropout(backend, q_kind, group, head_dim, page):
+    """Forward (output and the un-dropped log-sum-exp) and backward (dq, dK/dV from the recomputed mask)
+    of each backend vs autograd through the reference, on ragged permuted pages with GQA."""
+    forward, backward = BACKENDS[backend]
+    q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
+    q, k_pool, v_pool, batch = make_case(group, head_dim, page, torch.float32, [1, page - 1, page, page + 1, 70, 0],
+                                         q_lens)
+    dropout = AttentionDropout(P, 0xC0FFEE42, torch.tensor([4, 0, 5, 2, 1, 3], dtype=torch.int32))
+    scale = head_dim ** -0.5
+    n = batch.num_tokens
+    out, lse = forward(q, k_pool, v_pool, batch, scale, return_lse=True, dropout=dropout)
+    dout = torch.randn_like(out)
+    want_out, want_q, want_k, want_v = oracle(q, k_pool, v_pool, batch, dout, dropout)
+    _, want_lse = reference.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True)
+    clean = reference.paged_attention(q, k_pool, v_pool, batch, scale)
+    assert (want_out[:n] - clean[:n]).abs().max() > 0.1  # the reference drops ...
+    assert (out[:n] - want_out[:n]).abs().max() < 1e-5  # ... and the backend drops the same
+    assert (lse[:n] - want_lse[:n]).abs().max() < 1e-5
+    grad_k, grad_v = torch.zeros_like(k_pool), torch.zeros_like(v_pool)
+    dq = backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale, dropout=dropout)
+    assert rel(dq[:n], want_q[:n]) < 1e-4
+    assert rel(grad_k, want_k) < 1e-4
+    assert rel(grad_v, want_v) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keep_rate_and_scale(backend):
+    """Uniform probabilities (q = 0) over one-hot values: each output entry is its probability after
+    dropout, so it is 0 or 1 / (k_len (1 - p)); about 1 - p of them are kept, and they are exactly the
+    entries of `keep_mask`."""
+    forward, _ = BACKENDS[backend]
+    q_len, heads, dim = 96, 4, 128
+    q, k_pool, v_pool, batch = make_case(heads, dim, 16, torch.float32, [0], [q_len], num_kv_heads=1)
+    q.zero_()
+    v_pool.zero_()
+    for pos in range(q_len):
+        v_pool[batch.block_table[0, pos // 16], pos % 16, 0, pos] = 1.0
+    dropout = AttentionDropout(P, 12345, torch.tensor([7], dtype=torch.int32))
+    out = forward(q, k_pool, v_pool, batch, 1.0, dropout=dropout)[:, :, :q_len]  # [q, heads, keys]
+    rows = torch.arange(q_len)
+    visible = rows[None, :] <= rows[:, None]
+    kept_value = (1 / (1 - P)) / (rows + 1).float()[:, None, None]  # row i sees i + 1 keys
+    kept = out > 0
+    assert not kept.transpose(1, 2)[~visible].any()
+    assert torch.allclose(out[kept], kept_value.expand_as(out)[kept], rtol=1e-5)
+    want = keep_mask(dropout, dropout.rows[0], torch.arange(heads)[None, :, None], rows[:, None, None],
+                     rows[None, None, :]) & visible[:, None, :]
+    assert torch.equal(kept, want)
+    rate = kept.sum().item() / (visible.sum().item() * heads)
+    assert abs(rate - (1 - P)) < 0.03, rate
+
+
+def test_mask_hash_is_32_bit_exact():
+    """The torch hash is the uint32 arithmetic the kernels do (known values of the finaliser), for Python
+    ints and int64 tensors alike, and the keep test draws (almost) independent bits per coordinate."""
+    values = [0, 1, 0xDEADBEEF, 0xFFFFFFFF]
+    want = []
+    for x in values:  # the finaliser written with explicit modulo arithmetic
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) % (1 << 32)
+        x ^= x >> 15
+        x = (x * 0x846CA68B) % (1 << 32)
+        want.append(x ^ (x >> 16))
+    assert [mix32(x) for x in values] == want
+    assert mix32(torch.tensor(values, dtype=torch.int64)).tolist() == want
+    dropout = AttentionDropout(0.5, 99, torch.zeros(1, dtype=torch.int32))
+    pos = torch.arange(256)
+    mask = keep_mask(dropout, torch.tensor(0), torch.tensor(0), pos[:, None], pos[None, :])
+    assert abs(mask.float().mean().item() - 0.5) < 0.01
+    neighbours = (mask[:, 1:] == mask[:, :-1]).float().mean().item()  # adjacent keys: no correlation
+    assert abs(neighbours - 0.5) < 0.01
