@@ -7,9 +7,10 @@ absolute ones of the sequence and the row is the sequence's identity in the trai
 sample's index), not where the step puts it in the packed batch or the pool: every training mode,
 however it splits the work into steps and pages, draws the same mask for the same (row, head, q, k).
 
-The hash is 32-bit integer arithmetic (Wellons' "lowbias32" finaliser, chained over the coordinates),
-written here once for Python ints and int64 tensors; the Triton kernels compute the same function in
-uint32 (`paged_attention._dropout_keep`). Probability (i, j) is kept when the hash's top 24 bits are
+The hash is 32-bit integer arithmetic, a two-round xorshift-multiply finaliser (the form of Wellons'
+"lowbias32") chained over the coordinates, written here once for Python ints and int64 tensors; the
+Triton kernels compute the same function in uint32 (`paged_attention._dropout_keep`). Its multipliers
+are below 2**31, so that a product of a 32-bit value and one of them is exact in int64. Probability (i, j) is kept when the hash's top 24 bits are
 at least `threshold = int(p * 2**24)`; kept values are scaled by 1 / (1 - p).
 
 This module does not import Triton.
@@ -20,24 +21,25 @@ from dataclasses import dataclass
 
 import torch
 
+from coconut_engine.errors import InvalidArgumentError
+
 MASK32 = 0xFFFFFFFF
-MIX_MUL_1 = 0x7FEB352D
-MIX_MUL_2 = 0x846CA68B
+MIX_MUL_1 = 0x21F0AAAD
+MIX_MUL_2 = 0x735A2D97
 THRESHOLD_BITS = 24  # the keep test compares the hash's top 24 bits
 
 
-def _mul32(x, c: int):
-    """`x * c` modulo 2**32 for `x` in [0, 2**32) without an intermediate above 2**49 (exact in int64)."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & MASK32
-
-
 def mix32(x):
-    """The 32-bit hash finaliser (a bijection of [0, 2**32)), for a Python int or an int64 tensor."""
+    """The 32-bit hash finaliser (a bijection of [0, 2**32)), for a Python int or an int64 tensor of values
+    in [0, 2**32) (not modified: the in-place steps below work on the first step's new tensor)."""
     x = x ^ (x >> 16)
-    x = _mul32(x, MIX_MUL_1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, MIX_MUL_2)
-    return x ^ (x >> 16)
+    x *= MIX_MUL_1
+    x &= MASK32
+    x ^= x >> 15
+    x *= MIX_MUL_2
+    x &= MASK32
+    x ^= x >> 15
+    return x
 
 
 def layer_seed(seed: int, layer: int) -> int:
@@ -64,9 +66,9 @@ class AttentionDropout:
 
     def __post_init__(self):
         if not 0.0 < self.p < 1.0:
-            raise ValueError(f"AttentionDropout: p must be in (0, 1), got {self.p}")
+            raise InvalidArgumentError(f"AttentionDropout: p must be in (0, 1), got {self.p}")
         if not 0 <= self.seed <= MASK32:
-            raise ValueError(f"AttentionDropout: seed must be a 32-bit value, got {self.seed}")
+            raise InvalidArgumentError(f"AttentionDropout: seed must be a 32-bit value, got {self.seed}")
 
     @property
     def threshold(self) -> int:

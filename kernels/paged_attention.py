@@ -40,10 +40,10 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _mix32(x):
     """The 32-bit hash finaliser of `kernels/dropout.py` (`mix32`), on uint32 values."""
     x ^= x >> 16
-    x *= 0x7FEB352D
+    x *= 0x21F0AAAD
     x ^= x >> 15
-    x *= 0x846CA68B
-    x ^= x >> 16
+    x *= 0x735A2D97
+    x ^= x >> 15
     return x
 
 

@@ -2,10 +2,13 @@
 (seed, sample, head, query position, key position), drawn identically by the Triton kernels, the torch
 backend, the reference and the no-cache / contiguous-cache paths; so the four training modes agree on loss
 and gradients with dropout on."""
+import functools
+
 import pytest
 import torch
 
 from coconut_engine.coconut import MODES, CoconutModel
+from coconut_engine.errors import InvalidArgumentError, KernelInputError
 from coconut_engine.kernels import reference, torch_backend
 from coconut_engine.kernels.dropout import AttentionDropout, keep_mask, mix32
 from coconut_engine.kernels.paged_attention import paged_attention as triton_forward
@@ -105,13 +108,16 @@ BACKENDS = {"triton": (triton_forward, triton_backward),
             "torch": (torch_backend.paged_attention, torch_backend.paged_attention_backward)}
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("q_kind", ["extend", "decode"])
+@pytest.mark.parametrize("backend,q_kind", [("triton", "extend"), ("triton", "decode"), ("triton", "decode-split"),
+                                            ("torch", "extend"), ("torch", "decode")])
 @pytest.mark.parametrize("group,head_dim,page", [(1, 32, 16), (7, 80, 16), (2, 64, 8)])
 def test_kernels_match_the_reference_with_dropout(backend, q_kind, group, head_dim, page):
     """Forward (output and the un-dropped log-sum-exp) and backward (dq, dK/dV from the recomputed mask)
-    of each backend vs autograd through the reference, on ragged permuted pages with GQA."""
+    of each backend vs autograd through the reference, on ragged permuted pages with GQA; "decode-split"
+    splits the keys of the one-token kernels over 3 programs (merged by log-sum-exp, as on a GPU)."""
     forward, backward = BACKENDS[backend]
+    if q_kind == "decode-split":
+        forward, backward = (functools.partial(f, num_splits=3) for f in (forward, backward))
     q_lens = [3, 1, 0, page + 2, 17, 40] if q_kind == "extend" else [1, 1, 1, 0, 1, 1]
     q, k_pool, v_pool, batch = make_case(group, head_dim, page, torch.float32, [1, page - 1, page, page + 1, 70, 0],
                                          q_lens)
@@ -160,6 +166,17 @@ def test_keep_rate_and_scale(backend):
     assert abs(rate - (1 - P)) < 0.03, rate
 
 
+def test_dropout_arguments_are_checked():
+    with pytest.raises(InvalidArgumentError, match="p must be in"):
+        AttentionDropout(1.0, 1, torch.zeros(1, dtype=torch.int32))
+    q, k_pool, v_pool, batch = make_case(1, 32, 16, torch.float32, [3, 4], [2, 1])
+    with pytest.raises(KernelInputError, match=r"dropout.rows must be 1-D with one .* \(2\)"):
+        triton_forward(q, k_pool, v_pool, batch, 1.0, dropout=AttentionDropout(P, 1, torch.zeros(3, dtype=torch.int32)))
+    with pytest.raises(KernelInputError, match="dropout.rows must be int32"):
+        triton_backward(q, q, q, torch.zeros(q.shape[:2]), k_pool, v_pool, torch.zeros_like(k_pool),
+                        torch.zeros_like(v_pool), batch, 1.0, dropout=AttentionDropout(P, 1, torch.zeros(2)))
+
+
 def test_mask_hash_is_32_bit_exact():
     """The torch hash is the uint32 arithmetic the kernels do (known values of the finaliser), for Python
     ints and int64 tensors alike, and the keep test draws (almost) independent bits per coordinate."""
@@ -167,12 +184,13 @@ def test_mask_hash_is_32_bit_exact():
     want = []
     for x in values:  # the finaliser written with explicit modulo arithmetic
         x ^= x >> 16
-        x = (x * 0x7FEB352D) % (1 << 32)
+        x = (x * 0x21F0AAAD) % (1 << 32)
         x ^= x >> 15
-        x = (x * 0x846CA68B) % (1 << 32)
-        want.append(x ^ (x >> 16))
+        x = (x * 0x735A2D97) % (1 << 32)
+        want.append(x ^ (x >> 15))
     assert [mix32(x) for x in values] == want
-    assert mix32(torch.tensor(values, dtype=torch.int64)).tolist() == want
+    tensor = torch.tensor(values, dtype=torch.int64)
+    assert mix32(tensor).tolist() == want and tensor.tolist() == values
     dropout = AttentionDropout(0.5, 99, torch.zeros(1, dtype=torch.int32))
     pos = torch.arange(256)
     mask = keep_mask(dropout, torch.tensor(0), torch.tensor(0), pos[:, None], pos[None, :])
