@@ -308,7 +308,8 @@ class CoconutModel(nn.Module):
 
         One decoder call for all of `seq_ids`; returns their new last hidden states. The thought
         steps of one training forward share `deferred`: their weight gradients are then one product
-        per weight instead of one per step, and `masks` (the sequence ids index its rows).
+        per weight instead of one per step, and `masks`, their attention dropout (whose mask rows
+        the sequence ids index).
         """
         batch = cache.prepare(seq_ids, [1] * len(seq_ids))
         return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred,

@@ -53,9 +53,14 @@ def seeded_loss_and_grads(model, mode, backend, seed=5):
         model.decoder.attention_backend = "torch"
 
 
-@pytest.mark.parametrize("mode,backend", [
-    ("paged", "triton"), ("two_pass", "torch"), ("two_pass", "triton"), ("multipass", "torch"), ("recompute", "torch"),
-])
+# Every mode against the paged torch run for each family; the Triton kernels (interpreted) in the paged
+# mode for each family and in two_pass (the same kernels, without a suffix step) for one.
+AGREEMENT = [(family, mode, backend) for family in CORE_FAMILIES for mode, backend in (
+    ("paged", "triton"), ("two_pass", "torch"), ("multipass", "torch"), ("recompute", "torch"))]
+AGREEMENT.append(("gpt2", "two_pass", "triton"))
+
+
+@pytest.mark.parametrize("dropping,mode,backend", AGREEMENT, indirect=["dropping"])
 def test_modes_agree_with_attention_dropout(dropping, mode, backend):
     """Same seed: every mode and backend drops the same probabilities (same loss, same gradients as the
     paged torch run, at the mode-equality tolerances), and they are dropped (the loss is not the clean one)."""
