@@ -195,9 +195,10 @@ def _call_wrapper(v: Variant, device: str = "cpu") -> None:
         paged_attention_backward(q, q, q, lse, pool, pool, grad, grad, batch, 0.1, ieee=v.ieee, num_splits=splits,
                                  dropout=dropout)
     else:
-        # prefill/extend as training runs them (with the log-sum-exp), decode as generation does (without)
-        paged_attention(q, pool, pool, batch, 0.1, return_lse=v.op in ("prefill", "extend"), num_splits=splits,
-                        ieee=v.ieee, dropout=dropout)
+        # prefill/extend as training runs them (with the log-sum-exp), decode as generation does (without),
+        # except with dropout, which only training draws: then a decode op is a thought step (with it)
+        paged_attention(q, pool, pool, batch, 0.1, return_lse=v.op in ("prefill", "extend") or v.dropout,
+                        num_splits=splits, ieee=v.ieee, dropout=dropout)
 
 
 def check(variants: list[Variant], capabilities: tuple[int, ...] = (90,)) -> tuple[list[CompiledKernel], list[VariantResult]]:
@@ -305,21 +306,24 @@ def check_in_subprocess(variants: list[Variant], capabilities: tuple[int, ...] =
     return answer["kernels"], answer["results"]
 
 
-TRAINING_OPS = ("prefill", "extend", "backward", "backward-one-token", "backward-one-token-split")
+# what a training step launches (a decode op with dropout is a thought step, which stores the log-sum-exp)
+TRAINING_OPS = ("prefill", "extend", "decode", "decode-split", "backward", "backward-one-token",
+                "backward-one-token-split")
 
 
 def default_variants() -> list[Variant]:
     """The CI subset: every kernel compiled for bf16 and fp32 (head_dim 128, GQA 4, page 16), plus a
     second split count that must compile nothing new, the bf16 backward at head_dim 80 (the
     smallest head_dim with the 8-warp dK/dV tiles), and the attention-dropout variants of the training
-    kernels in bf16."""
+    kernels in bf16 (the thought step's one-token forward included)."""
     out = []
     for dtype in ("bf16", "fp32"):
         out += [Variant(op, dtype) for op in ("extend", "decode-split", "backward", "backward-one-token-split",
                                               "store_kv")]
     out.append(Variant("decode-split", "bf16", splits=7))
     out.append(Variant("backward", "bf16", head_dim=80))
-    out += [Variant(op, "bf16", dropout=True) for op in ("extend", "backward", "backward-one-token-split")]
+    out += [Variant(op, "bf16", dropout=True) for op in ("extend", "decode-split", "backward",
+                                                        "backward-one-token-split")]
     return out
 
 
