@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+from coconut_engine import model as model_module
 from coconut_engine.coconut import MODES, CoconutModel
 from coconut_engine.errors import InvalidArgumentError, KernelInputError
 from coconut_engine.kernels import reference, torch_backend
@@ -79,6 +80,33 @@ def test_same_seed_same_loss_other_seed_other_loss(dropping):
     assert again == ref_loss and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
     other, _ = seeded_loss_and_grads(model, "paged", "torch", seed=6)
     assert abs(other - ref_loss) > 1e-4
+
+
+def test_each_layer_and_each_forward_draws_its_own_mask(dropping, monkeypatch):
+    """Within one training forward every step of a layer uses that layer's seed and the layers' seeds
+    differ (a mask shared by all layers would still let the modes agree); the next forward (the next
+    micro-batch) draws new seeds for all of them."""
+    model, _, _ = dropping
+    seeds, real = [], model_module.attention
+
+    def spy(q, k, v, batch, scale, backend, cache=None, layer=0, dropout=None):
+        seeds[-1].append((layer, dropout.seed))
+        return real(q, k, v, batch, scale, backend, cache, layer, dropout)
+
+    monkeypatch.setattr(model_module, "attention", spy)
+    torch.manual_seed(5)
+    per_forward = []
+    for _ in range(2):
+        seeds.append([])
+        model(ragged_samples(), mode="paged")
+        by_layer = {}
+        for layer, seed in seeds[-1]:
+            by_layer.setdefault(layer, set()).add(seed)
+        assert len(by_layer) == model.decoder.config.num_layers >= 2
+        assert all(len(s) == 1 for s in by_layer.values()), by_layer  # one seed per layer per forward ...
+        per_forward.append({next(iter(s)) for s in by_layer.values()})
+        assert len(per_forward[-1]) == len(by_layer), by_layer  # ... and a different one for each layer
+    assert per_forward[0].isdisjoint(per_forward[1])
 
 
 def test_eval_and_no_grad_forwards_draw_nothing_and_drop_nothing(dropping):
