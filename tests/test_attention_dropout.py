@@ -6,12 +6,15 @@ import functools
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from coconut_engine import model as model_module
 from coconut_engine.coconut import MODES, CoconutModel
 from coconut_engine.errors import InvalidArgumentError, KernelInputError
 from coconut_engine.kernels import reference, torch_backend
-from coconut_engine.kernels.dropout import AttentionDropout, keep_mask, mix32
+from coconut_engine.kernels.dropout import AttentionDropout, as_int32, keep_mask, mix32
+from coconut_engine.kernels.paged_attention import _dropout_keep, _dropout_row_hash
 from coconut_engine.kernels.paged_attention import paged_attention as triton_forward
 from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward as triton_backward
 from coconut_engine.loader import load_model
@@ -230,3 +233,37 @@ def test_mask_hash_is_32_bit_exact():
     assert abs(mask.float().mean().item() - 0.5) < 0.01
     neighbours = (mask[:, 1:] == mask[:, :-1]).float().mean().item()  # adjacent keys: no correlation
     assert abs(neighbours - 0.5) < 0.01
+
+
+@triton.jit
+def _keep_probe_kernel(ROWS, HEAD, Q_POS, K_POS, KEEP, seed, threshold, N: tl.constexpr):
+    """The kernels' keep bits for row i = (ROWS[i], HEAD[i], Q_POS[i]) over keys K_POS: KEEP `[N, N]`."""
+    i = tl.arange(0, N)
+    row_hash = _dropout_row_hash(seed, ROWS, i, tl.load(HEAD + i), tl.load(Q_POS + i))
+    keep = _dropout_keep(row_hash, tl.load(K_POS + i), threshold)
+    tl.store(KEEP + i[:, None] * N + i[None, :], keep.to(tl.int32))
+
+
+def check_kernel_hash_at_extremes(device: str = "cpu") -> None:
+    """The kernels' uint32 hash (the functions they call, in one program) against `keep_mask`'s int64
+    one where the arithmetic could part: seeds across 2**31, rows, heads and positions beyond 2**16
+    up to 2**31 - 1, and p near 0 and 1 (threshold 0 and 2**24 - 1)."""
+    n = 16
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.tensor([0, 1, 65535, 65536, 2**20, 2**31 - 1, 7, 3] * 2, dtype=torch.int32)
+    heads = torch.tensor([0, 1, 63, 64, 127, 255, 1000, 2**16 + 3] * 2, dtype=torch.int32)
+    q_pos = torch.tensor([0, 1, 2**16 - 1, 2**16, 2**20, 2**24 + 5, 2**31 - 1, 100000] * 2, dtype=torch.int32)
+    k_pos = torch.randint(0, 2**31 - 1, (n,), generator=gen, dtype=torch.int64).to(torch.int32)
+    k_pos[:4] = torch.tensor([0, 1, 2**16, 2**31 - 1])
+    for seed in (0, 1, 0x7FFFFFFF, 0x80000000, 0xC0FFEE42, 0xFFFFFFFF):
+        for p in (1e-9, 0.1, 0.5, 0.999999):
+            dropout = AttentionDropout(p, seed, rows)
+            keep = torch.zeros(n, n, dtype=torch.int32, device=device)
+            _keep_probe_kernel[(1,)](rows.to(device), heads.to(device), q_pos.to(device), k_pos.to(device), keep,
+                                     as_int32(seed), dropout.threshold, N=n)
+            want = keep_mask(dropout, rows[:, None], heads[:, None], q_pos[:, None], k_pos[None, :])
+            assert torch.equal(keep.cpu().bool(), want), (seed, p)
+
+
+def test_kernel_hash_equals_the_torch_hash_at_extremes():
+    check_kernel_hash_at_extremes()

@@ -93,6 +93,13 @@ def test_attention_dropout_on_gpu(dtype, kind):
         assert ((got - want).norm() / want.norm()).item() < limit
 
 
+def test_attention_dropout_hash_at_extremes_on_gpu():
+    """The compiled uint32 hash draws `keep_mask`'s bits for seeds, rows, heads and positions up to 2**31."""
+    from test_attention_dropout import check_kernel_hash_at_extremes
+
+    check_kernel_hash_at_extremes("cuda")
+
+
 def test_pool_beyond_32_bit_offsets():
     """Pages whose element offsets exceed 2**31: store and attend at the top of a ~4.3 GB pool."""
     from coconut_engine.cache import AttentionBatch
