@@ -100,15 +100,56 @@ def dropped(probs: torch.Tensor, keep: torch.Tensor, dropout: AttentionDropout) 
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float,
                       dropout: AttentionDropout, rows: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
                       ) -> torch.Tensor:
-    """Attention with dropped probabilities under autograd, heads first: q `[B, heads, Q, D]`, k/v
-    `[B, kv_heads, K, D]`, `visible` broadcastable to `[B, heads, Q, K]`; the mask is drawn for mask rows
-    `rows` `[B]`, query positions `q_pos` `[B, Q]` and key positions `k_pos` `[B, K]`."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    """Attention with dropped probabilities, differentiable, heads first: q `[B, heads, Q, D]`, k/v
+    `[B, kv_heads, K, D]`, `visible` (bool) broadcastable to `[B, heads, Q, K]`; the mask is drawn for mask
+    rows `rows` `[B]`, query positions `q_pos` `[B, Q]` and key positions `k_pos` `[B, K]`. Computed in
+    fp32; like SDPA it keeps q, k, v and the output for its backward, which recomputes the probabilities
+    and the mask (never a `[B, heads, Q, K]` tensor per layer kept alive)."""
+    return _DropoutAttention.apply(q, k, v, visible, scale, dropout, rows, q_pos, k_pos)
+
+
+def _probabilities(q, k, visible, scale: float, dropout: AttentionDropout, rows, q_pos, k_pos):
+    """(softmax probabilities fp32, keep mask), `[B, heads, Q, K]`; kv heads repeated for GQA."""
+    k = k.float().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = torch.matmul(q.float(), k.transpose(-1, -2)).mul_(scale)
     # a finite minimum: a row of left padding (multipass) sees no key and must stay finite
-    probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(scores.dtype).min), dim=-1)
+    probs = torch.softmax(scores.masked_fill_(~visible, torch.finfo(scores.dtype).min), dim=-1)
     heads = torch.arange(q.shape[1], device=q.device)
     keep = keep_mask(dropout, rows[:, None, None, None], heads[None, :, None, None], q_pos[:, None, :, None],
                      k_pos[:, None, None, :])
-    return torch.matmul(dropped(probs, keep, dropout), v.float()).to(q.dtype)
+    return probs, keep
+
+
+class _DropoutAttention(torch.autograd.Function):
+    """`dropout_attention` as one autograd node (fp32 inside, autocast off)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, visible, scale, dropout, rows, q_pos, k_pos):
+        with torch.autocast(q.device.type, enabled=False):
+            probs, keep = _probabilities(q, k, visible, scale, dropout, rows, q_pos, k_pos)
+            group = q.shape[1] // k.shape[1]
+            out = torch.matmul(dropped(probs, keep, dropout), v.float().repeat_interleave(group, dim=1))
+        ctx.save_for_backward(q, k, v, visible, rows, q_pos, k_pos)
+        ctx.scale, ctx.dropout = scale, dropout
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, visible, rows, q_pos, k_pos = ctx.saved_tensors
+        dropout, scale = ctx.dropout, ctx.scale
+        group = q.shape[1] // k.shape[1]
+        with torch.autocast(q.device.type, enabled=False):
+            probs, keep = _probabilities(q, k, visible, scale, dropout, rows, q_pos, k_pos)
+            dout = dout.float()
+            dv = torch.matmul(dropped(probs, keep, dropout).transpose(-1, -2), dout)
+            # the gradient of the probabilities before dropout (through the kept entries), then the softmax's
+            dp = dropped(torch.matmul(dout, v.float().repeat_interleave(group, dim=1).transpose(-1, -2)), keep, dropout)
+            ds = probs.mul_(dp.sub_((probs * dp).sum(-1, keepdim=True)))
+            ds.masked_fill_(~visible, 0.0)  # the masked scores were constants (a row that sees nothing: all)
+            dq = torch.matmul(ds, k.float().repeat_interleave(group, dim=1)).mul_(scale)
+            dk = torch.matmul(ds.transpose(-1, -2), q.float()).mul_(scale)
+            if group > 1:
+                b, h, n, d = dk.shape
+                dk = dk.view(b, h // group, group, n, d).sum(2)
+                dv = dv.view(b, h // group, group, n, d).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None, None

@@ -13,7 +13,7 @@ from coconut_engine import model as model_module
 from coconut_engine.coconut import MODES, CoconutModel
 from coconut_engine.errors import InvalidArgumentError, KernelInputError
 from coconut_engine.kernels import reference, torch_backend
-from coconut_engine.kernels.dropout import AttentionDropout, as_int32, keep_mask, mix32
+from coconut_engine.kernels.dropout import AttentionDropout, as_int32, dropout_attention, keep_mask, mix32
 from coconut_engine.kernels.paged_attention import _dropout_keep, _dropout_row_hash
 from coconut_engine.kernels.paged_attention import paged_attention as triton_forward
 from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward as triton_backward
@@ -267,3 +267,35 @@ def check_kernel_hash_at_extremes(device: str = "cpu") -> None:
 
 def test_kernel_hash_equals_the_torch_hash_at_extremes():
     check_kernel_hash_at_extremes()
+
+
+def test_no_cache_dropout_attention_saves_no_probabilities():
+    """The no-cache attention with dropout (two_pass's and recompute's full forwards, the multipass cache)
+    keeps what SDPA's flash kernel keeps for its backward, never a `[heads, q, k]` tensor per layer (19 MB
+    per layer per sequence of 512 tokens with 12 heads, plain autograd kept 32 MB); its gradients are
+    autograd's through the same probabilities, with GQA and a visibility mask with a fully masked row."""
+    torch.manual_seed(0)
+    heads, kv_heads, n, dim = 6, 2, 40, 16
+    q = torch.randn(2, heads, n, dim, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, n, dim, requires_grad=True) for _ in range(2))
+    visible = torch.ones(n, n, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    visible[1, :, :, :3] = False  # left padding: three keys nobody sees, three rows that see nothing
+    visible[1, :, :3] = False
+    dropout = AttentionDropout(P, 0xC0FFEE42, torch.tensor([3, 1], dtype=torch.int32))
+    pos = torch.arange(n).expand(2, n)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        out = dropout_attention(q, k, v, visible, 0.25, dropout, dropout.rows, pos, pos)
+    assert max(saved) < heads * n * n, saved  # nothing of size [heads, q, k] (visible is [1, q, k] per sequence)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    # the same function under plain autograd
+    rep = heads // kv_heads
+    scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) * 0.25
+    probs = torch.softmax(scores.masked_fill(~visible, torch.finfo(torch.float32).min), dim=-1)
+    keep = keep_mask(dropout, dropout.rows[:, None, None, None], torch.arange(heads)[None, :, None, None],
+                     pos[:, None, :, None], pos[:, None, None, :])
+    want = torch.where(keep, probs / (1 - P), 0.0) @ v.repeat_interleave(rep, 1)
+    assert (out - want).abs().max() < 1e-5
+    for got, ref in zip(grads, torch.autograd.grad(want, (q, k, v), dout)):
+        assert rel(got, ref) < 1e-5
