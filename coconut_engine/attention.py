@@ -8,6 +8,10 @@ reference paths). Backends:
 - "triton": the Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1);
 - "torch": the same contract in vectorised PyTorch (`kernels/torch_backend.py`; any device);
 - "auto": triton where it can run, else torch. The env var COCONUT_ATTENTION_BACKEND overrides "auto".
+
+Attention-probability dropout (`kernels/dropout.py`) is an argument of the call: every path (the
+kernels, the contiguous cache of the multipass mode, the no-cache attention) draws the same mask
+for the same (sequence row, head, query position, key position).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import torch.nn.functional as F
 
 from .cache import AttentionBatch, ContiguousKVCache
 from .kernels._launch import interpreting
+from .kernels.dropout import AttentionDropout, dropout_attention
 from .kernels.torch_backend import as_dtype
 
 BACKENDS = ("auto", "triton", "torch")
@@ -115,15 +120,18 @@ class _PagedAttention(torch.autograd.Function):
     """Attention over the pages; saves only q, o and the log-sum-exp (never a copy of the cache)."""
 
     @staticmethod
-    def forward(ctx, q, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet):
+    def forward(ctx, q, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet,
+                dropout: AttentionDropout | None):
         if ops.backward_needs_lse:
             out, lse = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
-                                           return_lse=True)
+                                           return_lse=True, dropout=dropout)
         else:
-            out = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale)
+            out = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
+                                      dropout=dropout)
             lse = None
         ctx.save_for_backward(q, out, lse)  # lse may be None
         ctx.cache, ctx.layer, ctx.batch, ctx.scale, ctx.ops = cache, layer, batch, scale, ops
+        ctx.dropout = dropout  # the seed and rows: the backward draws the same mask again
         ctx.generation = cache.generation
         return out, dependency.detach().clone()
 
@@ -134,8 +142,8 @@ class _PagedAttention(torch.autograd.Function):
         _check_generation(cache, ctx.generation)
         grad_q = ctx.ops.paged_attention_backward(
             grad_out, q, out, lse, cache.k_pool(layer), cache.v_pool(layer),
-            cache.grad_k_pool(layer), cache.grad_v_pool(layer), ctx.batch, ctx.scale)
-        return grad_q, torch.zeros((), device=q.device), None, None, None, None, None
+            cache.grad_k_pool(layer), cache.grad_v_pool(layer), ctx.batch, ctx.scale, dropout=ctx.dropout)
+        return grad_q, torch.zeros((), device=q.device), None, None, None, None, None, None
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -163,32 +171,46 @@ def attention(
     backend: str,
     cache=None,
     layer: int = 0,
+    dropout: AttentionDropout | None = None,
 ) -> torch.Tensor:
-    """Causal attention for one layer of one step; q `[T, heads, D]`, k/v `[T, kv_heads, D]`."""
+    """Causal attention for one layer of one step; q `[T, heads, D]`, k/v `[T, kv_heads, D]`.
+
+    `dropout` (training only) drops attention probabilities; None computes none of it."""
     if cache is None:
-        return varlen_attention(q, k, v, batch, scale)
+        return varlen_attention(q, k, v, batch, scale, dropout)
     if isinstance(cache, ContiguousKVCache):
-        return cache.attend(q, k, v, batch, layer, scale)
+        return cache.attend(q, k, v, batch, layer, scale, dropout)
     ops = kernel_set(backend, q.device.type)
     pool_dtype = cache.kv.dtype
     if cache.tracks_gradients and torch.is_grad_enabled():
         dependency = _StoreKV.apply(k, v, cache.dependency, cache, layer, batch, ops)
         out, cache.dependency = _PagedAttention.apply(_own_storage(as_dtype(q, pool_dtype)), dependency, cache, layer,
-                                                      batch, scale, ops)
+                                                      batch, scale, ops, dropout)
         return as_dtype(out, q.dtype)
     ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
                  every_slot_valid=batch.every_slot_valid)
-    return as_dtype(ops.paged_attention(as_dtype(q, pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale), q.dtype)
+    return as_dtype(ops.paged_attention(as_dtype(q, pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
+                                        dropout=dropout), q.dtype)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float) -> torch.Tensor:
-    """Causal attention of each packed sequence over its own tokens (no cache); autograd-friendly."""
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float,
+                     dropout: AttentionDropout | None = None) -> torch.Tensor:
+    """Causal attention of each packed sequence over its own tokens (no cache); autograd-friendly.
+    Token positions are `batch.positions` (those the dropout mask is drawn for)."""
     outs = []
     start = 0
-    for n in batch.q_lens:
+    for b, n in enumerate(batch.q_lens):
         if n == 0:
             continue
         seg = slice(start, start + n)
+        if dropout is not None:
+            pos = batch.positions[seg][None]
+            causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril_()
+            o = dropout_attention(q[seg].transpose(0, 1)[None], k[seg].transpose(0, 1)[None],
+                                  v[seg].transpose(0, 1)[None], causal, scale, dropout, dropout.rows[b : b + 1], pos, pos)
+            outs.append(o[0].transpose(0, 1))
+            start += n
+            continue
         # 4-D [1, heads, n, D]: SDPA's fused (flash) kernels take only batched inputs
         o = F.scaled_dot_product_attention(
             q[seg].transpose(0, 1).unsqueeze(0), k[seg].transpose(0, 1).unsqueeze(0),

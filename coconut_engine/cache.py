@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 from .errors import InvalidArgumentError, OutOfPagesError
+from .kernels.dropout import dropout_attention
 from .validation import check_int, is_integer
 
 
@@ -48,6 +49,9 @@ class AttentionBatch:
     # Known on the host: no slot of slot_mapping is -1 (every new token is stored), so a store need
     # not look (a host-device sync). False: not known.
     every_slot_valid: bool = False
+    # int32 [B]: each sequence's identity for attention dropout (its sample's index in the training
+    # forward, whatever its place in this step), so that every mode draws the same masks. None: b.
+    dropout_rows: torch.Tensor | None = None
     _memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     def memo(self, key: str, build):
@@ -56,6 +60,13 @@ class AttentionBatch:
         if key not in self._memo:
             self._memo[key] = build()
         return self._memo[key]
+
+    def mask_rows(self) -> torch.Tensor:
+        """`dropout_rows`, or (where not set) each sequence's index in the step: int32 `[B]` on the batch's device."""
+        if self.dropout_rows is not None:
+            return self.dropout_rows
+        return self.memo("mask_rows", lambda: torch.arange(len(self.q_lens), dtype=torch.int32,
+                                                           device=self.cu_seqlens_q.device))
 
     @property
     def num_seqs(self) -> int:
@@ -466,13 +477,15 @@ class ContiguousKVCache:
     This is how the official Coconut code caches (a Hugging Face cache sliced to the pass start and
     extended by each pass), kept only for the `multipass` reference mode: autograd keeps every
     concatenated copy alive, so its memory grows with each thought. `key_padding` `[B, length]`
-    marks which key positions are real tokens.
+    marks which key positions are real tokens, and `key_positions` `[B, length]` (where set) their
+    positions in their sequences (what an attention-dropout mask is drawn for; default: the column).
     """
 
     def __init__(self, num_layers: int):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.key_padding: torch.Tensor | None = None
+        self.key_positions: torch.Tensor | None = None
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions of every layer (the official code slices the cache per pass)."""
@@ -481,8 +494,9 @@ class ContiguousKVCache:
                 self.keys[layer], self.values[layer] = k[:, :, :length], v[:, :, :length]
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, layer: int,
-               scale: float) -> torch.Tensor:
-        """Append this pass's K/V (every sequence has the same q_len) and attend, masking padding."""
+               scale: float, dropout=None) -> torch.Tensor:
+        """Append this pass's K/V (every sequence has the same q_len) and attend, masking padding;
+        `dropout` (an `AttentionDropout`) drops probabilities by the mask of the tokens' positions."""
         num_seqs, q_len = batch.num_seqs, batch.max_seqlen_q
         q = q.view(num_seqs, q_len, *q.shape[1:]).transpose(1, 2)
         k = k.view(num_seqs, q_len, *k.shape[1:]).transpose(1, 2)
@@ -494,6 +508,12 @@ class ContiguousKVCache:
         k_len = k.shape[2]
         causal = torch.arange(k_len, device=q.device)[None, :] <= torch.arange(k_len - q_len, k_len, device=q.device)[:, None]
         visible = causal[None, None] & self.key_padding[:, None, None, :k_len]
+        if dropout is not None:
+            k_pos = (self.key_positions[:, :k_len] if self.key_positions is not None
+                     else torch.arange(k_len, device=q.device).expand(num_seqs, k_len))
+            out = dropout_attention(q, k, v, visible, scale, dropout, dropout.rows,
+                                    batch.positions.view(num_seqs, q_len), k_pos)
+            return out.transpose(1, 2).reshape(num_seqs * q_len, *out.shape[1:2], out.shape[-1])
         # additive mask with a finite minimum: rows of left padding see no real key and stay finite
         mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -16,6 +16,12 @@ Modes (all the same function; `paged` is the engine's, the others are references
 - `multipass`: the official algorithm: prompts left-padded so first thoughts align, n+1 passes over a
   contiguous cache grown by concatenation and sliced to each pass start.
 - `recompute`: no cache; each thought is a full forward over everything before it.
+
+Attention dropout (training, the model config's `attn_pdrop`) draws one seed per forward and gives
+every sample its index in the caller's batch as its mask row (`DropoutMasks`): the mask of a
+probability depends on (seed, sample, head, query position, key position) only, so the modes, which
+split the same sequences into different steps, pages and batch orders, drop the same probabilities
+and still compute the same loss and gradients.
 """
 from __future__ import annotations
 
@@ -43,6 +49,26 @@ class SpecialTokens:
     bot: int
     thought: int
     eot: int
+
+
+@dataclass(frozen=True)
+class DropoutMasks:
+    """The attention dropout of one training forward: its seed (None: no attention dropout), and for each
+    sample in the order the mode runs them, its mask row (its index in the caller's batch)."""
+
+    seed: int | None
+    rows: tuple[int, ...]
+
+    def seed_for(self, batch: AttentionBatch, samples: Sequence[int]) -> int | None:
+        """The decoder's `dropout_seed` for a step whose sequences are `samples` (indices in the run
+        order); gives the batch those samples' mask rows."""
+        if self.seed is not None:
+            batch.dropout_rows = torch.tensor([self.rows[i] for i in samples], dtype=torch.int32,
+                                              device=batch.cu_seqlens_q.device)
+        return self.seed
+
+
+NO_DROPOUT_MASKS = DropoutMasks(None, ())
 
 
 @dataclass
@@ -145,24 +171,27 @@ class CoconutModel(nn.Module):
         # where each weight's gradient is made (linear.DeferredWeightGrads): the tied LM head's by the
         # embedding's backward, every layer's (paged) by the prefill's
         deferred = DeferredWeightGrads() if torch.is_grad_enabled() and self.defers_weight_grads else None
+        order = list(range(len(samples)))
+        if mode in ("paged", "two_pass"):
+            # most thoughts first: each thought step's sequences are then a prefix of the batch, whose
+            # pages are consecutive equal runs (see _training_cache); the loss does not depend on order
+            order.sort(key=lambda i: -samples[i].num_thoughts)
+            samples = [samples[i] for i in order]
+        masks = DropoutMasks(self.decoder.attention_dropout_seed(), tuple(order))
         if mode == "multipass":
-            label_hidden, targets, boundary = self._multipass(samples, deferred)
+            label_hidden, targets, boundary = self._multipass(samples, deferred, masks)
         else:
-            if mode in ("paged", "two_pass"):
-                # most thoughts first: each thought step's sequences are then a prefix of the batch, whose
-                # pages are consecutive equal runs (see _training_cache); the loss does not depend on order
-                samples = sorted(samples, key=lambda s: -s.num_thoughts)
             prompts, suffixes = self._token_embeddings(samples, deferred)
             if mode == "paged":
-                label_hidden, targets, boundary = self._paged(samples, prompts, suffixes, deferred)
+                label_hidden, targets, boundary = self._paged(samples, prompts, suffixes, deferred, masks)
             else:
                 if mode == "recompute":
-                    thoughts = self._thoughts_recompute(samples, prompts)
+                    thoughts = self._thoughts_recompute(samples, prompts, masks)
                 else:  # two_pass
                     cache = self._training_cache(samples)
-                    _, last_hidden = self._prefill(samples, cache, prompts)
-                    thoughts, _ = self._thoughts_paged(samples, cache, last_hidden, deferred)
-                label_hidden, targets, boundary = self._full_forward(samples, prompts, thoughts, suffixes)
+                    _, last_hidden = self._prefill(samples, cache, prompts, masks=masks)
+                    thoughts, _ = self._thoughts_paged(samples, cache, last_hidden, deferred, masks)
+                label_hidden, targets, boundary = self._full_forward(samples, prompts, thoughts, suffixes, masks)
         targets = torch.tensor(targets, device=label_hidden.device)
         if eot_loss_weight == 0:
             return self.decoder.cross_entropy(label_hidden, targets, reduction, deferred)
@@ -221,7 +250,7 @@ class CoconutModel(nn.Module):
         return cache
 
     def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor],
-               deferred: DeferredWeightGrads | None = None):
+               deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS):
         """The engine's mode: prefill, one step per thought, suffixes; hidden states and targets of the labels.
 
         A sample without thoughts has its prompt and suffix back to back, so its suffix rides in the
@@ -235,7 +264,7 @@ class CoconutModel(nn.Module):
         with_suffix = [not s.num_thoughts for s in samples]
         hidden, last_hidden = self._prefill(samples, cache, prompts, [suf if w else None for w, suf in
                                                                        zip(with_suffix, suffixes)],
-                                            deferred.direct() if deferred is not None else None)
+                                            deferred.direct() if deferred is not None else None, masks)
         label_rows, targets, start = [], [], 0
         for s, w in zip(samples, with_suffix):
             if w:
@@ -245,11 +274,11 @@ class CoconutModel(nn.Module):
         parts = [hidden[torch.tensor(label_rows, device=hidden.device)]] if label_rows else []
         steps = [last_hidden]
         if not all(with_suffix):
-            _, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred)
+            _, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred, masks)
             steps.extend(outputs)
             later = [i for i, w in enumerate(with_suffix) if not w]
             suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later,
-                                                              [suffixes[i] for i in later], deferred)
+                                                              [suffixes[i] for i in later], deferred, masks)
             parts.append(suffix_hidden)
             targets.extend(later_targets)
         # step t's outputs are those of the samples with >= t thoughts: a prefix of the (sorted) batch
@@ -258,31 +287,36 @@ class CoconutModel(nn.Module):
 
     def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor],
                  suffixes: Sequence[torch.Tensor | None] | None = None,
-                 deferred: DeferredWeightGrads | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """All prompts (each followed by `suffixes[i]` where given) in one packed step; returns the
         step's hidden states and each prompt's last hidden state `[B, hidden]`."""
         suffixes = suffixes or [None] * len(samples)
         chunks = [p if suf is None else torch.cat([p, suf]) for p, suf in zip(prompts, suffixes)]
         lens = [len(c) for c in chunks]
         batch = cache.prepare(list(range(len(samples))), lens)
-        hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache, deferred_weight_grads=deferred)
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(chunks), cache=cache, deferred_weight_grads=deferred,
+                              dropout_seed=masks.seed_for(batch, range(len(samples))))
         starts = itertools.accumulate(lens[:-1], initial=0)
         last_prompt = [start + len(s.prompt) - 1 for start, s in zip(starts, samples)]
         return hidden, hidden[torch.tensor(last_prompt, device=hidden.device)]
 
     def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor,
-                       deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
+                       deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS
+                       ) -> torch.Tensor:
         """One continuous-thought step: each sequence's last hidden state becomes its next input.
 
         One decoder call for all of `seq_ids`; returns their new last hidden states. The thought
         steps of one training forward share `deferred`: their weight gradients are then one product
-        per weight instead of one per step.
+        per weight instead of one per step, and `masks`, their attention dropout (whose mask rows
+        the sequence ids index).
         """
         batch = cache.prepare(seq_ids, [1] * len(seq_ids))
-        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred)
+        return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred,
+                            dropout_seed=masks.seed_for(batch, seq_ids))
 
     def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor,
-                        deferred: DeferredWeightGrads | None = None
+                        deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS
                         ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
         """Run every thought step; returns each sample's thought input embeddings (not detached) and
         each step's new last hidden states (of the samples with at least that many thoughts)."""
@@ -294,16 +328,17 @@ class CoconutModel(nn.Module):
             inputs = self.thought_inputs(last[index])
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
-            outputs.append(self.append_thought(cache, active, inputs, deferred))
+            outputs.append(self.append_thought(cache, active, inputs, deferred, masks))
             last = last.index_copy(0, index, outputs[-1])
         return thoughts, outputs
 
     def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor],
-                      deferred: DeferredWeightGrads | None = None):
+                      deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS):
         """The suffixes of `samples` (cache sequences `seq_ids`) in one packed step; hidden states and
         targets of their labels."""
         batch = cache.prepare(list(seq_ids), [len(s.suffix) for s in samples])
-        hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache, deferred_weight_grads=deferred)
+        hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache, deferred_weight_grads=deferred,
+                              dropout_seed=masks.seed_for(batch, seq_ids))
         rows, targets, start = [], [], 0
         for s in samples:
             rows.extend(range(start, start + len(s.suffix) - 1))
@@ -325,24 +360,25 @@ class CoconutModel(nn.Module):
                 parts.append(suffixes[i])
         return torch.cat(parts)
 
-    def _thoughts_recompute(self, samples, prompts) -> list[list[torch.Tensor]]:
+    def _thoughts_recompute(self, samples, prompts, masks: DropoutMasks = NO_DROPOUT_MASKS
+                            ) -> list[list[torch.Tensor]]:
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
             embeds = self._splice([prompts[i] for i in active], [thoughts[i] for i in active])
             lens = [len(samples[i].prompt) + t - 1 for i in active]
             batch = AttentionBatch.packed(lens, device=embeds.device)
-            hidden = self.decoder(batch, inputs_embeds=embeds)
+            hidden = self.decoder(batch, inputs_embeds=embeds, dropout_seed=masks.seed_for(batch, active))
             inputs = self.thought_inputs(hidden[batch.last_token_indices()])
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
         return thoughts
 
-    def _full_forward(self, samples, prompts, thoughts, suffixes):
+    def _full_forward(self, samples, prompts, thoughts, suffixes, masks: DropoutMasks = NO_DROPOUT_MASKS):
         """One no-cache forward over whole sequences; hidden states and targets of the labels."""
         embeds = self._splice(prompts, thoughts, suffixes)
         batch = AttentionBatch.packed([s.length for s in samples], device=embeds.device)
-        hidden = self.decoder(batch, inputs_embeds=embeds)
+        hidden = self.decoder(batch, inputs_embeds=embeds, dropout_seed=masks.seed_for(batch, range(len(samples))))
         rows, targets, starts, start = [], [], [], 0
         for s in samples:
             suffix_start = start + len(s.prompt) + s.num_thoughts
@@ -355,7 +391,8 @@ class CoconutModel(nn.Module):
 
     # -- the official multi-pass algorithm ----------------------------------------------------
 
-    def _multipass(self, samples, deferred: DeferredWeightGrads | None = None):
+    def _multipass(self, samples, deferred: DeferredWeightGrads | None = None,
+                   masks: DropoutMasks = NO_DROPOUT_MASKS):
         """Left-pad so every first thought sits at column `align`; n+1 passes over a contiguous cache."""
         device = self.decoder.embed_tokens.weight.device
         max_n = max(s.num_thoughts for s in samples)
@@ -377,6 +414,7 @@ class CoconutModel(nn.Module):
             [(0, align)] + [(align + k - 1, align + k) for k in range(1, max_n)] + [(align + max_n - 1, width)])
         cache = ContiguousKVCache(self.decoder.config.num_layers)
         cache.key_padding = real
+        cache.key_positions = positions
         passes = []
         for k, (start, end) in enumerate(ranges):
             cache.crop(start)
@@ -388,7 +426,8 @@ class CoconutModel(nn.Module):
                 slot_mapping=torch.full((num * n,), -1, dtype=torch.int64, device=device),
                 positions=positions[:, start:end].reshape(-1), max_seqlen_q=n, max_seqlen_k=end,
                 q_lens=(n,) * num, k_lens=(end,) * num)
-            hidden = self.decoder(batch, inputs_embeds=embeds[:, start:end].reshape(num * n, -1), cache=cache)
+            hidden = self.decoder(batch, inputs_embeds=embeds[:, start:end].reshape(num * n, -1), cache=cache,
+                                  dropout_seed=masks.seed_for(batch, range(num)))
             passes.append(hidden.view(num, n, -1))
             if k < len(ranges) - 1:  # fill thought k: the hidden state of the position before it
                 fill = [b for b, s in enumerate(samples) if s.num_thoughts > k]

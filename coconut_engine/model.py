@@ -18,6 +18,7 @@ from torch import nn
 from .attention import attention, resolve_backend
 from .cache import AttentionBatch
 from .config import ModelConfig
+from .kernels.dropout import AttentionDropout, layer_seed
 from .linear import DeferredWeightGrads, activation_linear, embedding, linear, linear_cross_entropy
 
 
@@ -98,7 +99,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
     def forward(self, x, batch: AttentionBatch, rope, backend: str, cache,
-                deferred: DeferredWeightGrads | None = None) -> torch.Tensor:
+                deferred: DeferredWeightGrads | None = None, dropout: AttentionDropout | None = None) -> torch.Tensor:
         cfg = self.config
         qkv = linear(x, self.qkv_proj, deferred)
         q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
@@ -109,7 +110,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, batch, cfg.attention_scale, backend, cache, self.layer)
+        out = attention(q, k, v, batch, cfg.attention_scale, backend, cache, self.layer, dropout)
         return linear(out.reshape(x.shape[0], cfg.q_size), self.o_proj, deferred)
 
 
@@ -143,8 +144,10 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config, config.hidden_size)
         self.mlp = MLP(config)
 
-    def forward(self, x, batch, rope, backend, cache, deferred=None, resid_dropout: float = 0.0):
-        x = x + _dropout(self.attn(self.attn_norm(x), batch, rope, backend, cache, deferred), resid_dropout)
+    def forward(self, x, batch, rope, backend, cache, deferred=None, resid_dropout: float = 0.0,
+                attn_dropout: AttentionDropout | None = None):
+        x = x + _dropout(self.attn(self.attn_norm(x), batch, rope, backend, cache, deferred, attn_dropout),
+                         resid_dropout)
         return x + _dropout(self.mlp(self.mlp_norm(x), deferred), resid_dropout)
 
 
@@ -156,8 +159,8 @@ def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
 class DropoutRates:
     """Dropout probabilities applied in training mode (GPT-2's embd_pdrop / resid_pdrop / attn_pdrop).
 
-    Attention-probability dropout is not implemented by the paged attention kernels: `attn` is kept
-    so that callers can see (and report) what the checkpoint asked for."""
+    `attn` drops attention probabilities in every attention path with a mask that is a function of
+    (seed, sequence, head, query position, key position) (`kernels/dropout.py`)."""
 
     embd: float = 0.0
     resid: float = 0.0
@@ -202,6 +205,7 @@ class Decoder(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
         cache=None,
         deferred_weight_grads: DeferredWeightGrads | None = None,
+        dropout_seed: int | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states `[T, hidden]` of the step's packed tokens.
 
@@ -211,6 +215,10 @@ class Decoder(nn.Module):
         training forward share one), the linear layers' weight gradients of this call are recorded
         and computed together with those of the other calls given it, or, given its `direct()`,
         made here and the others added in (`linear.DeferredWeightGrads`).
+
+        In training mode with gradients, dropout applies (`self.dropout`); attention dropout draws its
+        masks from `dropout_seed` (the seed of the training forward this call is a step of, see
+        `attention_dropout_seed`; None draws one) and the batch's `mask_rows()`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Decoder.forward takes exactly one of input_ids and inputs_embeds")
@@ -226,10 +234,23 @@ class Decoder(nn.Module):
         dropping = self.training and torch.is_grad_enabled()
         embd_p, resid_p = (self.dropout.embd, self.dropout.resid) if dropping else (0.0, 0.0)
         x = _dropout(x, embd_p)
+        attn_seed = None
+        if dropping and self.dropout.attn > 0:
+            attn_seed = self.attention_dropout_seed() if dropout_seed is None else dropout_seed
         backend = resolve_backend(self.attention_backend, x.device)
-        for block in self.layers:
-            x = block(x, batch, rope, backend, cache, deferred_weight_grads, resid_p)
+        for i, block in enumerate(self.layers):
+            attn_dropout = None if attn_seed is None else AttentionDropout(self.dropout.attn, layer_seed(attn_seed, i),
+                                                                           batch.mask_rows())
+            x = block(x, batch, rope, backend, cache, deferred_weight_grads, resid_p, attn_dropout)
         return self.final_norm(x)
+
+    def attention_dropout_seed(self) -> int | None:
+        """A seed for the attention-dropout masks of one training forward, drawn from torch's (CPU)
+        generator, as the other dropouts' masks are (so a seeded run repeats, and DDP ranks, seeded
+        apart, differ); None where no attention dropout applies (eval mode, no gradients, p = 0)."""
+        if not (self.training and torch.is_grad_enabled() and self.dropout.attn > 0):
+            return None
+        return int(torch.randint(0, 1 << 32, (), dtype=torch.int64))
 
     def resize_vocab(self, vocab_size: int, init_from: int) -> None:
         """Grow the vocabulary to `vocab_size`; new embedding (and untied LM-head) rows copy row `init_from`."""

@@ -80,7 +80,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # constant (official) | cosine (linear warmup, then cosine decay)
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine: the last step's lr as a fraction of lr
-    dropout: float | None = None  # None: the model config's (GPT-2 embd/resid_pdrop); a number: all of them
+    dropout: float | None = None  # None: the model config's (GPT-2 embd/resid/attn_pdrop); a number: all of them
     weight_decay: float = 0.01
     batch_size: int = 128
     gradient_accumulation_steps: int = 1
@@ -383,10 +383,6 @@ class Trainer:
             self.resumed_from = None
         if cfg.dropout is not None:
             decoder.dropout = DropoutRates(cfg.dropout, cfg.dropout, cfg.dropout)
-        if decoder.dropout.attn > 0 and self.env.is_main:
-            print(f"[{cfg.name}] note: attention-probability dropout ({decoder.dropout.attn}) is not implemented by "
-                  f"the paged attention; embedding ({decoder.dropout.embd}) and residual ({decoder.dropout.resid}) "
-                  "dropout are applied", flush=True)
         self.decoder, self.tokenizer, self.tokens = decoder, tokenizer, tokens
         self.model = CoconutModel(decoder, tokens, page_size=cfg.page_size, thought_transform=transform)
         # every rank starts from rank 0's weights; under FSDP the decoder's parameters become shards

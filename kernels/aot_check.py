@@ -43,6 +43,7 @@ class Variant:
     page_size: int = 16
     ieee: bool = False  # exact fp32 dots (what comparison tests ask for)
     splits: int = 4  # for the *-split ops
+    dropout: bool = False  # attention-probability dropout (training forward and backward ops)
 
 
 @dataclass
@@ -157,6 +158,7 @@ def _call_wrapper(v: Variant, device: str = "cpu") -> None:
     """Run the wrapper(s) of `v` on small tensors shaped as a model step would shape them."""
     from coconut_engine.cache import AttentionBatch
 
+    from .dropout import AttentionDropout
     from .paged_attention import paged_attention
     from .paged_attention_bwd import paged_attention_backward
     from .store_kv import store_kv
@@ -181,17 +183,22 @@ def _call_wrapper(v: Variant, device: str = "cpu") -> None:
     pool = pool.to(device)
     q = torch.zeros(tokens, heads, v.head_dim, dtype=dtype, device=device)
     splits = v.splits if v.op.endswith("-split") else 1
+    # a seed above 2**31 (an int32 argument bit-cast in the kernel), as half of the drawn seeds are
+    dropout = AttentionDropout(0.1, 0xC0FFEE42, torch.arange(len(q_lens), dtype=torch.int32, device=device)) \
+        if v.dropout else None
     if v.op == "store_kv":
         kv = torch.zeros(tokens, kv_heads, v.head_dim, dtype=dtype, device=device)
         store_kv(kv, kv, pool, pool, batch.slot_mapping)
     elif v.op.startswith("backward"):
         grad = torch.zeros(pool.shape, dtype=torch.float32, device=device)
         lse = torch.zeros(tokens, heads, dtype=torch.float32, device=device)
-        paged_attention_backward(q, q, q, lse, pool, pool, grad, grad, batch, 0.1, ieee=v.ieee, num_splits=splits)
+        paged_attention_backward(q, q, q, lse, pool, pool, grad, grad, batch, 0.1, ieee=v.ieee, num_splits=splits,
+                                 dropout=dropout)
     else:
-        # prefill/extend as training runs them (with the log-sum-exp), decode as generation does (without)
-        paged_attention(q, pool, pool, batch, 0.1, return_lse=v.op in ("prefill", "extend"), num_splits=splits,
-                        ieee=v.ieee)
+        # prefill/extend as training runs them (with the log-sum-exp), decode as generation does (without),
+        # except with dropout, which only training draws: then a decode op is a thought step (with it)
+        paged_attention(q, pool, pool, batch, 0.1, return_lse=v.op in ("prefill", "extend") or v.dropout,
+                        num_splits=splits, ieee=v.ieee, dropout=dropout)
 
 
 def check(variants: list[Variant], capabilities: tuple[int, ...] = (90,)) -> tuple[list[CompiledKernel], list[VariantResult]]:
@@ -299,16 +306,24 @@ def check_in_subprocess(variants: list[Variant], capabilities: tuple[int, ...] =
     return answer["kernels"], answer["results"]
 
 
+# what a training step launches (a decode op with dropout is a thought step, which stores the log-sum-exp)
+TRAINING_OPS = ("prefill", "extend", "decode", "decode-split", "backward", "backward-one-token",
+                "backward-one-token-split")
+
+
 def default_variants() -> list[Variant]:
     """The CI subset: every kernel compiled for bf16 and fp32 (head_dim 128, GQA 4, page 16), plus a
-    second split count that must compile nothing new, and the bf16 backward at head_dim 80 (the
-    smallest head_dim with the 8-warp dK/dV tiles)."""
+    second split count that must compile nothing new, the bf16 backward at head_dim 80 (the
+    smallest head_dim with the 8-warp dK/dV tiles), and the attention-dropout variants of the training
+    kernels in bf16 (the thought step's one-token forward included)."""
     out = []
     for dtype in ("bf16", "fp32"):
         out += [Variant(op, dtype) for op in ("extend", "decode-split", "backward", "backward-one-token-split",
                                               "store_kv")]
     out.append(Variant("decode-split", "bf16", splits=7))
     out.append(Variant("backward", "bf16", head_dim=80))
+    out += [Variant(op, "bf16", dropout=True) for op in ("extend", "decode-split", "backward",
+                                                        "backward-one-token-split")]
     return out
 
 
@@ -318,6 +333,8 @@ def head_dim_variants() -> list[Variant]:
     out = [Variant(op, dtype, hd) for dtype in ("bf16", "fp16", "fp32") for op in OPS for hd in (64, 80, 96, 128, 256)]
     for op in ("extend", "decode", "backward", "backward-one-token"):
         out += [Variant(op, "fp32", hd, ieee=True) for hd in (64, 128, 256)]
+    out += [Variant(op, dtype, hd, dropout=True) for dtype in ("bf16", "fp16", "fp32") for op in TRAINING_OPS
+            for hd in (64, 128, 256)]
     return out
 
 
@@ -338,7 +355,7 @@ def markdown_table(kernels: list[dict], results: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         v = r["variant"]
-        dtype = v["dtype"] + (" ieee" if v["ieee"] else "")
+        dtype = v["dtype"] + (" ieee" if v["ieee"] else "") + (" dropout" if v.get("dropout") else "")
         if r["error"]:
             lines.append(f"| {r['arch']} | {v['op']} | {dtype} | {v['head_dim']} | {v['group']} | {v['page_size']} "
                          f"| ERROR: {r['error'].splitlines()[0][:80]} | | | | | | |")
@@ -359,7 +376,8 @@ def summary_table(kernels: list[dict], results: list[dict]) -> str:
         v = r["variant"]
         for i in r["launched"]:
             k = kernels[i]
-            key = (k["kernel"].lstrip("_"), v["dtype"] + (" ieee" if v["ieee"] else ""), v["head_dim"])
+            key = (k["kernel"].lstrip("_"), v["dtype"] + (" ieee" if v["ieee"] else "")
+                   + (" dropout" if v.get("dropout") else ""), v["head_dim"])
             per_arch = groups.setdefault(key, {}).setdefault(k["arch"], [])
             if k not in per_arch:
                 per_arch.append(k)

@@ -23,6 +23,7 @@ from coconut_engine.errors import KernelInputError
 
 from ._launch import (ATTENTION_DTYPES, check_batch, check_dtype, check_same_device, check_same_dtype, device_guard,
                       interpreting, multiprocessor_count)
+from .dropout import AttentionDropout, as_int32
 
 _LOG2E = 1.4426950408889634
 
@@ -33,6 +34,34 @@ def _dot(a, b, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b, input_precision="ieee")
     return tl.dot(a, b)
+
+
+@triton.jit
+def _mix32(x):
+    """The 32-bit hash finaliser of `kernels/dropout.py` (`mix32`), on uint32 values."""
+    x ^= x >> 16
+    x *= 0x21F0AAAD
+    x ^= x >> 15
+    x *= 0x735A2D97
+    x ^= x >> 15
+    return x
+
+
+@triton.jit
+def _dropout_row_hash(seed, ROWS, seq, head, q_pos):
+    """The hash of (layer seed, the sequence's mask row, each tile row's head and query position),
+    `[BLOCK_M]` uint32: the part of `dropout.keep_mask` that does not depend on the key."""
+    row = tl.load(ROWS + seq).to(tl.uint32)
+    h = _mix32(seed.to(tl.uint32, bitcast=True) ^ row)
+    h = _mix32(h ^ head.to(tl.uint32))
+    return _mix32(h ^ q_pos.to(tl.uint32))
+
+
+@triton.jit
+def _dropout_keep(row_hash, k_pos, threshold):
+    """`[BLOCK_M, BLOCK_N]` keep mask of the tile's rows (`_dropout_row_hash`) over keys `k_pos`."""
+    h = _mix32(row_hash[:, None] ^ k_pos.to(tl.uint32)[None, :])
+    return (h >> 8).to(tl.int32) >= threshold
 
 
 @triton.jit
@@ -72,17 +101,18 @@ def _load_kv_tile(K_POOL, V_POOL, table, stride_bp, k_pos, k_ok, kv_head, dims, 
 
 
 # The split count and the strides that follow from it are not specialised: a new count compiles nothing.
-@triton.jit(do_not_specialize=["num_splits", "stride_lt", "stride_ls"])
+# The dropout seed and threshold are not specialised either: a new seed per forward compiles nothing new.
+@triton.jit(do_not_specialize=["num_splits", "stride_lt", "stride_ls", "drop_seed", "drop_threshold"])
 def _paged_attention_fwd_kernel(
     Q, K_POOL, V_POOL, O, LSE,
-    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
-    scale_log2, split_size, num_splits,
+    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE, DROP_ROWS,
+    scale_log2, split_size, num_splits, drop_seed, drop_threshold, drop_scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_os,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt, stride_bp, stride_lt, stride_ls,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -113,6 +143,8 @@ def _paged_attention_fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         table = BLOCK_TABLE + seq.to(tl.int64) * stride_bt
+        if DROPOUT:
+            row_hash = _dropout_row_hash(drop_seed, DROP_ROWS, seq, head, q_pos)
         for start in range(kv_lo, kv_hi, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_ok = k_pos < kv_hi
@@ -126,7 +158,9 @@ def _paged_attention_fwd_kernel(
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp2(s - m_safe[:, None])
             alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser sums the probabilities before dropout
+            if DROPOUT:
+                p = tl.where(_dropout_keep(row_hash, k_pos, drop_threshold), p * drop_scale, 0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
             m_i = m_new
 
@@ -260,6 +294,30 @@ def check_attention_inputs(op: str, q: torch.Tensor, k_pool: torch.Tensor, v_poo
             raise KernelInputError(f"{op}: {name} must be contiguous in its last dimension, strides {t.stride()}")
 
 
+def check_dropout(op: str, dropout: AttentionDropout | None, batch) -> None:
+    """The dropout's mask rows: int32, one per sequence, on the batch's device (a KernelInputError otherwise)."""
+    if dropout is None:
+        return
+    check_dtype(op, "dropout.rows", dropout.rows, torch.int32)
+    num_seqs = batch.cu_seqlens_q.shape[0] - 1
+    if dropout.rows.dim() != 1 or dropout.rows.shape[0] != num_seqs or (num_seqs > 1 and dropout.rows.stride(0) != 1):
+        raise KernelInputError(f"{op}: dropout.rows must be 1-D with one consecutive entry per sequence ({num_seqs}), "
+                               f"got shape {tuple(dropout.rows.shape)} strides {dropout.rows.stride()}")
+    check_same_device(op, {"dropout.rows": dropout.rows, "batch.cu_seqlens_q": batch.cu_seqlens_q})
+
+
+def dropout_args(dropout: AttentionDropout | None, batch) -> tuple[torch.Tensor]:
+    """The kernels' mask-row pointer argument (any int32 tensor of the step when there is no dropout)."""
+    return (dropout.rows if dropout is not None else batch.cu_seqlens_q,)
+
+
+def dropout_values(dropout: AttentionDropout | None) -> tuple[int, int, float]:
+    """The kernels' (seed as int32, threshold, scale) arguments; unused values without dropout."""
+    if dropout is None:
+        return 0, 0, 1.0
+    return as_int32(dropout.seed), dropout.threshold, dropout.scale
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -270,17 +328,21 @@ def paged_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     ieee: bool | None = None,
+    dropout: AttentionDropout | None = None,
 ):
     """Causal GQA attention of packed `q` (`[T, heads, head_dim]`) over the K/V page pools.
 
     `batch` is the step's AttentionBatch. Returns `out` (q's dtype), plus the natural-log
     log-sum-exp (`[T, heads]` fp32) when `return_lse`. `num_splits` forces the decode split count
     (only used when every q_len <= 1); `ieee` asks for exact fp32 dots (default: TF32 dots for fp32
-    inputs on the GPU). Rows of `out` that belong to no sequence's new tokens are never written.
+    inputs on the GPU). `dropout` drops attention probabilities (training; `kernels/dropout.py`; the
+    log-sum-exp is that of the probabilities before dropout); without it the kernel has no dropout code.
+    Rows of `out` that belong to no sequence's new tokens are never written.
     Reads only device metadata and the batch's host ints: no host-device synchronisation.
     """
     op = "paged_attention"
     check_attention_inputs(op, q, k_pool, v_pool, batch, **({"out": out} if out is not None else {}))
+    check_dropout(op, dropout, batch)
     if out is not None:
         check_dtype(op, "out", out, q.dtype)
         if out.dim() != 3 or out.shape[0] < q.shape[0] or out.shape[1:] != q.shape[1:] or out.stride(-1) != 1:
@@ -316,8 +378,8 @@ def paged_attention(
     with device_guard(q.device):
         _paged_attention_fwd_kernel[grid](
             q, k_pool, v_pool, o_dst, lse_dst if lse_dst is not None else out,
-            batch.cu_seqlens_q, batch.seq_lens_k, table,
-            scale * _LOG2E, split_size, splits,
+            batch.cu_seqlens_q, batch.seq_lens_k, table, *dropout_args(dropout, batch),
+            scale * _LOG2E, split_size, splits, *dropout_values(dropout),
             q.stride(0), q.stride(1), *o_strides,
             k_pool.stride(0), k_pool.stride(1), k_pool.stride(2),
             v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
@@ -325,7 +387,7 @@ def paged_attention(
             HEAD_DIM=head_dim, BLOCK_D=block_d, GROUP=group,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=k_pool.shape[1],
             STORE_LSE=lse_dst is not None, UPCAST=interpreting() or q.dtype == torch.float32, IEEE=ieee,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            DROPOUT=dropout is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         if splits > 1:
             _merge_splits_kernel[(num_seqs, num_heads)](

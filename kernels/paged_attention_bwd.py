@@ -22,20 +22,21 @@ import triton.language as tl
 from coconut_engine.errors import KernelInputError
 
 from ._launch import check_dtype, check_same_device, device_guard, interpreting
-from .paged_attention import (_LOG2E, TileConfig, _dot, _load_kv_tile, _query_rows, check_attention_inputs,
-                              split_keys)
+from .dropout import AttentionDropout
+from .paged_attention import (_LOG2E, TileConfig, _dot, _dropout_keep, _dropout_row_hash, _load_kv_tile, _query_rows,
+                              check_attention_inputs, check_dropout, dropout_args, dropout_values, split_keys)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["drop_seed", "drop_threshold"])
 def _bwd_dq_kernel(
     Q, DO, LSE, DELTA, K_POOL, V_POOL, DQ,
-    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
-    scale, scale_log2,
+    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE, DROP_ROWS,
+    scale, scale_log2, drop_seed, drop_threshold, drop_scale,
     stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lt,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_bt, stride_bp,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     tile = tl.program_id(1)
@@ -54,6 +55,8 @@ def _bwd_dq_kernel(
         kv_end = k_len - q_len + last_tok + 1
         dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         table = BLOCK_TABLE + seq.to(tl.int64) * stride_bt
+        if DROPOUT:
+            row_hash = _dropout_row_hash(drop_seed, DROP_ROWS, seq, head, q_pos)
         for start in range(0, kv_end, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             k_ok = k_pos < kv_end
@@ -63,7 +66,10 @@ def _bwd_dq_kernel(
             s = _dot(q, tl.trans(k), IEEE) * scale_log2
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            dp = _dot(do, tl.trans(v), IEEE)
+            if DROPOUT:  # the gradient reaches the probabilities through the kept entries only
+                dp = tl.where(_dropout_keep(row_hash, k_pos, drop_threshold), dp * drop_scale, 0.0)
+            ds = p * (dp - delta[:, None])
             dq += _dot(ds.to(k.dtype), k, IEEE)
         dq = dq * scale
         tl.store(DQ + t[:, None] * stride_dqt + head[:, None] * stride_dqh + dims[None, :],
@@ -87,16 +93,29 @@ def _load_query_grads(Q, DO, LSE, DELTA, q_begin, tok, head, row_ok, dims, dim_o
 
 
 @triton.jit
+def _dropout_grads(p, dp, drop_seed, DROP_ROWS, seq, head, q_pos, k_pos, drop_threshold, drop_scale,
+                   DROPOUT: tl.constexpr):
+    """(the probabilities the forward multiplied V by, the gradient of the probabilities before dropout)
+    from the recomputed probabilities `p` and dO V^T `dp`: both masked and scaled as the forward's mask.
+    Without DROPOUT they are `p` and `dp`."""
+    if DROPOUT:
+        keep = _dropout_keep(_dropout_row_hash(drop_seed, DROP_ROWS, seq, head, q_pos), k_pos, drop_threshold)
+        p = tl.where(keep, p * drop_scale, 0.0)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+    return p, dp
+
+
+@triton.jit(do_not_specialize=["drop_seed", "drop_threshold"])
 def _bwd_dkdv_kernel(
     Q, DO, LSE, DELTA, K_POOL, V_POOL, DK_POOL, DV_POOL,
-    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
-    scale, scale_log2,
+    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE, DROP_ROWS,
+    scale, scale_log2, drop_seed, drop_threshold, drop_scale,
     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_gkp, stride_gks, stride_gkh, stride_gvp, stride_gvs, stride_gvh, stride_bt, stride_bp,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     k_start = tl.program_id(1) * BLOCK_N
@@ -124,8 +143,10 @@ def _bwd_dkdv_kernel(
             s = _dot(q, tl.trans(k), IEEE) * scale_log2
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-            dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            p_kept, dp = _dropout_grads(p, _dot(do, tl.trans(v), IEEE), drop_seed, DROP_ROWS, seq, head, q_pos, k_pos,
+                                        drop_threshold, drop_scale, DROPOUT)
+            dv += _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
+            ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
         dk = dk * scale
         kv_mask = k_ok[:, None] & dim_ok[None, :]
@@ -135,17 +156,17 @@ def _bwd_dkdv_kernel(
         tl.store(gv, tl.load(gv, mask=kv_mask, other=0.0) + dv, mask=kv_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "drop_seed", "drop_threshold"])
 def _bwd_one_token_kernel(
     Q, DO, LSE, DELTA, K_POOL, V_POOL, DK_POOL, DV_POOL, DQ,
-    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE,
-    scale, scale_log2, split_size, num_splits,
+    CU_SEQLENS_Q, SEQ_LENS_K, BLOCK_TABLE, DROP_ROWS,
+    scale, scale_log2, split_size, num_splits, drop_seed, drop_threshold, drop_scale,
     stride_qt, stride_qh, stride_dot, stride_doh, stride_lt, stride_dqt, stride_dqh, stride_dqs,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_gkp, stride_gks, stride_gkh, stride_gvp, stride_gvs, stride_gvh, stride_bt, stride_bp,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Backward of a step whose sequences have at most one new token: each K/V tile is read once for
     dK, dV and this split's share of dQ."""
@@ -174,8 +195,10 @@ def _bwd_one_token_kernel(
             s = _dot(q, tl.trans(k), IEEE) * scale_log2
             visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :] & row_ok[:, None]
             p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-            dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)
-            ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+            p_kept, dp = _dropout_grads(p, _dot(do, tl.trans(v), IEEE), drop_seed, DROP_ROWS, seq, head, q_pos, k_pos,
+                                        drop_threshold, drop_scale, DROPOUT)
+            dv = _dot(tl.trans(p_kept.to(do.dtype)), do, IEEE)
+            ds = p * (dp - delta[:, None])
             dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale
             dq += _dot(ds.to(k.dtype), k, IEEE)
             kv_mask = k_ok[:, None] & dim_ok[None, :]
@@ -213,15 +236,18 @@ def backward_config(group: int, head_dim: int, dtype: torch.dtype, ieee: bool, o
 
 
 def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float,
-                             ieee: bool | None = None, num_splits: int | None = None) -> torch.Tensor:
+                             ieee: bool | None = None, num_splits: int | None = None,
+                             dropout: AttentionDropout | None = None) -> torch.Tensor:
     """Gradients of `paged_attention`: returns dq; adds dK/dV (fp32) into the gradient pools.
 
     A step whose sequences have at most one new token each runs the fused one-token kernel (its keys
     split across programs as the forward's; `num_splits` forces the count). `ieee` asks for exact fp32
-    dots (default: TF32 dots for fp32 inputs on the GPU).
+    dots (default: TF32 dots for fp32 inputs on the GPU). `dropout` must be the forward's: its mask is
+    recomputed from the seed (FlashAttention-2's backward with dropout; delta = rowsum(dO * O) still).
     """
     op = "paged_attention_backward"
     check_attention_inputs(op, q, k_pool, v_pool, batch)
+    check_dropout(op, dropout, batch)
     check_same_device(op, {"q": q, "dout": dout, "out": out, "lse": lse, "grad_k_pool": grad_k_pool,
                            "grad_v_pool": grad_v_pool})
     for name, t in (("dout", dout), ("out", out)):
@@ -249,13 +275,14 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     cfg = backward_config(group, head_dim, q.dtype, ieee, one_token)
     common = dict(HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), GROUP=group,
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PAGE_SIZE=k_pool.shape[1],
-                  UPCAST=interpreting() or q.dtype == torch.float32, IEEE=ieee,
+                  UPCAST=interpreting() or q.dtype == torch.float32, IEEE=ieee, DROPOUT=dropout is not None,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     pools = (k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2))
     grads = (grad_k_pool.stride(0), grad_k_pool.stride(1), grad_k_pool.stride(2),
              grad_v_pool.stride(0), grad_v_pool.stride(1), grad_v_pool.stride(2))
     table = batch.block_table
-    meta = (batch.cu_seqlens_q, batch.seq_lens_k, table)
+    meta = (batch.cu_seqlens_q, batch.seq_lens_k, table, *dropout_args(dropout, batch))
+    drop = dropout_values(dropout)
     with device_guard(q.device):
         if one_token:
             splits, split_size = split_keys(num_splits, q, num_seqs, num_kv_heads, batch.max_seqlen_k, cfg.block_n)
@@ -263,7 +290,7 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
                                                         dtype=torch.float32, device=q.device)
             _bwd_one_token_kernel[(num_seqs, num_kv_heads * splits)](
                 q, dout, lse, delta, k_pool, v_pool, grad_k_pool, grad_v_pool, dq_dst, *meta,
-                scale, scale * _LOG2E, split_size, splits,
+                scale, scale * _LOG2E, split_size, splits, *drop,
                 q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
                 dq_dst.stride(0), dq_dst.stride(1), dq_dst.stride(2) if splits > 1 else 0,
                 *pools, *grads, table.stride(0), table.stride(1), **common,
@@ -273,13 +300,13 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
             return dq
         _bwd_dq_kernel[(num_seqs, triton.cdiv(batch.max_seqlen_q, cfg.block_m // group), num_kv_heads)](
             q, dout, lse, delta, k_pool, v_pool, dq, *meta,
-            scale, scale * _LOG2E,
+            scale, scale * _LOG2E, *drop,
             q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0),
             *pools, table.stride(0), table.stride(1), **common,
         )
         _bwd_dkdv_kernel[(num_seqs, triton.cdiv(batch.max_seqlen_k, cfg.block_n), num_kv_heads)](
             q, dout, lse, delta, k_pool, v_pool, grad_k_pool, grad_v_pool, *meta,
-            scale, scale * _LOG2E,
+            scale, scale * _LOG2E, *drop,
             q.stride(0), q.stride(1), dout.stride(0), dout.stride(1), lse.stride(0),
             *pools, *grads, table.stride(0), table.stride(1), **common,
         )

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import AttentionDropout, dropped, keep_mask
+
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, slot_mapping: torch.Tensor,
              every_slot_valid: bool = False) -> None:
@@ -34,11 +36,13 @@ def paged_attention(
     scale: float,
     return_lse: bool = False,
     out: torch.Tensor | None = None,
+    dropout: AttentionDropout | None = None,
 ):
     """Causal GQA attention of the packed queries `q` (`[T, heads, head_dim]`) over the pages.
 
     Returns `out` (`[T, heads, head_dim]`, q's dtype), and the natural-log log-sum-exp
-    (`[T, heads]`, fp32) when `return_lse`.
+    (`[T, heads]`, fp32, of the probabilities before dropout) when `return_lse`. `dropout` drops
+    attention probabilities by the mask of `kernels/dropout.py`.
     """
     num_heads = q.shape[1]
     group = num_heads // k_pool.shape[2]
@@ -50,7 +54,8 @@ def paged_attention(
         if q_len == 0:
             continue
         o_b, lse_b = attend_one(q[start : start + q_len], gather_pages(k_pool, batch.block_table[b], k_len),
-                                gather_pages(v_pool, batch.block_table[b], k_len), group, scale)
+                                gather_pages(v_pool, batch.block_table[b], k_len), group, scale,
+                                dropout, None if dropout is None else dropout.rows[b])
         out[start : start + q_len] = o_b.to(out.dtype)
         if lse is not None:
             lse[start : start + q_len] = lse_b
@@ -58,10 +63,12 @@ def paged_attention(
     return (out, lse) if return_lse else out
 
 
-def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float):
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, scale: float,
+               dropout: AttentionDropout | None = None, row: torch.Tensor | None = None):
     """One sequence: q `[q_len, heads, D]` over k, v `[k_len, kv_heads, D]`, bottom-right causal.
 
-    Computes in fp32; returns (out fp32 `[q_len, heads, D]`, lse fp32 `[q_len, heads]`).
+    Computes in fp32; returns (out fp32 `[q_len, heads, D]`, lse fp32 `[q_len, heads]`). With `dropout`,
+    the probabilities are dropped by the mask of the sequence's mask `row`.
     """
     q_len, k_len = q.shape[0], k.shape[0]
     k = k.float().repeat_interleave(group, dim=1)
@@ -72,4 +79,8 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int, sc
     scores = scores.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None])
+    if dropout is not None:
+        heads = torch.arange(q.shape[1], device=q.device)
+        keep = keep_mask(dropout, row, heads[:, None, None], q_pos[None, :, None], torch.arange(k_len, device=q.device))
+        probs = dropped(probs, keep, dropout)
     return torch.einsum("hqk,khd->qhd", probs, v), lse.transpose(0, 1)

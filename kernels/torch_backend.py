@@ -13,6 +13,9 @@ and its backward): the forward returns the log-sum-exp at no cost and the backwa
 backward neither recomputes the forward nor needs the probabilities. Elsewhere (a GPU without
 Triton, or a torch build without that kernel) the forward is SDPA and the backward recomputes the
 softmax from the gathered K/V.
+
+With attention dropout (training; `kernels/dropout.py`) every step takes the padded path with an
+explicit fp32 softmax: the same mask as the Triton kernels, recomputed in the backward from the seed.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .dropout import AttentionDropout, dropped, keep_mask
 
 # A ragged prefill from empty this long runs per sequence; shorter ones are cheaper padded in one
 # call (a per-sequence loop costs more in call overhead than the padding wastes).
@@ -57,13 +62,17 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: tor
     v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, slot_mapping, as_dtype(v, v_pool.dtype))
 
 
-def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = False, out=None):
+def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = False, out=None,
+                    dropout: AttentionDropout | None = None):
     """Causal GQA attention of the packed queries `q` (`[T, heads, D]`) over the pages.
 
     Same contract as `reference.paged_attention`: returns `out` (q's dtype), and the log-sum-exp
-    (`[T, heads]`, fp32) when `return_lse`. Without `out` the padded path returns the kernel's
-    own result (a view where the step is rectangular) instead of copying it into a new tensor.
+    (`[T, heads]`, fp32, before dropout) when `return_lse`; `dropout` drops probabilities by the
+    mask of `kernels/dropout.py`. Without `out` the padded path returns the kernel's own result (a
+    view where the step is rectangular) instead of copying it into a new tensor.
     """
+    if dropout is not None and batch.num_tokens:
+        return _dropout_attention(q, k_pool, v_pool, batch, scale, return_lse, out, dropout)
     plan = step_plan(batch)
     fused = uses_fused_kernels(q.device)
     padded_path = batch.num_tokens and not (
@@ -92,6 +101,21 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
     return (out, lse) if return_lse else out
 
 
+def _dropout_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool, out, dropout: AttentionDropout):
+    """The padded step with an explicit fp32 softmax whose probabilities `dropout` drops (the fused
+    CPU kernel has no dropout); the log-sum-exp is the one before dropout."""
+    q_pad = _pad_rows(q, batch).transpose(1, 2)
+    o_pad, lse_pad = _softmax_attention(q_pad, _padded_kv(k_pool, batch), _padded_kv(v_pool, batch), batch, scale,
+                                        dropout)
+    out = torch.empty_like(q) if out is None else out
+    out[: batch.num_tokens] = _unpad_rows(o_pad.transpose(1, 2), batch)
+    if not return_lse:
+        return out
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+    lse[: batch.num_tokens] = _unpad_rows(lse_pad.transpose(1, 2), batch)
+    return out, lse
+
+
 def _padded_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool, fused: bool):
     """The step padded to `[B, heads, max_q, D]` over every sequence's keys (views of the pool where
     the pages are strided runs); returns the packed rows of the output and (or None) the log-sum-exp."""
@@ -109,14 +133,18 @@ def _padded_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool, 
     return _unpad_rows(o_pad.transpose(1, 2), batch), lse_rows
 
 
-def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
+def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float,
+                             dropout: AttentionDropout | None = None):
     """Gradients of `paged_attention`: returns dq, and adds dK/dV into the gradient pools at the slots read.
 
     Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
     runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
     it the probabilities are recomputed by a softmax. A one-token step (a thought, a decode step) has
     its own backward, from the log-sum-exp where given, except a small one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
+    With `dropout` (the forward's) the probabilities are recomputed and the mask drawn again from its seed.
     """
+    if dropout is not None:
+        return _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale, dropout)
     fused = lse is not None and uses_fused_kernels(q.device)
     if batch.max_seqlen_q == 1 and not (fused and _small_one_token_step(q, batch)):
         return _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
@@ -503,15 +531,32 @@ def _one_token_runs(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
         lse[:row] = torch.cat(lses).view(row, q.shape[1])
 
 
-def _softmax_attention(q_pad, k, v, batch, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _softmax_attention(q_pad, k, v, batch, scale: float, dropout: AttentionDropout | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Explicit scores and softmax in fp32, for a forward that must return the log-sum-exp without
-    the fused kernel; returns (out, lse `[B, heads, max_q]`)."""
+    the fused kernel, or drops probabilities; returns (out, lse `[B, heads, max_q]`, before dropout)."""
     group = q_pad.shape[1] // k.shape[1]
     scores = torch.matmul(q_pad.float(), _repeat_kv(k.float(), group).transpose(-1, -2)) * scale
     scores = scores.masked_fill_(~_visible(batch, q_pad.device, k.shape[2]), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp_(scores.sub_(lse[..., None]))
+    if dropout is not None:
+        probs = dropped(probs, _padded_keep(batch, dropout, q_pad.shape[1]), dropout)
     return torch.matmul(probs, _repeat_kv(v.float(), group)), lse
+
+
+def _padded_keep(batch, dropout: AttentionDropout, heads: int) -> torch.Tensor:
+    """The dropout keep mask of the padded step, `[B, heads, max_q, max_k]` (junk in padding rows and keys)."""
+    device = dropout.rows.device
+
+    def positions():
+        i = torch.arange(batch.max_seqlen_q, device=device)
+        starts = torch.tensor(batch.k_lens, device=device) - torch.tensor(batch.q_lens, device=device)
+        return starts[:, None] + i[None, :], torch.arange(batch.max_seqlen_k, device=device)
+
+    q_pos, k_pos = batch.memo("padded_positions", positions)
+    return keep_mask(dropout, dropout.rows[:, None, None, None], torch.arange(heads, device=device)[None, :, None, None],
+                     q_pos[:, None, :, None], k_pos)
 
 
 # -- backward paths ------------------------------------------------------------------------------
@@ -541,9 +586,11 @@ def _fresh_prefill_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad
     return _per_sequence_backward(grads, dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch)
 
 
-def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float):
-    """Backward without the fused kernel: probabilities recomputed (from `lse`, or by a softmax)."""
-    if lse is None and _per_sequence_prefill(batch):  # as the forward ran it
+def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale: float,
+                        dropout: AttentionDropout | None = None):
+    """Backward without the fused kernel: probabilities recomputed (from `lse`, or by a softmax); with
+    `dropout`, its mask drawn again (dV from the kept probabilities, dP through the kept entries only)."""
+    if lse is None and dropout is None and _per_sequence_prefill(batch):  # as the forward ran it
         return _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     group = q.shape[1] // k_pool.shape[2]
     q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
@@ -557,8 +604,14 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
         probs = torch.softmax(scores, dim=-1)
     else:
         probs = scores.sub_(_pad_rows(lse, batch).transpose(1, 2)[..., None]).exp_()
-    dv = torch.matmul(probs.transpose(-1, -2), do_pad)
-    ds = probs.mul_(torch.matmul(do_pad, v_rep.transpose(-1, -2)).sub_(delta[..., None]))
+    grad_probs = torch.matmul(do_pad, v_rep.transpose(-1, -2))
+    if dropout is None:
+        dv = torch.matmul(probs.transpose(-1, -2), do_pad)
+    else:
+        keep = _padded_keep(batch, dropout, q.shape[1])
+        dv = torch.matmul(dropped(probs, keep, dropout).transpose(-1, -2), do_pad)
+        grad_probs = dropped(grad_probs, keep, dropout)
+    ds = probs.mul_(grad_probs.sub_(delta[..., None]))
     dq = torch.matmul(ds, k_rep).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), q_pad).mul_(scale)
     b, h, n, d = dk.shape

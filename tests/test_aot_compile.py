@@ -2,7 +2,8 @@
 without a GPU: compile errors, spills and shared memory (kernels/aot_check.py).
 
 The default run compiles each kernel for bf16 and fp32 at head_dim 128 (the widest head_dim whose
-kernels must not spill), and the bf16 backward at head_dim 80, in one subprocess per session; Triton's cache under build/ keeps compiled
+kernels must not spill), the bf16 backward at head_dim 80 and the bf16 attention-dropout variants of
+the training kernels, in one subprocess per session; Triton's cache under build/ keeps compiled
 variants between runs. `-m slow` adds the whole matrix for both targets.
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def test_no_spills_and_shared_memory_within_the_limit(default_run):
 
 def test_a_new_split_count_compiles_nothing(default_run):
     kernels, results, _ = default_run
-    first, second = [r for r in results if r["variant"]["op"] == "decode-split" and r["variant"]["dtype"] == "bf16"]
+    first, second = [r for r in results if r["variant"]["op"] == "decode-split" and r["variant"]["dtype"] == "bf16"
+                     and not r["variant"]["dropout"]]
     assert (first["variant"]["splits"], second["variant"]["splits"]) == (4, 7)
     assert second["compiled"] == [] and second["launched"] == first["launched"]
 
@@ -76,6 +78,35 @@ def test_dkdv_runs_eight_warps_without_spills_from_head_dim_80(default_run):
             if k["kernel"] == "_bwd_dkdv_kernel"}
     assert set(dkdv) == {80, 128}, dkdv
     assert all(k["num_warps"] == 8 and k["spill_bytes"] == 0 for k in dkdv.values()), dkdv
+
+
+def test_attention_dropout_variants_compile_without_spills(default_run):
+    """Every training kernel has a dropout variant (DROPOUT constexpr on) that compiles for sm_90a within
+    the resources (the split thought step's merge has no dropout code); without dropout the kernels are
+    compiled with the dropout code left out."""
+    kernels, results, _ = default_run
+    dropping = launched(kernels, results, dropout=True)
+    names = {k["kernel"] for _, k in dropping}
+    assert names == {"_paged_attention_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_one_token_kernel",
+                     "_merge_splits_kernel"}
+    assert all(k["constants"]["DROPOUT"] for _, k in dropping if k["kernel"] != "_merge_splits_kernel")
+    assert not any(k["constants"].get("DROPOUT") for _, k in launched(kernels, results, dropout=False))
+    assert_resources(kernels, [r for r in results if r["variant"]["dropout"]])
+
+
+def test_the_thought_step_forward_with_dropout_compiles(default_run):
+    """A training thought step is a one-token forward that stores the log-sum-exp (for its backward), on
+    the decode tiles and split across programs; with attention dropout that is its own kernel variant
+    (DROPOUT and STORE_LSE on, BLOCK_M of the kv group), compiled here like the extend one."""
+    kernels, results, _ = default_run
+    step = [(v, k) for v, k in launched(kernels, results, dropout=True, op="decode-split")
+            if k["kernel"] == "_paged_attention_fwd_kernel"]
+    assert step and all(k["constants"]["DROPOUT"] and k["constants"]["STORE_LSE"] for _, k in step), step
+    extend = [k for _, k in launched(kernels, results, dropout=True, op="extend")]
+    assert {k["constants"]["BLOCK_M"] for _, k in step}.isdisjoint({k["constants"]["BLOCK_M"] for k in extend})
+    assert {k["kernel"] for _, k in launched(kernels, results, dropout=True, op="decode-split")} == {
+        "_paged_attention_fwd_kernel", "_merge_splits_kernel"}
+    assert_resources(kernels, [r for r in results if r["variant"]["dropout"]])
 
 
 def test_a_failing_variant_is_reported_with_its_error(default_run):

@@ -11,7 +11,7 @@ from tiny_models import CORE_FAMILIES, build_hf_model
 @pytest.mark.parametrize("family", CORE_FAMILIES)
 def test_official_transformers_baseline_matches_the_engine(family, tmp_path):
     hf = build_hf_model(family, tmp_path)
-    hf.eval()  # no dropout: the engine has none; gradients flow in eval mode too
+    hf.eval()  # no dropout (transformers draws other masks than the engine); gradients flow in eval mode too
     engine = CoconutModel(load_model(tmp_path, attention_backend="torch"), TOKENS, page_size=4)
     samples = ragged_samples()
     loss = engine(samples, mode="paged")

@@ -258,7 +258,7 @@ def test_bad_parallel_setting_and_environment(monkeypatch):
 # -- dropout under DDP ------------------------------------------------------------------------------
 
 def _rank_dropout_masks(rank: int, world: int, port: int, values: dict, out: str) -> None:
-    """Train `values` on this rank; save the first dropout masks it drew."""
+    """Train `values` on this rank; save the first dropout masks and attention-dropout seeds it drew."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -272,10 +272,19 @@ def _rank_dropout_masks(rank: int, world: int, port: int, values: dict, out: str
             masks.append((y == 0).flatten()[:256].clone())
         return y
 
+    seeds, draw = [], model_module.Decoder.attention_dropout_seed
+
+    def recording_seed(self):
+        seed = draw(self)
+        if seed is not None and len(seeds) < 4:
+            seeds.append(seed)
+        return seed
+
     model_module._dropout = recording
+    model_module.Decoder.attention_dropout_seed = recording_seed
     trainer = Trainer(TrainConfig(**values))
     trainer.run()
-    torch.save(masks, Path(out) / f"masks{rank}.pt")
+    torch.save((masks, seeds), Path(out) / f"masks{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -285,7 +294,10 @@ def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
     values = config(tmp_path / "run", runs["root"] / "single", num_epochs=1, dropout=0.5,
                     gradient_accumulation_steps=1)
     mp.spawn(_rank_dropout_masks, args=(2, _free_port(), values, str(tmp_path)), nprocs=2)
-    first, second = (torch.load(tmp_path / f"masks{r}.pt") for r in range(2))
+    (first, first_seeds), (second, second_seeds) = (torch.load(tmp_path / f"masks{r}.pt") for r in range(2))
     assert len(first) == len(second) == 4
     assert all(a.any() for a in first)
     assert not all(torch.equal(a, b) for a, b in zip(first, second))
+    # attention dropout (the config's dropout covers it): each rank's forwards draw their own mask seeds
+    assert len(first_seeds) == len(second_seeds) >= 2
+    assert set(first_seeds).isdisjoint(second_seeds)

@@ -64,6 +64,42 @@ def test_backward_on_gpu(dtype):
     check_backward_on_gpu(dtype, 4, 128, [5, 300, 0, 17], [7, 1, 40, 16])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["extend", "decode"])
+def test_attention_dropout_on_gpu(dtype, kind):
+    """The compiled kernels draw the reference's dropout mask (their uint32 hash is torch's int64 one):
+    forward and backward, a decode step split across programs as the default split count does."""
+    from coconut_engine.kernels.dropout import AttentionDropout
+    from coconut_engine.kernels.paged_attention import paged_attention
+    from coconut_engine.kernels.paged_attention_bwd import paged_attention_backward
+
+    prefix = [1, 15, 16, 17, 3000, 0]
+    q_lens = [3, 1, 0, 18, 17, 64] if kind == "extend" else [1, 1, 0, 1, 1, 1]
+    q, k_pool, v_pool, batch = to_cuda(make_case(4, 64, 16, dtype, prefix, q_lens))
+    dropout = AttentionDropout(0.3, 0xC0FFEE42, torch.tensor([4, 0, 5, 2, 1, 3], dtype=torch.int32, device=q.device))
+    scale, ieee = 64 ** -0.5, dtype == torch.float32
+    out, lse = paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True, ieee=ieee, dropout=dropout)
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k_pool, v_pool))
+    ref = reference.paged_attention(qr, kr, vr, batch, scale, dropout=dropout)
+    torch.testing.assert_close(out.float(), ref.detach(), atol=TOL[dtype], rtol=1e-2 if dtype == torch.bfloat16 else 0)
+    dout = torch.randn_like(out)
+    (ref * dout.float()).sum().backward()
+    grad_k = torch.zeros(k_pool.shape, dtype=torch.float32, device=q.device)
+    grad_v = torch.zeros_like(grad_k)
+    dq = paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k, grad_v, batch, scale, ieee=ieee,
+                                  dropout=dropout)
+    limit = 1e-4 if dtype == torch.float32 else 2e-2
+    for got, want in ((dq.float(), qr.grad), (grad_k, kr.grad), (grad_v, vr.grad)):
+        assert ((got - want).norm() / want.norm()).item() < limit
+
+
+def test_attention_dropout_hash_at_extremes_on_gpu():
+    """The compiled uint32 hash draws `keep_mask`'s bits for seeds, rows, heads and positions up to 2**31."""
+    from test_attention_dropout import check_kernel_hash_at_extremes
+
+    check_kernel_hash_at_extremes("cuda")
+
+
 def test_pool_beyond_32_bit_offsets():
     """Pages whose element offsets exceed 2**31: store and attend at the top of a ~4.3 GB pool."""
     from coconut_engine.cache import AttentionBatch
