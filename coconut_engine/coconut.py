@@ -394,8 +394,10 @@ class CoconutModel(nn.Module):
                 fill = [b for b, s in enumerate(samples) if s.num_thoughts > k]
                 b_idx = torch.tensor(fill, device=device)
                 col = align + k
+                # in the embeddings' dtype: under autocast a learned transform returns bf16/fp16 (the
+                # other modes take it as it is: the decoder and torch.cat accept mixed dtypes)
                 embeds = embeds.index_put((b_idx, torch.full_like(b_idx, col)),
-                                          self.thought_inputs(passes[-1][b_idx, col - 1 - start]))
+                                          self.thought_inputs(passes[-1][b_idx, col - 1 - start]).to(embeds.dtype))
         hidden = torch.cat(passes, dim=1)
         rows, targets = [], []
         for b, (pad, s) in enumerate(zip(pads, samples)):

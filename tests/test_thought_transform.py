@@ -109,3 +109,19 @@ def test_halting_loss_labels(decoder):
 def test_unknown_variant_is_named(decoder):
     with pytest.raises(ValueError, match="'mlp' is not one of"):
         build_thought_transform("mlp", decoder.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_modes_agree_under_bf16_autocast(decoder, kind):
+    """Training with `bf16: true` runs the forward under autocast, where a learned transform's output
+    is bf16 while the token embeddings are fp32: every mode takes it (multipass's index_put refused
+    the mixed dtypes for `linear`) and the modes agree to bf16 precision."""
+    coconut = CoconutModel(decoder, TOKENS, page_size=4, thought_transform=perturbed(kind, decoder))
+    losses = {}
+    for mode in ("paged", "two_pass", "multipass", "recompute"):
+        coconut.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = coconut(ragged_samples(), mode=mode, eot_loss_weight=0.5)
+        loss.backward()
+        losses[mode] = loss.item()
+    assert max(losses.values()) - min(losses.values()) <= 1e-2 * abs(losses["paged"]), losses
