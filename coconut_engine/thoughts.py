@@ -134,12 +134,13 @@ def save_thought_transform(transform: ThoughtTransform, directory: str | Path) -
 def load_thought_transform(directory: str | Path, entry: dict | None,
                            embedding_weight: torch.Tensor) -> ThoughtTransform:
     """The transform described by a checkpoint's `coconut.json` entry (identity when there is none),
-    with its parameters read from the file the entry names; every missing, unexpected or mis-shaped
-    tensor is a CheckpointError naming the file and the tensor."""
+    with its parameters read from the file the entry names; a malformed entry is a CheckpointError
+    naming coconut.json, every missing, unexpected, mis-shaped, non-float or non-finite tensor one
+    naming the file and the tensor."""
     source = Path(directory) / "coconut.json"
     if entry is None:
         return build_thought_transform("identity", embedding_weight)
-    if not isinstance(entry, dict) or entry.get("kind") not in THOUGHT_TRANSFORMS:
+    if not isinstance(entry, dict) or not isinstance(entry.get("kind"), str) or entry["kind"] not in THOUGHT_TRANSFORMS:
         raise CheckpointError(f"{source}: '{COCONUT_KEY}' must be an object with 'kind' one of "
                               f"{', '.join(THOUGHT_TRANSFORMS)}, got {json.dumps(entry)}")
     transform = build_thought_transform(entry["kind"], embedding_weight)
@@ -148,6 +149,10 @@ def load_thought_transform(directory: str | Path, entry: dict | None,
         return transform
     if "file" not in entry:
         raise CheckpointError(f"{source}: the {entry['kind']} thought transform names no parameter file ('file')")
+    name = entry["file"]
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise CheckpointError(f"{source}: '{COCONUT_KEY}' 'file' must be the name of a file in the checkpoint "
+                              f"folder, got {json.dumps(name)}")
     file = Path(directory) / entry["file"]
     from safetensors import SafetensorError, safe_open
 
@@ -164,6 +169,10 @@ def load_thought_transform(directory: str | Path, entry: dict | None,
                 if tensor.shape != ref.shape:
                     raise CheckpointError(f"{file}: tensor {name!r} has shape {tuple(tensor.shape)}, the "
                                           f"{entry['kind']} transform of this model needs {tuple(ref.shape)}")
+                if not tensor.is_floating_point():
+                    raise CheckpointError(f"{file}: tensor {name!r} has dtype {tensor.dtype}, expected a float tensor")
+                if not torch.isfinite(tensor).all():
+                    raise CheckpointError(f"{file}: tensor {name!r} holds NaN or Inf")
                 loaded[name] = tensor.to(device=ref.device, dtype=ref.dtype)
     except (OSError, SafetensorError) as exc:
         raise CheckpointError(f"{file}: cannot read the thought transform ({exc})") from exc
