@@ -149,6 +149,9 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
         need(not self.model.startswith("builtin:") or self.model[len("builtin:"):] in BUILTIN_MODELS,
              f"model {self.model!r}: unknown builtin model (known: {', '.join(BUILTIN_MODELS)})")
+        need(not (self.eot_loss_weight > 0 and self.mode in ("cot", "no_cot", "pause_as_thought")),
+             f"eot_loss_weight has no meaning in mode {self.mode}: the halting loss labels the positions after "
+             "<bot> and after each continuous thought (modes coconut, no_thoughts)")
         need(not (self.mode in ("cot", "no_cot") and self.pad_latent_to_max),
              f"pad_latent_to_max has no meaning in mode {self.mode} (no thoughts)")
         try:

@@ -125,3 +125,17 @@ def test_modes_agree_under_bf16_autocast(decoder, kind):
         loss.backward()
         losses[mode] = loss.item()
     assert max(losses.values()) - min(losses.values()) <= 1e-2 * abs(losses["paged"]), losses
+
+
+def test_halting_loss_is_refused_where_it_labels_nothing_or_the_wrong_positions():
+    """In pause_as_thought the `<|latent|>` tokens sit in the prompt, so only stage-0 samples end their
+    prompt in `<bot>`: the halting loss taught p(<eot>) = 1 after `<bot>` and nothing else. In cot /
+    no_cot there are no markers and it added nothing. Such configs are refused, naming the key."""
+    from coconut_engine.trainer import TrainConfig, TrainingError
+
+    for mode in ("pause_as_thought", "cot", "no_cot"):
+        with pytest.raises(TrainingError, match=f"eot_loss_weight has no meaning in mode {mode}"):
+            TrainConfig(mode=mode, eot_loss_weight=0.5)
+        TrainConfig(mode=mode, eot_loss_weight=0.0)
+    for mode in ("coconut", "no_thoughts"):
+        TrainConfig(mode=mode, eot_loss_weight=0.5)
