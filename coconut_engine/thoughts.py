@@ -1,8 +1,9 @@
 """The thought transform: what a continuous thought feeds back as the next input embedding.
 
 Coconut feeds the last hidden state `h` (final-norm output of the position before the thought)
-straight back (`identity`, the official behaviour and the default). The other variants learn a map,
-each starting as the identity so that switching one on does not change a trained model at step 0:
+straight back (`identity`, the official behaviour and the default). The other variants learn a map;
+`gated` and `linear` start as the identity exactly, so that switching one on does not change a
+trained model at step 0 (`norm` does: it rescales every thought to the embeddings' mean norm):
 
 - `gated`: `x = h + g * (e - h)` with `g = gain * sigmoid(W [h; e] + b)` and `e` the `<|latent|>`
   token's embedding: a learned per-dimension mix of the hidden state and a token embedding. `gain`
