@@ -49,7 +49,7 @@ def nearest_tokens_of_thoughts(decoder: Decoder, tokenizer, tokens: SpecialToken
         coconut = CoconutModel(decoder, tokens, page_size=page_size, thought_transform=thought_transform)
         found = []
         for t in range(1, num_thoughts + 1):
-            inputs = coconut.thought_inputs(last)
+            inputs = coconut.thought_inputs(last, t - 1)
             probs = torch.softmax(decoder.logits(inputs).float(), dim=-1)[0]
             values, ids = probs.topk(top)
             found.append(NearestTokens(t, tuple(tokenizer.decode([i]) for i in ids.tolist()),

@@ -12,14 +12,16 @@ trained model at step 0 (`norm` does: it rescales every thought to the embedding
 - `norm`: `x = s * h / ||h||`, re-normalising to the embedding's scale; `s` starts as the mean norm
   of the token embeddings (a learned scalar).
 
-Every training mode (coconut.py) and generation (generate.py) call `transform(hidden, marker)` at the
-point where a thought's input embedding is formed; the trainer saves the parameters in the
+Every training mode (coconut.py) and generation (generate.py) call `transform.next_inputs` at the
+point where a thought's input embedding is formed, with the thought's index where a variant reads it
+(`uses_index`: `forward(hidden, marker, index)`, `index[n]` = how many thoughts sequence n already has); the trainer saves the parameters in the
 checkpoint as `thought_transform.safetensors`, named with the variant in `coconut.json`.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -31,20 +33,32 @@ COCONUT_KEY = "thought_transform"
 
 
 class ThoughtTransform(nn.Module):
-    """Base class: `forward(hidden [N, H], marker [H]) -> next input embeddings [N, H]`."""
+    """Base class: `forward(hidden [N, H], marker [H], index [N]) -> next input embeddings [N, H]`."""
 
     kind = "identity"
     uses_marker = False  # whether forward reads the <|latent|> embedding (computed only then)
+    uses_index = False  # whether forward reads the thought index (a tensor made only then)
 
-    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """The official feed-back: the hidden state itself."""
         return hidden
 
-    def next_inputs(self, hidden: torch.Tensor, embedding_weight: torch.Tensor, thought_token: int) -> torch.Tensor:
-        """The thoughts' input embeddings after the positions whose last hidden states are `hidden`, with
-        the `<|latent|>` row of `embedding_weight` read only by variants that use it: the one call that
-        training (every mode) and generation make to form a thought."""
-        return self(hidden, embedding_weight[thought_token] if self.uses_marker else None)
+    def next_inputs(self, hidden: torch.Tensor, embedding_weight: torch.Tensor, thought_token: int,
+                    index: int | Sequence[int] = 0) -> torch.Tensor:
+        """The thoughts' input embeddings after the positions whose last hidden states are `hidden`: the
+        one call that training (every mode) and generation make to form a thought. `index`: each row's
+        thought index (0 for the first thought; one int for all rows, or one per row). The
+        `<|latent|>` row of `embedding_weight` and the index tensor are made only for variants that
+        read them."""
+        marker = embedding_weight[thought_token] if self.uses_marker else None
+        if not self.uses_index:
+            return self(hidden, marker)
+        count = hidden.shape[0]
+        index = [int(index)] * count if isinstance(index, int) else [int(i) for i in index]
+        if len(index) != count:
+            raise ValueError(f"thought index: {len(index)} indices for {count} hidden states")
+        return self(hidden, marker, torch.tensor(index, dtype=torch.long, device=hidden.device))
 
 
 class GatedThought(ThoughtTransform):
@@ -60,7 +74,8 @@ class GatedThought(ThoughtTransform):
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
 
-    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """Mix each hidden state with the marker embedding through the learned gate."""
         if marker is None:
             raise ValueError("the gated thought transform needs the <|latent|> embedding (marker)")
@@ -81,7 +96,8 @@ class LinearThought(ThoughtTransform):
             self.proj.weight.copy_(torch.eye(hidden_size))
             self.proj.bias.zero_()
 
-    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """A learned affine map of each hidden state."""
         return self.proj(hidden)
 
@@ -95,7 +111,8 @@ class NormThought(ThoughtTransform):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(float(embedding_scale)))
 
-    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, marker: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """Each hidden state rescaled to the embedding's norm."""
         norm = hidden.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
         return (hidden.float() * (self.scale / norm)).to(hidden.dtype)
