@@ -599,8 +599,10 @@ class Trainer:
         return f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
 
     def _check_finite_weights(self, epoch: int, decoder) -> None:
-        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights."""
-        bad = first_non_finite(decoder.named_parameters())
+        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights or
+        in the thought transform's parameters (saved with them)."""
+        transform = [(f"thought_transform.{name}", p) for name, p in self.model.thought_transform.named_parameters()]
+        bad = first_non_finite([*decoder.named_parameters(), *transform])
         if bad is not None:
             raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
                                 f"{self._last_good()}")
