@@ -181,3 +181,22 @@ def test_a_variant_that_reads_the_thought_index_gets_it_in_every_mode(decoder):
         assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), mode
         for name, grad in grads.items():
             assert (grad - ref_grads[name]).norm() <= 1e-4 * ref_grads[name].norm() + 1e-12, (mode, name)
+
+
+@pytest.mark.parametrize("kind", ["gated", "linear", "norm"])
+def test_transform_gradients_with_deferred_weight_gradients(decoder, kind):
+    """Models from hidden 256 on defer weight gradients in training (linear.DeferredWeightGrads); the
+    transform's gradients (and the <|latent|> row the gated variant reads) are the same with them."""
+    transform = perturbed(kind, decoder)
+    results = []
+    for defer, mode in ((True, "paged"), (True, "two_pass"), (False, "recompute")):
+        coconut = CoconutModel(decoder, TOKENS, page_size=4, thought_transform=transform, defer_weight_grads=defer)
+        coconut.zero_grad()
+        loss = coconut(ragged_samples(), mode=mode, eot_loss_weight=0.5)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in coconut.named_parameters()}))
+    ref_loss, ref_grads = results[-1]
+    for loss, grads in results[:-1]:
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        for name, grad in grads.items():
+            assert (grad - ref_grads[name]).norm() <= 1e-4 * ref_grads[name].norm() + 1e-12, name
