@@ -144,10 +144,12 @@ class CoconutModel(nn.Module):
             return self.defer_weight_grads
         return self.decoder.config.hidden_size >= DEFER_WEIGHT_GRADS_MIN_HIDDEN
 
-    def thought_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+    def thought_inputs(self, hidden: torch.Tensor, index: int | Sequence[int] = 0) -> torch.Tensor:
         """The input embeddings of the thoughts that follow the positions whose last hidden states are
-        `hidden` `[N, hidden]`: the one call every mode (and generation) makes to form a thought."""
-        return self.thought_transform.next_inputs(hidden, self.decoder.embed_tokens.weight, self.tokens.thought)
+        `hidden` `[N, hidden]` (thought `index`, 0 = the first; one for all rows or one per row): the one
+        call every mode (and generation) makes to form a thought."""
+        return self.thought_transform.next_inputs(hidden, self.decoder.embed_tokens.weight, self.tokens.thought,
+                                                  index)
 
     def forward(self, samples: Sequence[CoconutSample], mode: str = "paged", reduction: str = "mean",
                 eot_loss_weight: float = 0.0) -> torch.Tensor:
@@ -325,7 +327,7 @@ class CoconutModel(nn.Module):
         for t in range(1, max(s.num_thoughts for s in samples) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
             index = torch.tensor(active, device=last.device)
-            inputs = self.thought_inputs(last[index])
+            inputs = self.thought_inputs(last[index], t - 1)
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
             outputs.append(self.append_thought(cache, active, inputs, deferred, masks))
@@ -369,7 +371,7 @@ class CoconutModel(nn.Module):
             lens = [len(samples[i].prompt) + t - 1 for i in active]
             batch = AttentionBatch.packed(lens, device=embeds.device)
             hidden = self.decoder(batch, inputs_embeds=embeds, dropout_seed=masks.seed_for(batch, active))
-            inputs = self.thought_inputs(hidden[batch.last_token_indices()])
+            inputs = self.thought_inputs(hidden[batch.last_token_indices()], t - 1)
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
         return thoughts
@@ -433,8 +435,10 @@ class CoconutModel(nn.Module):
                 fill = [b for b, s in enumerate(samples) if s.num_thoughts > k]
                 b_idx = torch.tensor(fill, device=device)
                 col = align + k
+                # in the embeddings' dtype: under autocast a learned transform returns bf16/fp16 (the
+                # other modes take it as it is: the decoder and torch.cat accept mixed dtypes)
                 embeds = embeds.index_put((b_idx, torch.full_like(b_idx, col)),
-                                          self.thought_inputs(passes[-1][b_idx, col - 1 - start]))
+                                          self.thought_inputs(passes[-1][b_idx, col - 1 - start], k).to(embeds.dtype))
         hidden = torch.cat(passes, dim=1)
         rows, targets = [], []
         for b, (pad, s) in enumerate(zip(pads, samples)):

@@ -347,7 +347,8 @@ class Generator:
                 s.pending = [self.special_tokens.eot]
         if not go:
             return
-        inputs = self.thought_inputs(hidden[torch.tensor(go, device=self.device)])
+        inputs = self.thought_inputs(hidden[torch.tensor(go, device=self.device)],
+                                     [thinking[j][0].thoughts_done for j in go])
         traces = self._traces(inputs, [p_eot[j] for j in go], params) if params.return_thoughts else None
         for n, j in enumerate(go):
             s = thinking[j][0]
@@ -356,11 +357,12 @@ class Generator:
             if traces is not None:
                 s.trace.append(traces[n])
 
-    def thought_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The thoughts' input embeddings after the positions whose last hidden states are `hidden`:
-        the thought transform, as in training (CoconutModel.thought_inputs)."""
+    def thought_inputs(self, hidden: torch.Tensor, index: int | Sequence[int] = 0) -> torch.Tensor:
+        """The thoughts' input embeddings after the positions whose last hidden states are `hidden`
+        (`index`: each one's thought index, 0 = the first): the thought transform, as in training
+        (CoconutModel.thought_inputs)."""
         return self.thought_transform.next_inputs(hidden, self.decoder.embed_tokens.weight,
-                                                  self.special_tokens.thought)
+                                                  self.special_tokens.thought, index)
 
     def _traces(self, inputs: torch.Tensor, p_eot: list[float], params: _Params) -> list[ThoughtTrace]:
         """Inspection of thought input vectors: norm, nearest tokens through the LM head, p(<eot>)."""
@@ -506,8 +508,8 @@ def generate_no_cache(decoder: Decoder, prompt: Sequence[int], num_thoughts: int
     def last_hidden():
         return decoder(AttentionBatch.packed([len(inputs)], device=device), inputs_embeds=torch.stack(inputs))[-1]
 
-    for _ in range(num_thoughts):
-        inputs.append(transform.next_inputs(last_hidden()[None], embed.weight, tokens.thought)[0])
+    for t in range(num_thoughts):
+        inputs.append(transform.next_inputs(last_hidden()[None], embed.weight, tokens.thought, t)[0])
     if markers:
         inputs.append(embed(torch.tensor(tokens.eot, device=device)))
     out: list[int] = []

@@ -149,6 +149,9 @@ class TrainConfig:
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
         need(not self.model.startswith("builtin:") or self.model[len("builtin:"):] in BUILTIN_MODELS,
              f"model {self.model!r}: unknown builtin model (known: {', '.join(BUILTIN_MODELS)})")
+        need(not (self.eot_loss_weight > 0 and self.mode in ("cot", "no_cot", "pause_as_thought")),
+             f"eot_loss_weight has no meaning in mode {self.mode}: the halting loss labels the positions after "
+             "<bot> and after each continuous thought (modes coconut, no_thoughts)")
         need(not (self.mode in ("cot", "no_cot") and self.pad_latent_to_max),
              f"pad_latent_to_max has no meaning in mode {self.mode} (no thoughts)")
         try:
@@ -592,8 +595,10 @@ class Trainer:
         return f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
 
     def _check_finite_weights(self, epoch: int, decoder) -> None:
-        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights."""
-        bad = first_non_finite(decoder.named_parameters())
+        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights or
+        in the thought transform's parameters (saved with them)."""
+        transform = [(f"thought_transform.{name}", p) for name, p in self.model.thought_transform.named_parameters()]
+        bad = first_non_finite([*decoder.named_parameters(), *transform])
         if bad is not None:
             raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
                                 f"{self._last_good()}")

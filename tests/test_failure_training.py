@@ -261,3 +261,24 @@ def test_a_record_too_long_only_for_evaluation_names_eval_max_new_tokens(tmp_pat
                                             r"thoughts \+ eval_max_new_tokens=1100\), more than the model's "
                                             r"max_position_embeddings=1024"):
         Trainer(tiny(tmp_path, eval_max_new_tokens=1100))
+
+
+def test_non_finite_thought_transform_is_not_saved(tmp_path, monkeypatch):
+    """The thought transform's parameters are saved with the weights, so a NaN in them stops the run
+    before the checkpoint as one in the decoder does (at stage 0 no thought uses the transform, so
+    the validation loss stays finite and the checkpoint was written, with a transform file that
+    loading then refuses)."""
+    trainer = Trainer(tiny(tmp_path, num_epochs=2, epochs_per_stage=2, thought_transform="linear"))
+    step = torch.optim.AdamW.step
+
+    def nan_on_step_six(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if trainer.global_step == 5:  # the last step of epoch 2 (stage 0)
+            with torch.no_grad():
+                trainer.model.thought_transform.proj.bias[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_on_step_six)
+    with pytest.raises(TrainingError, match=r"parameter thought_transform\.proj\.bias holds NaN or Inf after epoch 2"):
+        trainer.run()
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["checkpoint-0001"]

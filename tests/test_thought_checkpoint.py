@@ -106,3 +106,25 @@ def test_trained_transform_reaches_eval_and_generate(tmp_path, capsys, monkeypat
 
     with pytest.raises(TrainingError, match="trained with thought_transform 'linear', config says 'gated'"):
         Trainer(tiny(tmp_path, num_epochs=4, thought_transform="gated", resume=True))
+
+
+def test_malformed_entries_and_non_finite_tensors_are_named(tmp_path):
+    """A coconut.json entry whose kind or file is not a string is a CheckpointError naming
+    coconut.json (it was a TypeError), as is a file outside the checkpoint folder (as for a sharded
+    model's index: nothing outside the folder is opened); a transform tensor holding NaN / Inf or integers is one naming
+    the file and the tensor (as the model's own weights are), not loaded silently."""
+    transform = perturbed("linear")
+    entry = save_thought_transform(transform, tmp_path)
+    for bad in ({"kind": ["linear"]}, {"kind": None}, {"kind": "linear", "file": None},
+                {"kind": "linear", "file": 5}, {"kind": "linear", "file": ""},
+                {"kind": "linear", "file": "../" + TRANSFORM_FILE}, {"kind": "linear", "file": "/etc/passwd"}):
+        with pytest.raises(CheckpointError, match="coconut.json: 'thought_transform'"):
+            load_thought_transform(tmp_path, bad, EMBED)
+    state = {k: v.clone() for k, v in transform.state_dict().items()}
+    state["proj.weight"][3, 4] = float("nan")
+    save_file(state, tmp_path / TRANSFORM_FILE)
+    with pytest.raises(CheckpointError, match=r"thought_transform.safetensors: tensor 'proj.weight' holds NaN or Inf"):
+        load_thought_transform(tmp_path, entry, EMBED)
+    save_file({k: v.to(torch.int64) for k, v in transform.state_dict().items()}, tmp_path / TRANSFORM_FILE)
+    with pytest.raises(CheckpointError, match=r"tensor 'proj.(weight|bias)' has dtype torch.int64"):
+        load_thought_transform(tmp_path, entry, EMBED)

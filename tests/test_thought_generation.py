@@ -115,3 +115,54 @@ def test_bad_thought_arguments(decoder):
         gen.generate([[5, 6]], num_thoughts="auto", eot_threshold=1.5)
     with pytest.raises(ValueError, match="max_thoughts"):
         gen.generate([[5, 6]], num_thoughts="auto", max_thoughts=-1)
+
+
+def test_nearest_tokens_of_thoughts_use_the_thought_transform(decoder):
+    """`thought_tokens.nearest_tokens_of_thoughts` (the notebook's view of the thoughts) feeds back what
+    the model's transform makes, as generation does: its nearest tokens and probabilities are those
+    of `generate(..., return_thoughts=True)`. (It used to feed the raw hidden state back and decode
+    that: another model's thoughts for any transform but the identity.)"""
+    from coconut_engine.thought_tokens import nearest_tokens_of_thoughts
+
+    class Ids:  # a stand-in tokenizer: the prompt's ids, a token's text is its id
+        def __init__(self, ids):
+            self.ids = ids
+
+        def encode(self, text, add_special_tokens=False):
+            return list(self.ids)
+
+        def decode(self, ids):
+            return str(ids[0])
+
+    transform = perturbed("linear", decoder, seed=3)
+    prompt = make_prompts()[1]
+    trace = Generator(CoconutModel(decoder, TOKENS, thought_transform=transform), max_pages=64, page_size=4).generate(
+        [prompt], num_thoughts=3, max_new_tokens=1, return_thoughts=True, thought_top_k=3)[0].thoughts
+    found = nearest_tokens_of_thoughts(decoder, Ids(prompt), TOKENS, "q", 3, top=3, page_size=4,
+                                       thought_transform=transform)
+    assert [n.tokens for n in found] == [tuple(str(t) for t, _, _ in tr.top_tokens) for tr in trace]
+    for n, tr in zip(found, trace):
+        assert list(n.probs) == pytest.approx([p for _, _, p in tr.top_tokens], rel=1e-4, abs=1e-6)
+    identity = nearest_tokens_of_thoughts(decoder, Ids(prompt), TOKENS, "q", 3, top=3, page_size=4)
+    assert [n.tokens for n in identity] != [n.tokens for n in found]  # the transform matters here
+
+
+def test_generation_passes_each_sequence_its_own_thought_index(decoder):
+    """A variant reading the thought index (`uses_index`): in one generation step the sequences are at
+    different thoughts, each gets its own index, and the batch equals the no-cache reference."""
+    from test_thought_transform import IndexedThought
+
+    transform = IndexedThought(64, seed=1)
+    # a small pool: requests join as others finish, so one step holds sequences at different thoughts
+    gen = Generator(CoconutModel(decoder, TOKENS, thought_transform=transform), max_pages=24, page_size=4)
+    prompts = make_prompts()
+    results = gen.generate(prompts, num_thoughts=THOUGHTS, max_new_tokens=5)
+    assert all(r.error is None for r in results)
+    assert any(len(set(call)) > 1 for call in transform.seen)  # mixed indices within a step
+    assert sorted(i for call in transform.seen for i in call) == sorted(i for k in THOUGHTS for i in range(k))
+    differs = False
+    for prompt, k, result in zip(prompts, THOUGHTS, results):
+        want = generate_no_cache(decoder, prompt, k, 5, TOKENS, eos_ids=gen.eos_ids, thought_transform=transform)
+        assert result.token_ids == want
+        differs |= want != generate_no_cache(decoder, prompt, k, 5, TOKENS, eos_ids=gen.eos_ids)
+    assert differs

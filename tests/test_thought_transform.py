@@ -6,7 +6,7 @@ import torch
 
 from coconut_engine.coconut import CoconutModel
 from coconut_engine.loader import load_model
-from coconut_engine.thoughts import THOUGHT_TRANSFORMS, build_thought_transform
+from coconut_engine.thoughts import THOUGHT_TRANSFORMS, ThoughtTransform, build_thought_transform
 from test_coconut_modes import TOKENS, loss_and_grads, ragged_samples
 from tiny_models import build_hf_model
 
@@ -109,3 +109,94 @@ def test_halting_loss_labels(decoder):
 def test_unknown_variant_is_named(decoder):
     with pytest.raises(ValueError, match="'mlp' is not one of"):
         build_thought_transform("mlp", decoder.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("kind", VARIANTS)
+def test_modes_agree_under_bf16_autocast(decoder, kind):
+    """Training with `bf16: true` runs the forward under autocast, where a learned transform's output
+    is bf16 while the token embeddings are fp32: every mode takes it (multipass's index_put refused
+    the mixed dtypes for `linear`) and the modes agree to bf16 precision."""
+    coconut = CoconutModel(decoder, TOKENS, page_size=4, thought_transform=perturbed(kind, decoder))
+    losses = {}
+    for mode in ("paged", "two_pass", "multipass", "recompute"):
+        coconut.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = coconut(ragged_samples(), mode=mode, eot_loss_weight=0.5)
+        loss.backward()
+        losses[mode] = loss.item()
+    assert max(losses.values()) - min(losses.values()) <= 1e-2 * abs(losses["paged"]), losses
+
+
+def test_halting_loss_is_refused_where_it_labels_nothing_or_the_wrong_positions():
+    """In pause_as_thought the `<|latent|>` tokens sit in the prompt, so only stage-0 samples end their
+    prompt in `<bot>`: the halting loss taught p(<eot>) = 1 after `<bot>` and nothing else. In cot /
+    no_cot there are no markers and it added nothing. Such configs are refused, naming the key."""
+    from coconut_engine.trainer import TrainConfig, TrainingError
+
+    for mode in ("pause_as_thought", "cot", "no_cot"):
+        with pytest.raises(TrainingError, match=f"eot_loss_weight has no meaning in mode {mode}"):
+            TrainConfig(mode=mode, eot_loss_weight=0.5)
+        TrainConfig(mode=mode, eot_loss_weight=0.0)
+    for mode in ("coconut", "no_thoughts"):
+        TrainConfig(mode=mode, eot_loss_weight=0.5)
+
+
+class IndexedThought(ThoughtTransform):
+    """A variant that reads the thought index (`uses_index`): `h + (index + 1) * v`, v learned."""
+
+    kind = "indexed"
+    uses_marker = False
+    uses_index = True
+
+    def __init__(self, hidden_size: int, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.v = torch.nn.Parameter(0.3 * torch.randn(hidden_size, generator=gen))
+        self.seen = []
+
+    def forward(self, hidden, marker=None, index=None):
+        self.seen.append(index.tolist())
+        return hidden + (index + 1).to(hidden.dtype)[:, None] * self.v
+
+
+def test_a_variant_that_reads_the_thought_index_gets_it_in_every_mode(decoder):
+    """DESIGN: the transform maps the hidden state and, for variants that need them, the <|latent|>
+    embedding and the thought index. Every mode passes each row's index (0 = first thought) and all
+    modes agree on the loss and every gradient (the index was not passed at all before)."""
+    transform = IndexedThought(64)
+    coconut = CoconutModel(decoder, TOKENS, page_size=4, thought_transform=transform)
+    samples = ragged_samples()  # thoughts 2, 0, 4, 1, 0
+    results = {}
+    for mode in ("paged", "two_pass", "multipass", "recompute"):
+        coconut.zero_grad()
+        transform.seen.clear()
+        loss = coconut(samples, mode=mode, eot_loss_weight=0.5)
+        loss.backward()
+        results[mode] = loss.item(), {n: p.grad.clone() for n, p in coconut.named_parameters()}
+        assert sorted(i for call in transform.seen for i in call) == sorted([0, 1] + [0, 1, 2, 3] + [0]), mode
+        assert all(len(set(call)) == 1 for call in transform.seen), mode  # one thought index per step
+    ref_loss, ref_grads = results["paged"]
+    assert ref_grads["thought_transform.v"].norm() > 0
+    for mode, (loss, grads) in results.items():
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss), mode
+        for name, grad in grads.items():
+            assert (grad - ref_grads[name]).norm() <= 1e-4 * ref_grads[name].norm() + 1e-12, (mode, name)
+
+
+@pytest.mark.parametrize("kind", ["gated", "linear", "norm"])
+def test_transform_gradients_with_deferred_weight_gradients(decoder, kind):
+    """Models from hidden 256 on defer weight gradients in training (linear.DeferredWeightGrads); the
+    transform's gradients (and the <|latent|> row the gated variant reads) are the same with them."""
+    transform = perturbed(kind, decoder)
+    results = []
+    for defer, mode in ((True, "paged"), (True, "two_pass"), (False, "recompute")):
+        coconut = CoconutModel(decoder, TOKENS, page_size=4, thought_transform=transform, defer_weight_grads=defer)
+        coconut.zero_grad()
+        loss = coconut(ragged_samples(), mode=mode, eot_loss_weight=0.5)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.clone() for n, p in coconut.named_parameters()}))
+    ref_loss, ref_grads = results[-1]
+    for loss, grads in results[:-1]:
+        assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
+        for name, grad in grads.items():
+            assert (grad - ref_grads[name]).norm() <= 1e-4 * ref_grads[name].norm() + 1e-12, name
