@@ -27,7 +27,8 @@ from .checkpoint import (checkpoint_dirs, checkpoint_name, checkpoint_thought_tr
                          load_optimizer_state, read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
-                          gradient_sync, is_fsdp, load_gathered_optimizer_state, wrap_for_training)
+                          agreed_thought_steps, gradient_sync, is_fsdp, load_gathered_optimizer_state,
+                          wrap_for_training)
 from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt, load_records,
                    positions_needed, tokenize_record)
 from .errors import CoconutEngineError
@@ -141,6 +142,9 @@ class TrainConfig:
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need(self.thought_transform in THOUGHT_TRANSFORMS,
              f"thought_transform {self.thought_transform!r} is not one of {', '.join(THOUGHT_TRANSFORMS)}")
+        need(self.parallel != "fsdp" or self.forward_mode in ("paged", "two_pass"),
+             f"forward_mode {self.forward_mode!r} with parallel: fsdp is not supported (the no-cache reference "
+             "modes do not agree their thought steps across ranks); use paged or two_pass")
         need(self.parallel != "fsdp" or self.thought_transform == "identity",
              f"thought_transform {self.thought_transform!r} with parallel: fsdp is not supported (evaluation and "
              "checkpoints gather the decoder only); use parallel: ddp")
@@ -558,11 +562,11 @@ class Trainer:
             labels = sum(len(s.suffix) - 1 for s in batch)
             loss_sum = torch.zeros((), device=self.device)
             micros = self._micro_batches(batch)
-            for i, (micro, weight) in enumerate(micros):
+            for i, (micro, weight, thought_steps) in enumerate(micros):
                 with gradient_sync(self.train_model, i == len(micros) - 1):
                     with autocast:
                         loss = self.train_model(micro, mode=cfg.forward_mode, reduction="sum",
-                                                eot_loss_weight=cfg.eot_loss_weight)
+                                                eot_loss_weight=cfg.eot_loss_weight, thought_steps=thought_steps)
                     (loss * (weight * scale) / labels).backward()
                 loss_sum += loss.detach().float() * weight
             env.sum_(loss_sum)
@@ -602,21 +606,25 @@ class Trainer:
             raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
                                 f"{self._last_good()}")
 
-    def _micro_batches(self, batch: list) -> list[tuple[list, float]]:
-        """This rank's share of a global batch as (micro-batch, loss weight) pairs.
+    def _micro_batches(self, batch: list) -> list[tuple[list, float, int | None]]:
+        """This rank's share of a global batch as (micro-batch, loss weight, thought steps) triples.
 
         A rank whose share is empty (fewer samples than ranks) runs the batch's first sample with
         weight 0: DDP and FSDP need every rank's forward and backward. Under FSDP every rank also
-        runs as many micro-batches (each forward all-gathers the parameters): the ranks with fewer
-        are padded the same way.
+        runs as many micro-batches and, in each, as many thought steps as the longest chain on any
+        rank (each block call all-gathers; `distributed.py`): the ranks with fewer micro-batches are
+        padded the same way. Thought steps are None otherwise (the batch's own).
         """
         env = self.env
         share = batch[env.rank :: env.world_size]
         micros = [(m, 1.0) for m in _split(share, self.cfg.gradient_accumulation_steps, self.cfg.max_batch_tokens)]
+        fsdp = is_fsdp(self.train_model)
         count = len(micros)
-        if is_fsdp(self.train_model):
+        if fsdp:
             count = int(env.max_(torch.tensor(count, device=self.device)))
-        return micros + [(batch[:1], 0.0)] * (max(count, 1) - len(micros))
+        micros += [(batch[:1], 0.0)] * (max(count, 1) - len(micros))
+        steps = agreed_thought_steps([m for m, _ in micros], env, self.device) if fsdp else [None] * len(micros)
+        return [(m, w, n) for (m, w), n in zip(micros, steps)]
 
     def _whole_decoder(self):
         """The decoder with whole parameters for evaluation and checkpoints: itself, or under FSDP a
