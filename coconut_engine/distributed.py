@@ -19,8 +19,8 @@ Autograd accumulates a parameter's gradient once, after every call's backward, s
 reduce-scatters once per micro-batch (also under gradient accumulation: `gradient_sync`). Deferred
 weight gradients (`linear.py`) and the paged training cache work unchanged on the gathered
 parameters; the forward modes are paged and two_pass (the no-cache references do not take
-`thought_steps`). The learned thought transforms are refused under FSDP (the trainer gathers the
-decoder alone for evaluation and checkpoints).
+`thought_steps`). A learned thought transform's parameters belong to the root unit; evaluation and
+checkpoints gather them with the decoder's.
 
 Blocks are resharded after each forward call (`reshard_after_forward=True`): memory is a shard of
 everything plus the block in use, whatever the thought count, at the price of an all-gather per

@@ -6,7 +6,8 @@ the loss is the summed token cross-entropy divided by the label count of the who
 gradients are summed across ranks (DDP or FSDP2, `distributed.py`), so N processes compute exactly
 what one process does with the combined batch when dropout is off (with dropout each rank draws its own
 masks, from (seed, epoch, rank): the same distribution, not the same draws). `gradient_accumulation_steps` splits each rank's
-share into micro-batches (memory), without changing the result; gradients are reduced on the last.
+share into micro-batches (memory), without changing the result; DDP reduces gradients on the last,
+FSDP2 on each (they stay sharded).
 Evaluation is split across the ranks and gathered; rank 0 writes the checkpoints, which hold the
 whole model and optimizer state, so a run resumes on any number of ranks.
 """
@@ -145,9 +146,6 @@ class TrainConfig:
         need(self.parallel != "fsdp" or self.forward_mode in ("paged", "two_pass"),
              f"forward_mode {self.forward_mode!r} with parallel: fsdp is not supported (the no-cache reference "
              "modes do not agree their thought steps across ranks); use paged or two_pass")
-        need(self.parallel != "fsdp" or self.thought_transform == "identity",
-             f"thought_transform {self.thought_transform!r} with parallel: fsdp is not supported (evaluation and "
-             "checkpoints gather the decoder only); use parallel: ddp")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
@@ -519,8 +517,8 @@ class Trainer:
             torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.env.rank))
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
-            whole = self._whole_decoder()
-            self._check_finite_weights(epoch, whole)
+            whole = self._whole_model()
+            self._check_finite_weights(epoch, whole.decoder)
             metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
                        "train_seconds": time.perf_counter() - started}
             metrics.update(self._evaluate(epoch, whole))
@@ -626,24 +624,28 @@ class Trainer:
         steps = agreed_thought_steps([m for m, _ in micros], env, self.device) if fsdp else [None] * len(micros)
         return [(m, w, n) for (m, w), n in zip(micros, steps)]
 
-    def _whole_decoder(self):
-        """The decoder with whole parameters for evaluation and checkpoints: itself, or under FSDP a
-        replica loaded from the gathered shards (collective)."""
+    def _whole_model(self) -> CoconutModel:
+        """The model with whole parameters for evaluation and checkpoints: itself, or under FSDP a
+        replica (decoder and thought transform) loaded from the gathered shards (collective)."""
         if not is_fsdp(self.train_model):
-            return self.decoder
-        prefix = "decoder."
-        state = {k[len(prefix):]: v for k, v in full_state_dict(self.train_model).items() if k.startswith(prefix)}
-        with torch.device(self.device):
-            replica = Decoder(self.decoder.config, attention_backend=self.decoder.attention_backend)
-        replica.load_state_dict(state)
-        return replica
+            return self.model
+        state = full_state_dict(self.train_model)
 
-    def _evaluate(self, epoch: int, decoder) -> dict:
-        """Accuracy and validation loss, each rank evaluating every world_size-th question."""
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        with torch.device(self.device):
+            decoder = Decoder(self.decoder.config, attention_backend=self.decoder.attention_backend)
+        decoder.load_state_dict(part("decoder."))
+        transform = build_thought_transform(self.model.thought_transform.kind, decoder.embed_tokens.weight)
+        transform.load_state_dict(part("thought_transform."))
+        return CoconutModel(decoder, self.tokens, self.cfg.page_size, thought_transform=transform)
+
+    def _evaluate(self, epoch: int, model: CoconutModel) -> dict:
+        """Accuracy and validation loss of `model` (whole parameters), each rank evaluating every
+        world_size-th question."""
         env, stage = self.env, self.cfg.stage_of(epoch)
-        transform = self.model.thought_transform
-        model = self.model if decoder is self.decoder else CoconutModel(decoder, self.tokens, self.cfg.page_size,
-                                                                        thought_transform=transform)
+        decoder, transform = model.decoder, model.thought_transform
         decoder.eval()
         records = self.val_records[env.rank :: env.world_size]
         generations = []
@@ -677,9 +679,9 @@ class Trainer:
         saved = [m for m in self.history if m.get("checkpoint")]
         return max(saved, key=lambda m: m["accuracy"])["checkpoint"] if saved else None
 
-    def _save(self, epochs_done: int, decoder) -> None:
-        """Rank 0 writes the checkpoint (under FSDP the others help gather the optimizer state); the best
-        checkpoint so far is never rotated away."""
+    def _save(self, epochs_done: int, model: CoconutModel) -> None:
+        """Rank 0 writes `model` (whole parameters) and the optimizer state to a checkpoint (under FSDP the
+        others help gather the optimizer state); the best checkpoint so far is never rotated away."""
         optimizer = self.optimizer
         if is_fsdp(self.train_model):
             optimizer = StateDictView(gathered_optimizer_state(self.train_model, self.optimizer))
@@ -688,10 +690,10 @@ class Trainer:
         best = self.best_checkpoint
         state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
                  "best_checkpoint": best, "config": dataclasses.asdict(self.cfg)}
-        save_checkpoint(self.out, epochs_done, decoder, self.tokenizer, self.tokens,
+        save_checkpoint(self.out, epochs_done, model.decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
                         keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [],
-                        thought_transform=self.model.thought_transform)
+                        thought_transform=model.thought_transform)
 
     def _write_metrics(self) -> None:
         """metrics.jsonl (one line per epoch; `is_best` marks the best checkpoint's) and the chart."""

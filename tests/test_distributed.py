@@ -178,12 +178,15 @@ def runs(tmp_path_factory):
              root / "out-fsdp-mixed-deferred", None),
             (dict(pause_config(root / "fsdp-pause", shared), parallel="fsdp"), root / "out-fsdp-pause", None),
             (config(root / "fsdp-bf16", shared, parallel="fsdp", bf16=True, num_epochs=1,
-                    gradient_accumulation_steps=1), root / "out-fsdp-bf16", None)]
-    ddp, ddp_linear, ddp_pause, fsdp, fsdp_resumed, fsdp_mixed, fsdp_deferred, fsdp_pause, fsdp_bf16 = run_ranks(jobs)
+                    gradient_accumulation_steps=1), root / "out-fsdp-bf16", None),
+            (config(root / "fsdp-linear", shared, parallel="fsdp", thought_transform="linear"),
+             root / "out-fsdp-linear", None)]
+    (ddp, ddp_linear, ddp_pause, fsdp, fsdp_resumed, fsdp_mixed, fsdp_deferred, fsdp_pause, fsdp_bf16,
+     fsdp_linear) = run_ranks(jobs)
     return {"root": root, "single": single, "pause": pause, "linear": linear, "mixed": mixed, "ddp": ddp,
             "ddp_linear": ddp_linear, "ddp_pause": ddp_pause, "fsdp": fsdp, "fsdp_resumed": fsdp_resumed,
             "fsdp_mixed": fsdp_mixed, "fsdp_mixed_deferred": fsdp_deferred, "fsdp_pause": fsdp_pause,
-            "fsdp_bf16": fsdp_bf16}
+            "fsdp_bf16": fsdp_bf16, "fsdp_linear": fsdp_linear}
 
 
 def test_ddp_two_ranks_give_the_one_process_weights(runs):
@@ -253,6 +256,19 @@ def test_fsdp_reduce_scatters_every_micro_batch(runs):
     before the second starts (skipping it would hold each block's whole gradient on every rank)."""
     for rank in runs["fsdp_mixed"]:
         assert rank["sharded_grads"] == [False, True] * 6
+
+
+def test_fsdp_with_a_learned_thought_transform(runs):
+    """The transform's parameters live in the root unit; evaluation and checkpoints gather them with the
+    decoder's (before: refused under fsdp)."""
+    from safetensors.torch import load_file
+
+    single = runs["linear"]
+    assert all(rank["steps"] == 6 for rank in runs["fsdp_linear"])
+    assert_same_weights(final_weights(runs["root"] / "fsdp-linear"), dict(single.decoder.named_parameters()))
+    saved = load_file(checkpoint_dirs(runs["root"] / "fsdp-linear")[-1] / "thought_transform.safetensors")
+    assert_same_weights(saved, dict(single.model.thought_transform.named_parameters()))
+    assert [m["accuracy"] for m in runs["fsdp_linear"][0]["history"]] == [m["accuracy"] for m in single.history]
 
 
 def test_fsdp_pause_as_thought(runs):
