@@ -60,6 +60,20 @@ def test_every_block_runs_forward_and_backward_in_every_step(backend):
     assert calls == [5, 5] and backward_calls == [5, 5]
 
 
+def test_two_pass_runs_every_thought_steps_backward():
+    """two_pass: prefill + 3 thought steps (the last one's output unread) + the full forward; each call's
+    output reached by the backward (without it FSDP2's unread last step hangs the ranks)."""
+    model = tiny_model()
+    calls, backward_calls = [0, 0], [0, 0]
+    for i, block in enumerate(model.decoder.layers):
+        def count(_block, _args, output, i=i):
+            calls[i] += 1
+            output.register_hook(lambda grad: backward_calls.__setitem__(i, backward_calls[i] + 1))
+        block.register_forward_hook(count)
+    loss_and_grads(model, samples([1, 0]), "two_pass", thought_steps=3)
+    assert calls == [5, 5] and backward_calls == [5, 5]
+
+
 def test_bad_thought_steps():
     model, batch = tiny_model(), samples([2, 1])
     with pytest.raises(ValueError, match=r"thought_steps=1: must be an integer >= the batch's longest thought chain \(2\)"):
