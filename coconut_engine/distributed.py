@@ -183,6 +183,18 @@ def gradient_sync(wrapped: nn.Module, enabled: bool):
     return contextlib.nullcontext()
 
 
+def leave_process_group() -> None:
+    """Destroy the process group, if any, after freeing what still holds it (FSDP2's modules and DTensors
+    sit in reference cycles): its threads are joined while Python still runs. Left to interpreter exit,
+    a collective's clean-up on gloo's thread can need the GIL after it is gone and abort the process
+    (torchrun then reports a finished run as failed: SIGABRT)."""
+    import gc
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
+
+
 def is_fsdp(module: nn.Module) -> bool:
     """Whether `module` was given to FSDP2's `fully_shard`."""
     from torch.distributed.fsdp import FSDPModule

@@ -414,3 +414,19 @@ def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
     assert len(first) == len(second) == 4
     assert all(a.any() for a in first)
     assert not all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_cli_train_destroys_the_process_group_before_exit(tmp_path, monkeypatch):
+    """Under torchrun the CLI leaves the process group before the interpreter exits: left to exit, gloo's
+    clean-up aborted a finished 2-rank fsdp run now and then (SIGABRT, torchrun reports a failure)."""
+    import coconut_engine.trainer as trainer_module
+    from coconut_engine import cli
+
+    monkeypatch.setattr(trainer_module, "train", lambda config: [])
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    try:
+        assert cli.main(["train", "--save_dir", str(tmp_path / "run")]) == 0
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
