@@ -447,7 +447,8 @@ class PagedKVCache:
         table = torch.tensor([p + [0] * (width - len(p)) for p in page_lists], dtype=torch.int32).reshape(len(seq_ids), width)
         # every new token: its sequence, its row among the sequence's new tokens, its absolute
         # position, and the slot its K/V goes to
-        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), torch.tensor(q_lens), output_size=cu[-1])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(seq_ids)), torch.tensor(q_lens, dtype=torch.int64),
+                                               output_size=cu[-1])
         row_of_token = torch.arange(cu[-1]) - torch.tensor(cu[:-1], dtype=torch.int64)[seq_of_token]
         positions = torch.tensor(old_lens, dtype=torch.int64)[seq_of_token] + row_of_token
         slots = table[seq_of_token, positions // self.page_size].long() * self.page_size + positions % self.page_size

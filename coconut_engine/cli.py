@@ -183,6 +183,9 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         history = train(config)
     except CoconutEngineError as exc:
         raise SystemExit(f"error: {exc}")
+    from .distributed import leave_process_group
+
+    leave_process_group()  # under torchrun: before interpreter exit (see its docstring)
     if history:
         last = history[-1]
         print(f"done: epoch {last['epoch']} stage {last['stage']} accuracy {last['accuracy']:.3f}; "

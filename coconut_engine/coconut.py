@@ -22,6 +22,12 @@ every sample its index in the caller's batch as its mask row (`DropoutMasks`): t
 probability depends on (seed, sample, head, query position, key position) only, so the modes, which
 split the same sequences into different steps, pages and batch orders, drop the same probabilities
 and still compute the same loss and gradients.
+
+`thought_steps` (paged and two_pass) runs more thought steps than the batch needs: a step past every
+sample's chain has no rows but calls each decoder block like any other, and the last step's output,
+which nothing reads, joins the backward with a zero gradient. Each block then runs its forward and
+its backward 1 + thought_steps (+ 1) times whatever the samples: what FSDP2's per-block units need on
+every rank (`distributed.py`). Same loss, same gradients.
 """
 from __future__ import annotations
 
@@ -152,7 +158,7 @@ class CoconutModel(nn.Module):
                                                   index)
 
     def forward(self, samples: Sequence[CoconutSample], mode: str = "paged", reduction: str = "mean",
-                eot_loss_weight: float = 0.0) -> torch.Tensor:
+                eot_loss_weight: float = 0.0, thought_steps: int | None = None) -> torch.Tensor:
         """Token cross-entropy of the batch's suffix labels: their mean, or their sum (`reduction="sum"`,
         for a trainer that divides by the label count of a larger batch).
 
@@ -161,6 +167,10 @@ class CoconutModel(nn.Module):
         comes, the binary cross-entropy of p(`<eot>`): 1 where `<eot>` follows (after the last
         thought), 0 where another thought follows. Weighted, summed, and (for the mean) divided by the
         same label count as the token loss.
+
+        `thought_steps` (paged and two_pass; at least the batch's longest thought chain): run that many
+        thought steps, each calling every decoder block (see the module docstring; FSDP2 passes the
+        count agreed by the ranks).
         """
         if mode not in MODES:
             raise ValueError(f"mode {mode!r} is not one of {MODES}")
@@ -170,6 +180,8 @@ class CoconutModel(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if eot_loss_weight < 0:
             raise ValueError(f"eot_loss_weight must be >= 0, got {eot_loss_weight}")
+        if thought_steps is not None:
+            _check_thought_steps(thought_steps, mode, max(s.num_thoughts for s in samples))
         # where each weight's gradient is made (linear.DeferredWeightGrads): the tied LM head's by the
         # embedding's backward, every layer's (paged) by the prefill's
         deferred = DeferredWeightGrads() if torch.is_grad_enabled() and self.defers_weight_grads else None
@@ -185,15 +197,21 @@ class CoconutModel(nn.Module):
         else:
             prompts, suffixes = self._token_embeddings(samples, deferred)
             if mode == "paged":
-                label_hidden, targets, boundary = self._paged(samples, prompts, suffixes, deferred, masks)
+                label_hidden, targets, boundary = self._paged(samples, prompts, suffixes, deferred, masks,
+                                                              thought_steps)
             else:
+                unread = None
                 if mode == "recompute":
                     thoughts = self._thoughts_recompute(samples, prompts, masks)
                 else:  # two_pass
                     cache = self._training_cache(samples)
                     _, last_hidden = self._prefill(samples, cache, prompts, masks=masks)
-                    thoughts, _ = self._thoughts_paged(samples, cache, last_hidden, deferred, masks)
+                    thoughts, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred, masks,
+                                                             thought_steps)
+                    unread = outputs[-1] if thought_steps else None
                 label_hidden, targets, boundary = self._full_forward(samples, prompts, thoughts, suffixes, masks)
+                if unread is not None:
+                    label_hidden = _ZeroGradientTo.apply(label_hidden, unread)
         targets = torch.tensor(targets, device=label_hidden.device)
         if eot_loss_weight == 0:
             return self.decoder.cross_entropy(label_hidden, targets, reduction, deferred)
@@ -252,7 +270,8 @@ class CoconutModel(nn.Module):
         return cache
 
     def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor],
-               deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS):
+               deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS,
+               thought_steps: int | None = None):
         """The engine's mode: prefill, one step per thought, suffixes; hidden states and targets of the labels.
 
         A sample without thoughts has its prompt and suffix back to back, so its suffix rides in the
@@ -261,6 +280,9 @@ class CoconutModel(nn.Module):
         backward comes last, makes each layer's: one weight-sized gradient per layer, made when the
         prefill's activations of the layers above have been freed, instead of all of them made by
         the suffix step's backward and held until the prefill's.
+
+        With `thought_steps` the suffix step runs whenever a thought step does, with no rows where
+        every suffix rode in the prefill, and the last thought step's output joins the backward.
         """
         cache = self._training_cache(samples)
         with_suffix = [not s.num_thoughts for s in samples]
@@ -275,17 +297,23 @@ class CoconutModel(nn.Module):
             start += len(s.prompt) + (len(s.suffix) if w else 0)
         parts = [hidden[torch.tensor(label_rows, device=hidden.device)]] if label_rows else []
         steps = [last_hidden]
-        if not all(with_suffix):
-            _, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred, masks)
+        num_steps = max(s.num_thoughts for s in samples) if thought_steps is None else thought_steps
+        if num_steps:
+            _, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred, masks, num_steps)
             steps.extend(outputs)
             later = [i for i, w in enumerate(with_suffix) if not w]
-            suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later,
-                                                              [suffixes[i] for i in later], deferred, masks)
+            # no rows where every suffix rode in the prefill: a slice that is still part of the graph
+            inputs = torch.cat([suffixes[i] for i in later]) if later else suffixes[0][:0]
+            suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later, inputs,
+                                                              deferred, masks)
             parts.append(suffix_hidden)
             targets.extend(later_targets)
         # step t's outputs are those of the samples with >= t thoughts: a prefix of the (sorted) batch
         offsets = list(itertools.accumulate((len(x) for x in steps[:-1]), initial=0))
-        return torch.cat(parts), targets, _boundary(samples, lambda i, t: offsets[t] + i, lambda: torch.cat(steps))
+        label_hidden = torch.cat(parts)
+        if thought_steps:
+            label_hidden = _ZeroGradientTo.apply(label_hidden, steps[-1])
+        return label_hidden, targets, _boundary(samples, lambda i, t: offsets[t] + i, lambda: torch.cat(steps))
 
     def _prefill(self, samples, cache: PagedKVCache, prompts: list[torch.Tensor],
                  suffixes: Sequence[torch.Tensor | None] | None = None,
@@ -318,15 +346,17 @@ class CoconutModel(nn.Module):
                             dropout_seed=masks.seed_for(batch, seq_ids))
 
     def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor,
-                        deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS
+                        deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS,
+                        steps: int | None = None
                         ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
-        """Run every thought step; returns each sample's thought input embeddings (not detached) and
-        each step's new last hidden states (of the samples with at least that many thoughts)."""
+        """Run every thought step (`steps` of them where given; those past every chain have no rows);
+        returns each sample's thought input embeddings (not detached) and each step's new last hidden
+        states (of the samples with at least that many thoughts)."""
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
         outputs = []
-        for t in range(1, max(s.num_thoughts for s in samples) + 1):
+        for t in range(1, (max(s.num_thoughts for s in samples) if steps is None else steps) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
-            index = torch.tensor(active, device=last.device)
+            index = torch.tensor(active, dtype=torch.long, device=last.device)
             inputs = self.thought_inputs(last[index], t - 1)
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
@@ -334,19 +364,19 @@ class CoconutModel(nn.Module):
             last = last.index_copy(0, index, outputs[-1])
         return thoughts, outputs
 
-    def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], suffixes: list[torch.Tensor],
+    def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], inputs: torch.Tensor,
                       deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS):
-        """The suffixes of `samples` (cache sequences `seq_ids`) in one packed step; hidden states and
-        targets of their labels."""
+        """The suffixes of `samples` (cache sequences `seq_ids`, packed input embeddings `inputs`) in one
+        step; hidden states and targets of their labels."""
         batch = cache.prepare(list(seq_ids), [len(s.suffix) for s in samples])
-        hidden = self.decoder(batch, inputs_embeds=torch.cat(suffixes), cache=cache, deferred_weight_grads=deferred,
+        hidden = self.decoder(batch, inputs_embeds=inputs, cache=cache, deferred_weight_grads=deferred,
                               dropout_seed=masks.seed_for(batch, seq_ids))
         rows, targets, start = [], [], 0
         for s in samples:
             rows.extend(range(start, start + len(s.suffix) - 1))
             targets.extend(s.suffix[1:])
             start += len(s.suffix)
-        return hidden[torch.tensor(rows, device=cache.device)], targets
+        return hidden[torch.tensor(rows, dtype=torch.long, device=cache.device)], targets
 
     # -- the no-cache references ---------------------------------------------------------------
 
@@ -448,6 +478,30 @@ class CoconutModel(nn.Module):
         hidden = hidden.reshape(num * width, -1)
         return (hidden[torch.tensor(rows, device=device)], targets,
                 _boundary(samples, lambda i, t: i * width + pads[i] + len(samples[i].prompt) - 1 + t, lambda: hidden))
+
+
+def _check_thought_steps(thought_steps, mode: str, longest: int) -> None:
+    if mode not in ("paged", "two_pass"):
+        raise ValueError(f"thought_steps is for the paged and two_pass modes, not {mode!r}")
+    if not isinstance(thought_steps, int) or isinstance(thought_steps, bool) or thought_steps < longest:
+        raise ValueError(f"thought_steps={thought_steps!r}: must be an integer >= the batch's longest thought "
+                         f"chain ({longest})")
+
+
+class _ZeroGradientTo(torch.autograd.Function):
+    """`x` itself; `unread` gets a zero gradient: a step's output that nothing reads still runs its
+    backward (FSDP2 all-gathers a block's parameters for a call's backward when the call's output
+    gets a gradient; without one the backward would read freed parameters)."""
+
+    @staticmethod
+    def forward(ctx, x, unread):
+        ctx.unread = (unread.shape, unread.dtype, unread.device)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.unread
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _boundary(samples, row_of, source):

@@ -1,19 +1,33 @@
-"""torch.distributed for the trainer: one device per rank, DDP or FSDP2 around the CoconutModel,
-gradient sync only on a step's last micro-batch, full state gathered for evaluation and checkpoints.
+"""torch.distributed for the trainer: one device per rank, DDP or FSDP2 around the CoconutModel (DDP's
+all-reduce only on a step's last micro-batch), full state gathered for evaluation and checkpoints.
 
 Both wrappers average gradients over the ranks; the trainer wants their sum (each rank's loss is
 already divided by the label count of the whole global batch), so it multiplies each rank's loss
 by `gradient_scale()`.
 
-FSDP2 shards the whole CoconutModel as one unit (`fully_shard(model)`), not one unit per decoder
-block: FSDP2 all-gathers a unit's parameters at every *call* of its forward and registers a
-reduce-scatter per call, and a Coconut training forward calls every block 1 + thoughts (+ 1) times,
-with a number of thought steps that differs between ranks (each rank's share has its own longest
-thought chain). Per-block units therefore issue different numbers of collectives on different
-ranks: a 2-rank gloo run hangs (one micro-batch) or aborts with a collective size mismatch (two).
-With one unit there is one all-gather per micro-batch forward and one reduce-scatter per optimizer
-step on every rank, whatever the thoughts; parameters are whole during a micro-batch, gradients and
-optimizer state stay sharded.
+FSDP2 makes each decoder block its own `fully_shard` unit, then the CoconutModel the root unit (the
+embeddings, final norm, LM head and thought transform), so that at most a block or two are whole
+at a time. FSDP2 all-gathers a block's parameters at every *call* of its forward, and in the
+backward again for every call whose output gets a gradient; a Coconut forward calls each block
+1 + thoughts (+ 1) times, and each rank's share of a batch has its own longest thought chain. So
+that every rank issues the same collectives, the trainer agrees the number of thought steps of each
+micro-batch with one all-reduce(MAX) per optimizer step (`agreed_thought_steps`) and the forward
+runs that many (`CoconutModel.forward(thought_steps=...)`): a rank whose chains are done runs steps
+without rows, which call every block all the same, and the last step's output, which nothing
+reads, gets a zero gradient so its backward runs (it would otherwise read freed parameters).
+Autograd accumulates a parameter's gradient once, after every call's backward, so each block still
+reduce-scatters once per micro-batch (also under gradient accumulation: `gradient_sync`). Deferred
+weight gradients (`linear.py`) and the paged training cache work unchanged on the gathered
+parameters; the forward modes are paged and two_pass (the no-cache references do not take
+`thought_steps`). A learned thought transform's parameters belong to the root unit; evaluation and
+checkpoints gather them with the decoder's.
+
+Blocks are resharded after each forward call (`reshard_after_forward=True`): memory is a shard of
+everything plus the block in use, whatever the thought count, at the price of an all-gather per
+block per call, forward and backward, i.e. 2 (thoughts + 2) per block per micro-batch. Kept whole
+(`False`) they would cost one all-gather per block in the forward but hold the whole model from the
+first block to the backward, as one unit would. The root stays whole through the forward: its
+parameters are used by every step and again first thing in the backward.
 """
 from __future__ import annotations
 
@@ -121,11 +135,13 @@ class DistEnv:
 
 def wrap_for_training(model: nn.Module, parallel: str, env: DistEnv, device: torch.device,
                       bf16: bool = False) -> nn.Module:
-    """`model` (every rank holds rank 0's weights afterwards) under DDP or FSDP2; itself on one process.
+    """`model` (a CoconutModel; every rank holds rank 0's weights afterwards) under DDP or FSDP2; itself
+    on one process.
 
     DDP: bucketed all-reduce overlapped with the backward, parameters broadcast from rank 0 at
-    construction. FSDP2: one `fully_shard` unit over the whole model (see the module docstring),
-    parameters sharded from rank 0's values, bf16 compute with fp32 gradient reduction when `bf16`.
+    construction. FSDP2: one `fully_shard` unit per decoder block, then the root (see the module
+    docstring), parameters sharded from rank 0's values; with `bf16`, bf16 parameters for the
+    compute and fp32 gradient reduction (`MixedPrecisionPolicy`).
     """
     if parallel not in PARALLEL_MODES:
         raise DistributedError(f"parallel {parallel!r} is not one of {PARALLEL_MODES}")
@@ -144,28 +160,39 @@ def wrap_for_training(model: nn.Module, parallel: str, env: DistEnv, device: tor
         torch.distributed.broadcast(p.data, src=0)
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16
               else MixedPrecisionPolicy())
-    return fully_shard(model, mp_policy=policy)
+    for block in model.decoder.layers:
+        fully_shard(block, mp_policy=policy, reshard_after_forward=True)
+    return fully_shard(model, mp_policy=policy, reshard_after_forward=False)
+
+
+def agreed_thought_steps(micro_batches: list[list], env: DistEnv, device: torch.device) -> list[int]:
+    """Per micro-batch, the longest thought chain on any rank (one all-reduce for all of them; every
+    rank passes as many micro-batches): the `thought_steps` that make each rank call every block
+    equally often under FSDP2."""
+    longest = torch.tensor([max(s.num_thoughts for s in micro) for micro in micro_batches], device=device)
+    return [int(n) for n in env.max_(longest).tolist()]
 
 
 def gradient_sync(wrapped: nn.Module, enabled: bool):
-    """A context for one micro-batch's forward and backward: gradients are reduced across ranks only
-    when `enabled` (the step's last micro-batch); the others accumulate locally."""
-    if enabled:
-        return contextlib.nullcontext()
-    if isinstance(wrapped, nn.parallel.DistributedDataParallel):
+    """A context for one micro-batch's forward and backward: under DDP gradients are all-reduced only
+    when `enabled` (the step's last micro-batch), the others accumulate locally. FSDP2 reduce-scatters
+    every micro-batch: its gradients stay sharded (skipping the reduction would keep each block's
+    whole gradient on every rank until the step's last micro-batch, the memory FSDP is there to save)."""
+    if not enabled and isinstance(wrapped, nn.parallel.DistributedDataParallel):
         return wrapped.no_sync()
-    if is_fsdp(wrapped):
-        return _fsdp_no_sync(wrapped)
     return contextlib.nullcontext()
 
 
-@contextlib.contextmanager
-def _fsdp_no_sync(wrapped: nn.Module):
-    wrapped.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        wrapped.set_requires_gradient_sync(True)
+def leave_process_group() -> None:
+    """Destroy the process group, if any, after freeing what still holds it (FSDP2's modules and DTensors
+    sit in reference cycles): its threads are joined while Python still runs. Left to interpreter exit,
+    a collective's clean-up on gloo's thread can need the GIL after it is gone and abort the process
+    (torchrun then reports a finished run as failed: SIGABRT)."""
+    import gc
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()
+        torch.distributed.destroy_process_group()
 
 
 def is_fsdp(module: nn.Module) -> bool:

@@ -67,14 +67,14 @@ class StageEndScoring(Trainer):
         self.scored_records = records
         super().__init__(config)
 
-    def _evaluate(self, epoch: int, decoder) -> dict:
-        result = super()._evaluate(epoch, decoder)
+    def _evaluate(self, epoch: int, model) -> dict:
+        result = super()._evaluate(epoch, model)
         cfg = self.cfg
         last_of_stage = epoch + 1 == cfg.num_epochs or cfg.stage_of(epoch + 1) != cfg.stage_of(epoch)
         if self.scored_records and last_of_stage:
-            real = evaluate(decoder, self.tokenizer, self.tokens, self.scored_records, cfg.stage_of(epoch),
+            real = evaluate(model.decoder, self.tokenizer, self.tokens, self.scored_records, cfg.stage_of(epoch),
                             self.rules, cfg.max_new_tokens(), cfg.page_size,
-                            thought_transform=self.model.thought_transform)
+                            thought_transform=model.thought_transform)
             if real["errors"]:
                 raise TrainingError(f"scoring the fixed question set after epoch {epoch + 1}: "
                                     f"{len(real['errors'])} request(s) failed, first: {real['errors'][0]}")

@@ -6,7 +6,8 @@ the loss is the summed token cross-entropy divided by the label count of the who
 gradients are summed across ranks (DDP or FSDP2, `distributed.py`), so N processes compute exactly
 what one process does with the combined batch when dropout is off (with dropout each rank draws its own
 masks, from (seed, epoch, rank): the same distribution, not the same draws). `gradient_accumulation_steps` splits each rank's
-share into micro-batches (memory), without changing the result; gradients are reduced on the last.
+share into micro-batches (memory), without changing the result; DDP reduces gradients on the last,
+FSDP2 on each (they stay sharded).
 Evaluation is split across the ranks and gathered; rank 0 writes the checkpoints, which hold the
 whole model and optimizer state, so a run resumes on any number of ranks.
 """
@@ -27,7 +28,8 @@ from .checkpoint import (checkpoint_dirs, checkpoint_name, checkpoint_thought_tr
                          load_optimizer_state, read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
-                          gradient_sync, is_fsdp, load_gathered_optimizer_state, wrap_for_training)
+                          agreed_thought_steps, gradient_sync, is_fsdp, load_gathered_optimizer_state,
+                          wrap_for_training)
 from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt, load_records,
                    positions_needed, tokenize_record)
 from .errors import CoconutEngineError
@@ -141,9 +143,9 @@ class TrainConfig:
              f"forward_mode {self.forward_mode!r} is not paged | two_pass | multipass | recompute")
         need(self.thought_transform in THOUGHT_TRANSFORMS,
              f"thought_transform {self.thought_transform!r} is not one of {', '.join(THOUGHT_TRANSFORMS)}")
-        need(self.parallel != "fsdp" or self.thought_transform == "identity",
-             f"thought_transform {self.thought_transform!r} with parallel: fsdp is not supported (evaluation and "
-             "checkpoints gather the decoder only); use parallel: ddp")
+        need(self.parallel != "fsdp" or self.forward_mode in ("paged", "two_pass"),
+             f"forward_mode {self.forward_mode!r} with parallel: fsdp is not supported (the no-cache reference "
+             "modes do not agree their thought steps across ranks); use paged or two_pass")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
@@ -514,7 +516,7 @@ class Trainer:
             torch.manual_seed(_epoch_seed(cfg.seed, epoch, self.env.rank))
             started = time.perf_counter()
             train_loss = self._train_epoch(epoch)
-            whole = self._whole_decoder()
+            whole = self._whole_model()
             self._check_finite_weights(epoch, whole)
             metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
                        "train_seconds": time.perf_counter() - started}
@@ -557,11 +559,11 @@ class Trainer:
             labels = sum(len(s.suffix) - 1 for s in batch)
             loss_sum = torch.zeros((), device=self.device)
             micros = self._micro_batches(batch)
-            for i, (micro, weight) in enumerate(micros):
+            for i, (micro, weight, thought_steps) in enumerate(micros):
                 with gradient_sync(self.train_model, i == len(micros) - 1):
                     with autocast:
                         loss = self.train_model(micro, mode=cfg.forward_mode, reduction="sum",
-                                                eot_loss_weight=cfg.eot_loss_weight)
+                                                eot_loss_weight=cfg.eot_loss_weight, thought_steps=thought_steps)
                     (loss * (weight * scale) / labels).backward()
                 loss_sum += loss.detach().float() * weight
             env.sum_(loss_sum)
@@ -594,49 +596,57 @@ class Trainer:
         last = checkpoint_dirs(self.out)
         return f"the last good checkpoint is {last[-1] if last else 'none (nothing was saved yet)'}"
 
-    def _check_finite_weights(self, epoch: int, decoder) -> None:
-        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the (whole) weights or
-        in the thought transform's parameters (saved with them)."""
-        transform = [(f"thought_transform.{name}", p) for name, p in self.model.thought_transform.named_parameters()]
-        bad = first_non_finite([*decoder.named_parameters(), *transform])
+    def _check_finite_weights(self, epoch: int, whole: CoconutModel) -> None:
+        """Stop before a checkpoint is written if the epoch left a NaN or Inf in the whole model's
+        weights or in its thought transform's parameters (saved with them)."""
+        transform = [(f"thought_transform.{name}", p) for name, p in whole.thought_transform.named_parameters()]
+        bad = first_non_finite([*whole.decoder.named_parameters(), *transform])
         if bad is not None:
             raise TrainingError(f"parameter {bad} holds NaN or Inf after epoch {epoch + 1}: not saved; "
                                 f"{self._last_good()}")
 
-    def _micro_batches(self, batch: list) -> list[tuple[list, float]]:
-        """This rank's share of a global batch as (micro-batch, loss weight) pairs.
+    def _micro_batches(self, batch: list) -> list[tuple[list, float, int | None]]:
+        """This rank's share of a global batch as (micro-batch, loss weight, thought steps) triples.
 
         A rank whose share is empty (fewer samples than ranks) runs the batch's first sample with
         weight 0: DDP and FSDP need every rank's forward and backward. Under FSDP every rank also
-        runs as many micro-batches (each forward all-gathers the parameters): the ranks with fewer
-        are padded the same way.
+        runs as many micro-batches and, in each, as many thought steps as the longest chain on any
+        rank (each block call all-gathers; `distributed.py`): the ranks with fewer micro-batches are
+        padded the same way. Thought steps are None otherwise (the batch's own).
         """
         env = self.env
         share = batch[env.rank :: env.world_size]
         micros = [(m, 1.0) for m in _split(share, self.cfg.gradient_accumulation_steps, self.cfg.max_batch_tokens)]
+        fsdp = is_fsdp(self.train_model)
         count = len(micros)
-        if is_fsdp(self.train_model):
+        if fsdp:
             count = int(env.max_(torch.tensor(count, device=self.device)))
-        return micros + [(batch[:1], 0.0)] * (max(count, 1) - len(micros))
+        micros += [(batch[:1], 0.0)] * (max(count, 1) - len(micros))
+        steps = agreed_thought_steps([m for m, _ in micros], env, self.device) if fsdp else [None] * len(micros)
+        return [(m, w, n) for (m, w), n in zip(micros, steps)]
 
-    def _whole_decoder(self):
-        """The decoder with whole parameters for evaluation and checkpoints: itself, or under FSDP a
-        replica loaded from the gathered shards (collective)."""
+    def _whole_model(self) -> CoconutModel:
+        """The model with whole parameters for evaluation and checkpoints: itself, or under FSDP a
+        replica (decoder and thought transform) loaded from the gathered shards (collective)."""
         if not is_fsdp(self.train_model):
-            return self.decoder
-        prefix = "decoder."
-        state = {k[len(prefix):]: v for k, v in full_state_dict(self.train_model).items() if k.startswith(prefix)}
-        with torch.device(self.device):
-            replica = Decoder(self.decoder.config, attention_backend=self.decoder.attention_backend)
-        replica.load_state_dict(state)
-        return replica
+            return self.model
+        state = full_state_dict(self.train_model)
 
-    def _evaluate(self, epoch: int, decoder) -> dict:
-        """Accuracy and validation loss, each rank evaluating every world_size-th question."""
+        def part(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+        with torch.device(self.device):
+            decoder = Decoder(self.decoder.config, attention_backend=self.decoder.attention_backend)
+        decoder.load_state_dict(part("decoder."))
+        transform = build_thought_transform(self.model.thought_transform.kind, decoder.embed_tokens.weight)
+        transform.load_state_dict(part("thought_transform."))
+        return CoconutModel(decoder, self.tokens, self.cfg.page_size, thought_transform=transform)
+
+    def _evaluate(self, epoch: int, model: CoconutModel) -> dict:
+        """Accuracy and validation loss of `model` (whole parameters), each rank evaluating every
+        world_size-th question."""
         env, stage = self.env, self.cfg.stage_of(epoch)
-        transform = self.model.thought_transform
-        model = self.model if decoder is self.decoder else CoconutModel(decoder, self.tokens, self.cfg.page_size,
-                                                                        thought_transform=transform)
+        decoder, transform = model.decoder, model.thought_transform
         decoder.eval()
         records = self.val_records[env.rank :: env.world_size]
         generations = []
@@ -670,9 +680,9 @@ class Trainer:
         saved = [m for m in self.history if m.get("checkpoint")]
         return max(saved, key=lambda m: m["accuracy"])["checkpoint"] if saved else None
 
-    def _save(self, epochs_done: int, decoder) -> None:
-        """Rank 0 writes the checkpoint (under FSDP the others help gather the optimizer state); the best
-        checkpoint so far is never rotated away."""
+    def _save(self, epochs_done: int, model: CoconutModel) -> None:
+        """Rank 0 writes `model` (whole parameters) and the optimizer state to a checkpoint (under FSDP the
+        others help gather the optimizer state); the best checkpoint so far is never rotated away."""
         optimizer = self.optimizer
         if is_fsdp(self.train_model):
             optimizer = StateDictView(gathered_optimizer_state(self.train_model, self.optimizer))
@@ -681,10 +691,10 @@ class Trainer:
         best = self.best_checkpoint
         state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
                  "best_checkpoint": best, "config": dataclasses.asdict(self.cfg)}
-        save_checkpoint(self.out, epochs_done, decoder, self.tokenizer, self.tokens,
+        save_checkpoint(self.out, epochs_done, model.decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
                         keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [],
-                        thought_transform=self.model.thought_transform)
+                        thought_transform=model.thought_transform)
 
     def _write_metrics(self) -> None:
         """metrics.jsonl (one line per epoch; `is_best` marks the best checkpoint's) and the chart."""

@@ -1,5 +1,7 @@
-"""2-rank training on CPU (gloo): DDP and FSDP2 give the one-process weights, each gradient is reduced
-once per optimizer step, checkpoints resume on another rank count, bf16 autocast works on CPU."""
+"""2-rank training on CPU (gloo): DDP and FSDP2 (one unit per decoder block) give the one-process weights,
+also when the ranks' micro-batches have different thought counts, each gradient is reduced once per
+optimizer step, checkpoints resume on another rank count, bf16 autocast works on CPU."""
+import gc
 import os
 import shutil
 import socket
@@ -42,8 +44,13 @@ def _free_port() -> int:
 
 
 def _train_and_count(values: dict, out: Path, rank: int) -> None:
-    """Train one config on this rank, count what reaches autograd and DDP's reducer, save the counts."""
+    """Train one config on this rank, count what reaches autograd and DDP's reducer, record each
+    micro-batch's longest thought chain and the thought steps it ran, and under FSDP how the model is
+    sharded; save it all. `values` may hold `defer_weight_grads` (the CoconutModel's setting)."""
+    values = dict(values)
+    defer = values.pop("defer_weight_grads", None)
     trainer = Trainer(TrainConfig(**values))
+    trainer.model.defer_weight_grads = defer
     names = {p: n for n, p in trainer.model.named_parameters()}  # the decoder and the thought transform
     accumulated = {n: 0 for n in names.values()}
     reduced = {n: 0 for n in names.values()}
@@ -60,10 +67,35 @@ def _train_and_count(values: dict, out: Path, rank: int) -> None:
 
         trainer.train_model.register_comm_hook(None, counting_allreduce)
     trainer.train_model.register_forward_hook(lambda *_: forwards.__setitem__("n", forwards["n"] + 1))
+    thought_steps = []  # per micro-batch: (this rank's longest thought chain, the thought steps run)
+    sharded_grads = []  # per micro-batch: whether every parameter holds a sharded gradient when it starts
+    trainer.train_model.register_forward_pre_hook(
+        lambda _m, args, kwargs: thought_steps.append((max(s.num_thoughts for s in args[0]), kwargs["thought_steps"])),
+        with_kwargs=True)
+    trainer.train_model.register_forward_pre_hook(lambda *_: sharded_grads.append(
+        all(type(p.grad).__name__ == "DTensor" for p in trainer.model.parameters())), prepend=True)  # before FSDP's
+    block_dtypes = set()  # the first block's weight as its forward sees it (after FSDP's all-gather)
+    trainer.decoder.layers[0].register_forward_pre_hook(
+        lambda block, _args: block_dtypes.add((type(block.attn.qkv_proj.weight).__name__,
+                                               block.attn.qkv_proj.weight.dtype)))
     history = trainer.run()
     torch.save({"accumulated": accumulated, "reduced": reduced, "micro_batches": forwards["n"],
                 "steps": trainer.global_step, "history": history, "resumed_from": trainer.resumed_from,
-                "generations": trainer.last_generations}, out / f"rank{rank}.pt")
+                "generations": trainer.last_generations, "thought_steps": thought_steps, "sharded_grads": sharded_grads,
+                "block_dtypes": block_dtypes, "sharding": _sharding(trainer)}, out / f"rank{rank}.pt")
+
+
+def _sharding(trainer) -> dict:
+    """Which modules are FSDP2 units, and each parameter's type, placements, mesh size and local shape."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    units = [name for name, m in trainer.train_model.named_modules() if isinstance(m, FSDPModule)]
+    params = {name: (type(p).__name__, tuple((type(pl).__name__, getattr(pl, "dim", None)) for pl in p.placements),
+                     p.device_mesh.size(), tuple(p.to_local().shape),
+                     tuple(p.shape), p.dtype)
+              for name, p in trainer.train_model.named_parameters() if isinstance(p, DTensor)}
+    return {"units": units, "params": params, "all": [n for n, _ in trainer.train_model.named_parameters()]}
 
 
 def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[dict, str, str | None]]) -> None:
@@ -79,6 +111,14 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[dict, str, str
             torch.distributed.barrier()
         Path(out).mkdir(parents=True, exist_ok=True)
         _train_and_count(values, Path(out), rank)
+    _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Free what still holds the process group (FSDP2's modules and DTensors sit in reference cycles),
+    then destroy it: its threads are joined while Python still runs. Left to interpreter exit, a
+    collective's clean-up on gloo's thread can need the GIL after it is gone and abort the process."""
+    gc.collect()
     torch.distributed.destroy_process_group()
 
 
@@ -100,6 +140,12 @@ def assert_same_weights(a: dict, b: dict, atol: float = 1e-6):
         torch.testing.assert_close(a[name].detach(), b[name].detach(), atol=atol, rtol=0, msg=name)
 
 
+def mixed_config(save_dir, shared: Path, **overrides) -> dict:
+    """As `config`, with every other sample at a random stage (`uniform_prob`, 0 to 2 thoughts in
+    both epochs): the two ranks' micro-batches then have different longest thought chains."""
+    return config(save_dir, shared, uniform_prob=0.5, **overrides)
+
+
 def pause_config(save_dir, shared: Path) -> dict:
     """Stage 1 from the first epoch in the pause_as_thought ablation, no accumulation, 2 steps (24 + 16)."""
     return config(save_dir, shared, mode="pause_as_thought", num_epochs=1, stage0_epochs=0,
@@ -118,15 +164,29 @@ def runs(tmp_path_factory):
     pause.run()
     linear = Trainer(TrainConfig(**config(root / "linear", shared, thought_transform="linear")))
     linear.run()
+    mixed = Trainer(TrainConfig(**mixed_config(root / "mixed", shared)))
+    mixed.run()
     jobs = [(config(root / "ddp", shared), root / "out-ddp", None),
             (config(root / "ddp-linear", shared, thought_transform="linear"), root / "out-ddp-linear", None),
             (pause_config(root / "ddp-pause", shared), root / "out-ddp-pause", None),
             (config(root / "fsdp", shared, parallel="fsdp"), root / "out-fsdp", None),
             (config(root / "fsdp-resumed", shared, parallel="fsdp", resume=True), root / "out-fsdp-resumed",
-             root / "ddp" / "checkpoint-0001")]
-    ddp, ddp_linear, ddp_pause, fsdp, fsdp_resumed = run_ranks(jobs)
-    return {"root": root, "single": single, "pause": pause, "linear": linear, "ddp": ddp, "ddp_linear": ddp_linear,
-            "ddp_pause": ddp_pause, "fsdp": fsdp, "fsdp_resumed": fsdp_resumed}
+             root / "ddp" / "checkpoint-0001"),
+            (mixed_config(root / "fsdp-mixed", shared, parallel="fsdp", defer_weight_grads=False),
+             root / "out-fsdp-mixed", None),
+            (mixed_config(root / "fsdp-mixed-deferred", shared, parallel="fsdp", defer_weight_grads=True),
+             root / "out-fsdp-mixed-deferred", None),
+            (dict(pause_config(root / "fsdp-pause", shared), parallel="fsdp"), root / "out-fsdp-pause", None),
+            (config(root / "fsdp-bf16", shared, parallel="fsdp", bf16=True, num_epochs=1,
+                    gradient_accumulation_steps=1), root / "out-fsdp-bf16", None),
+            (config(root / "fsdp-linear", shared, parallel="fsdp", thought_transform="linear"),
+             root / "out-fsdp-linear", None)]
+    (ddp, ddp_linear, ddp_pause, fsdp, fsdp_resumed, fsdp_mixed, fsdp_deferred, fsdp_pause, fsdp_bf16,
+     fsdp_linear) = run_ranks(jobs)
+    return {"root": root, "single": single, "pause": pause, "linear": linear, "mixed": mixed, "ddp": ddp,
+            "ddp_linear": ddp_linear, "ddp_pause": ddp_pause, "fsdp": fsdp, "fsdp_resumed": fsdp_resumed,
+            "fsdp_mixed": fsdp_mixed, "fsdp_mixed_deferred": fsdp_deferred, "fsdp_pause": fsdp_pause,
+            "fsdp_bf16": fsdp_bf16, "fsdp_linear": fsdp_linear}
 
 
 def test_ddp_two_ranks_give_the_one_process_weights(runs):
@@ -170,6 +230,68 @@ def test_fsdp_two_ranks_give_the_one_process_weights(runs):
     for rank in runs["fsdp"]:
         assert rank["steps"] == 6
         assert [m["accuracy"] for m in rank["history"]] == [m["accuracy"] for m in single.history]
+
+
+@pytest.mark.parametrize("run", ["fsdp_mixed", "fsdp_mixed_deferred"])
+def test_fsdp_per_block_with_different_thought_counts_on_the_ranks(runs, run):
+    """Each rank's micro-batch has its own longest thought chain (some ranks none at all, down to a
+    whole micro-batch at stage 0 on one rank while the other thinks): every rank runs the agreed
+    count of thought steps (the others without rows), with and without deferred weight gradients,
+    and the weights are the one-process run's."""
+    single = runs["mixed"]
+    assert [m["stage"] for m in single.history] == [0, 1]
+    ranks = runs[run]
+    for rank in ranks:
+        assert rank["steps"] == 6 and rank["micro_batches"] == 12
+    per_micro = list(zip(*(rank["thought_steps"] for rank in ranks)))
+    assert all(len({steps for _, steps in micro}) == 1 for micro in per_micro)  # the same on both ranks
+    assert all(steps == max(longest for longest, _ in micro) for micro in per_micro for _, steps in micro)
+    assert any(len({longest for longest, _ in micro}) > 1 for micro in per_micro)  # the data makes them differ
+    assert any(0 == min(longest for longest, _ in micro) < max(longest for longest, _ in micro) for micro in per_micro)
+    assert_same_weights(final_weights(runs["root"] / run.replace("_", "-")), dict(single.decoder.named_parameters()))
+
+
+def test_fsdp_reduce_scatters_every_micro_batch(runs):
+    """Gradient accumulation keeps FSDP2's gradients sharded: the step's first micro-batch is reduce-scattered
+    before the second starts (skipping it would hold each block's whole gradient on every rank)."""
+    for rank in runs["fsdp_mixed"]:
+        assert rank["sharded_grads"] == [False, True] * 6
+
+
+def test_fsdp_with_a_learned_thought_transform(runs):
+    """The transform's parameters live in the root unit; evaluation and checkpoints gather them with the
+    decoder's (before: refused under fsdp)."""
+    from safetensors.torch import load_file
+
+    single = runs["linear"]
+    assert all(rank["steps"] == 6 for rank in runs["fsdp_linear"])
+    assert_same_weights(final_weights(runs["root"] / "fsdp-linear"), dict(single.decoder.named_parameters()))
+    saved = load_file(checkpoint_dirs(runs["root"] / "fsdp-linear")[-1] / "thought_transform.safetensors")
+    assert_same_weights(saved, dict(single.model.thought_transform.named_parameters()))
+    assert [m["accuracy"] for m in runs["fsdp_linear"][0]["history"]] == [m["accuracy"] for m in single.history]
+
+
+def test_fsdp_pause_as_thought(runs):
+    assert all(rank["steps"] == 2 for rank in runs["fsdp_pause"])
+    assert_same_weights(final_weights(runs["root"] / "fsdp-pause"), dict(runs["pause"].decoder.named_parameters()))
+
+
+def test_fsdp_shards_each_decoder_block_with_bf16_parameters_in_the_forward(runs):
+    """Each block is its own FSDP2 unit beside the root; every parameter is a DTensor sharded over the 2
+    ranks (dim 0), fp32 at rest; under `bf16: true` a block's forward sees whole bf16 weights."""
+    for rank in runs["fsdp_bf16"]:
+        sharding = rank["sharding"]
+        assert sharding["units"] == ["", "decoder.layers.0", "decoder.layers.1"]
+        assert set(sharding["params"]) == set(sharding["all"])
+        for name, (kind, placements, mesh, local, whole, dtype) in sharding["params"].items():
+            assert (kind, placements, mesh, dtype) == ("DTensor", (("Shard", 0),), 2, torch.float32), name
+            assert local[0] == -(-whole[0] // 2) or local[0] == whole[0] // 2, name
+        assert rank["block_dtypes"] == {("Parameter", torch.bfloat16)}
+    assert runs["fsdp"][0]["block_dtypes"] == {("Parameter", torch.float32)}  # fp32 without bf16
+    fp32 = runs["single"].history[0]["train_loss"]
+    for rank in runs["fsdp_bf16"]:
+        bf16 = rank["history"][0]["train_loss"]
+        assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=1e-2)
 
 
 def test_a_two_rank_checkpoint_resumes_on_two_ranks_under_fsdp(runs):
@@ -246,6 +368,8 @@ def test_each_rank_selects_its_own_gpu_before_touching_cuda(monkeypatch):
 def test_bad_parallel_setting_and_environment(monkeypatch):
     with pytest.raises(TrainingError, match="parallel 'zero3' is not one of"):
         TrainConfig(parallel="zero3")
+    with pytest.raises(TrainingError, match="forward_mode 'multipass' with parallel: fsdp is not supported"):
+        TrainConfig(parallel="fsdp", forward_mode="multipass")
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(DistributedError, match="WORLD_SIZE='two' is not an integer"):
         DistEnv.from_environment()
@@ -285,7 +409,8 @@ def _rank_dropout_masks(rank: int, world: int, port: int, values: dict, out: str
     trainer = Trainer(TrainConfig(**values))
     trainer.run()
     torch.save((masks, seeds), Path(out) / f"masks{rank}.pt")
-    torch.distributed.destroy_process_group()
+    del trainer
+    _leave_process_group()
 
 
 def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
@@ -301,3 +426,19 @@ def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
     # attention dropout (the config's dropout covers it): each rank's forwards draw their own mask seeds
     assert len(first_seeds) == len(second_seeds) >= 2
     assert set(first_seeds).isdisjoint(second_seeds)
+
+
+def test_cli_train_destroys_the_process_group_before_exit(tmp_path, monkeypatch):
+    """Under torchrun the CLI leaves the process group before the interpreter exits: left to exit, gloo's
+    clean-up aborted a finished 2-rank fsdp run now and then (SIGABRT, torchrun reports a failure)."""
+    import coconut_engine.trainer as trainer_module
+    from coconut_engine import cli
+
+    monkeypatch.setattr(trainer_module, "train", lambda config: [])
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    try:
+        assert cli.main(["train", "--save_dir", str(tmp_path / "run")]) == 0
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
