@@ -45,33 +45,29 @@ def test_extra_thought_steps_give_the_same_loss_and_gradients(mode, defer, thoug
         torch.testing.assert_close(extra_grads[name], grad, rtol=0, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_every_block_runs_forward_and_backward_in_every_step(backend):
-    """Paged: prefill + 3 thought steps (2 and 3 without rows) + the suffix step, each calling both
-    blocks, and each call's output reached by the backward (FSDP2 all-gathers for it there)."""
-    model = tiny_model(backend)
+def block_calls(model, mode: str, thought_steps: int) -> tuple[list[int], list[int]]:
+    """Per decoder block: how many times its forward ran, and how many of those outputs the backward reached."""
     calls, backward_calls = [0, 0], [0, 0]
     for i, block in enumerate(model.decoder.layers):
         def count(_block, _args, output, i=i):
             calls[i] += 1
             output.register_hook(lambda grad: backward_calls.__setitem__(i, backward_calls[i] + 1))
         block.register_forward_hook(count)
-    loss_and_grads(model, samples([1, 0]), "paged", thought_steps=3)
-    assert calls == [5, 5] and backward_calls == [5, 5]
+    loss_and_grads(model, samples([1, 0]), mode, thought_steps=thought_steps)
+    return calls, backward_calls
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_block_runs_forward_and_backward_in_every_step(backend):
+    """Paged: prefill + 3 thought steps (2 and 3 without rows) + the suffix step, each calling both
+    blocks, and each call's output reached by the backward (FSDP2 all-gathers for it there)."""
+    assert block_calls(tiny_model(backend), "paged", 3) == ([5, 5], [5, 5])
 
 
 def test_two_pass_runs_every_thought_steps_backward():
     """two_pass: prefill + 3 thought steps (the last one's output unread) + the full forward; each call's
     output reached by the backward (without it FSDP2's unread last step hangs the ranks)."""
-    model = tiny_model()
-    calls, backward_calls = [0, 0], [0, 0]
-    for i, block in enumerate(model.decoder.layers):
-        def count(_block, _args, output, i=i):
-            calls[i] += 1
-            output.register_hook(lambda grad: backward_calls.__setitem__(i, backward_calls[i] + 1))
-        block.register_forward_hook(count)
-    loss_and_grads(model, samples([1, 0]), "two_pass", thought_steps=3)
-    assert calls == [5, 5] and backward_calls == [5, 5]
+    assert block_calls(tiny_model(), "two_pass", 3) == ([5, 5], [5, 5])
 
 
 def test_bad_thought_steps():
