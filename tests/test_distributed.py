@@ -1,10 +1,10 @@
 """2-rank training on CPU (gloo): DDP and FSDP2 (one unit per decoder block) give the one-process weights,
 also when the ranks' micro-batches have different thought counts, each gradient is reduced once per
 optimizer step, checkpoints resume on another rank count, bf16 autocast works on CPU."""
-import gc
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from coconut_engine.checkpoint import checkpoint_dirs
 from coconut_engine.coconut import CoconutModel, CoconutSample, SpecialTokens
 from coconut_engine.config import ModelConfig
-from coconut_engine.distributed import DistEnv, DistributedError
+from coconut_engine.distributed import DistEnv, DistributedError, leave_process_group
 from coconut_engine.model import Decoder
 from coconut_engine.trainer import TrainConfig, Trainer, TrainingError
 
@@ -111,20 +111,37 @@ def _rank_main(rank: int, world: int, port: int, jobs: list[tuple[dict, str, str
             torch.distributed.barrier()
         Path(out).mkdir(parents=True, exist_ok=True)
         _train_and_count(values, Path(out), rank)
-    _leave_process_group()
+    leave_process_group()
 
 
-def _leave_process_group() -> None:
-    """Free what still holds the process group (FSDP2's modules and DTensors sit in reference cycles),
-    then destroy it: its threads are joined while Python still runs. Left to interpreter exit, a
-    collective's clean-up on gloo's thread can need the GIL after it is gone and abort the process."""
-    gc.collect()
-    torch.distributed.destroy_process_group()
+RANKS_TIMEOUT_S = 600  # ranks that disagree on their collectives wait forever: fail the test, not the CI job
+
+
+def spawn_ranks(fn, args: tuple, nprocs: int, timeout_s: float = RANKS_TIMEOUT_S) -> None:
+    """`mp.spawn(fn, args, nprocs)` that kills the ranks and fails the test after `timeout_s`."""
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"{nprocs} ranks of {fn.__name__} still running after {timeout_s} s (hung in a collective?)")
+
+
+def _sleeping_rank(rank: int, seconds: float) -> None:
+    time.sleep(seconds)
+
+
+def test_hung_ranks_fail_the_test_instead_of_hanging_it():
+    started = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="still running after 2 s"):
+        spawn_ranks(_sleeping_rank, (120,), nprocs=2, timeout_s=2)
+    assert time.monotonic() - started < 60
 
 
 def run_ranks(jobs: list[tuple[dict, Path, Path | None]], world: int = 2) -> list[list[dict]]:
     """Run the jobs on `world` spawned ranks; per job, each rank's results."""
-    mp.spawn(_rank_main, args=(world, _free_port(), [(v, str(o), s and str(s)) for v, o, s in jobs]), nprocs=world)
+    spawn_ranks(_rank_main, (world, _free_port(), [(v, str(o), s and str(s)) for v, o, s in jobs]), nprocs=world)
     return [[torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)] for _, out, _ in jobs]
 
 
@@ -410,7 +427,7 @@ def _rank_dropout_masks(rank: int, world: int, port: int, values: dict, out: str
     trainer.run()
     torch.save((masks, seeds), Path(out) / f"masks{rank}.pt")
     del trainer
-    _leave_process_group()
+    leave_process_group()
 
 
 def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
@@ -418,7 +435,7 @@ def test_ddp_ranks_draw_their_own_dropout_masks(runs, tmp_path):
     (the global batch saw one rank's dropout noise N times over)."""
     values = config(tmp_path / "run", runs["root"] / "single", num_epochs=1, dropout=0.5,
                     gradient_accumulation_steps=1)
-    mp.spawn(_rank_dropout_masks, args=(2, _free_port(), values, str(tmp_path)), nprocs=2)
+    spawn_ranks(_rank_dropout_masks, (2, _free_port(), values, str(tmp_path)), nprocs=2)
     (first, first_seeds), (second, second_seeds) = (torch.load(tmp_path / f"masks{r}.pt") for r in range(2))
     assert len(first) == len(second) == 4
     assert all(a.any() for a in first)
