@@ -125,6 +125,8 @@ def spawn_ranks(fn, args: tuple, nprocs: int, timeout_s: float = RANKS_TIMEOUT_S
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
+            for process in context.processes:
+                process.join(5)
             pytest.fail(f"{nprocs} ranks of {fn.__name__} still running after {timeout_s} s (hung in a collective?)")
 
 
