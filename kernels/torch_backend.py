@@ -314,11 +314,6 @@ def _repeat_kv(x: torch.Tensor, group: int) -> torch.Tensor:
     return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
-def _per_sequence_prefill(batch) -> bool:
-    """A long ragged prefill from empty: cheaper per sequence than padded (see FRESH_PREFILL_MIN_TOKENS)."""
-    return step_plan(batch).per_sequence_prefill
-
-
 def _step_rows(pool: torch.Tensor, batch) -> list[torch.Tensor]:
     """A prefill from empty: each sequence's new K or V rows `[n, kv_heads, D]` (views of the pool
     where its pages are strided runs, else read back at the step's slots)."""
@@ -590,7 +585,7 @@ def _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_p
                         dropout: AttentionDropout | None = None):
     """Backward without the fused kernel: probabilities recomputed (from `lse`, or by a softmax); with
     `dropout`, its mask drawn again (dV from the kept probabilities, dP through the kept entries only)."""
-    if lse is None and dropout is None and _per_sequence_prefill(batch):  # as the forward ran it
+    if lse is None and dropout is None and step_plan(batch).per_sequence_prefill:  # as the forward ran it
         return _fresh_prefill_backward_autograd(dout, q, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     group = q.shape[1] // k_pool.shape[2]
     q_pad = _pad_rows(q.float(), batch).transpose(1, 2)
