@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", type=Path, help="YAML config (official Coconut keys)")
     tr.add_argument("--task", choices=("small", "prosqa"), default=None,
                     help="the main job's task (no other arguments): small (default, the 24-name task) or prosqa "
-                         "(questions from ProsQA's own distribution; does not learn in the 10-minute budget)")
+                         "(questions from ProsQA's own distribution, warmed up on small ProsQA graphs; see README)")
     tr.set_defaults(func=cmd_train, takes_extra=True)
 
     ev = sub.add_parser("eval", help=cmd_eval.__doc__)

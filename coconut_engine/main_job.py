@@ -26,7 +26,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .data import Record, load_records
+from .checkpoint import checkpoint_name
 from .trainer import TrainConfig, Trainer, TrainingError, evaluate
+
+
+class Warmup(NamedTuple):
+    """Epochs on easier questions before a run's own data: each method first learns the answer's
+    format (copying the person and an option out of the question) on small graphs, where a step
+    costs a quarter of a full-size one, then goes on from that checkpoint."""
+
+    task_config: dict  # ProsQAConfig fields of the warm-up questions
+    task_train_size: int
+    epochs: int
 
 
 class JobSettings(NamedTuple):
@@ -35,6 +46,7 @@ class JobSettings(NamedTuple):
     no_cot_epochs: int
     all_latent_stage: bool  # one more stage past max_latent_stage that drops every step
     score_every_stage: bool  # the real split at the end of every stage (else once, the final Coconut model)
+    warmup: Warmup | None = None  # the Coconut run warms up with CoT, the no-CoT baseline with no-CoT
 
 
 # The default task (README, "The main job": the table measured with these settings).
@@ -45,16 +57,19 @@ COMMON = dict(model="builtin:gpt2-tiny", batch_size=32, lr=2e-3, weight_decay=0.
 COCONUT_EPOCHS = {"cot": 6, "per_stage": 2}
 NO_COT_EPOCHS = 12  # as many epochs as the whole Coconut curriculum
 
-# The ProsQA-distribution option (`--task prosqa`): a first choice sized by the step cost, not tuned.
+# The ProsQA-distribution task (`--task prosqa`): a rotary-position model (copying from the question
+# by relative offset is what a from-scratch model learns first) warmed up on small ProsQA graphs.
 PROSQA_TASK = {"distribution": "prosqa"}
-PROSQA_COMMON = dict(COMMON, eval_max_new_tokens=64, task_train_size=1500, task_val_size=100, task_config=PROSQA_TASK)
-PROSQA_COCONUT_EPOCHS = {"cot": 3, "per_stage": 1}
-PROSQA_NO_COT_EPOCHS = 6
+PROSQA_COMMON = dict(COMMON, model="builtin:llama-tiny", eval_max_new_tokens=64, task_train_size=1500,
+                     task_val_size=100, task_config=PROSQA_TASK)
+PROSQA_COCONUT_EPOCHS = {"cot": 1, "per_stage": 1}
+PROSQA_NO_COT_EPOCHS = 5
+PROSQA_WARMUP = Warmup({"distribution": "prosqa_small"}, task_train_size=6000, epochs=6)
 
 MAIN_JOBS = {
     "small": JobSettings(COMMON, COCONUT_EPOCHS, NO_COT_EPOCHS, all_latent_stage=False, score_every_stage=False),
     "prosqa": JobSettings(PROSQA_COMMON, PROSQA_COCONUT_EPOCHS, PROSQA_NO_COT_EPOCHS, all_latent_stage=True,
-                          score_every_stage=True),
+                          score_every_stage=True, warmup=PROSQA_WARMUP),
 }
 PROSQA_VALID = Path(os.environ.get("COCONUT_PROSQA_VALID", "../shared/data/prosqa_valid.json"))
 
@@ -89,10 +104,18 @@ def _settings(task: str) -> JobSettings:
     return MAIN_JOBS[task]
 
 
+class MainJobRuns(NamedTuple):
+    """The runs of a main job, in the order they train; the warm-ups are None for a task without one."""
+
+    coconut_warmup: TrainConfig | None  # CoT on the warm-up questions
+    coconut: TrainConfig  # the curriculum, from the warm-up's last checkpoint
+    no_cot_warmup: TrainConfig | None  # no-CoT on the same warm-up questions, from the same initial weights
+    no_cot: TrainConfig  # the baseline on the Coconut run's data and tokenizer
+
+
 def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = True,
-                    task: str = "small") -> tuple[TrainConfig, TrainConfig]:
-    """The Coconut run and the no-CoT baseline of a task of `MAIN_JOBS`; `scale` < 1 shrinks data
-    and epochs (for tests)."""
+                    task: str = "small") -> MainJobRuns:
+    """The runs of a task of `MAIN_JOBS`; `scale` < 1 shrinks data and epochs (for tests)."""
     settings = _settings(task)
     save_dir = Path(save_dir)
     common = dict(settings.common, progress=progress, overwrite=True)  # a re-run of the main job replaces the last one
@@ -101,13 +124,34 @@ def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = T
     cot_epochs = max(1, round(settings.coconut_epochs["cot"] * scale))
     per_stage = max(1, round(settings.coconut_epochs["per_stage"] * scale))
     stages = common["max_latent_stage"] + (1 if settings.all_latent_stage else 0)
+    no_cot_epochs = max(1, round(settings.no_cot_epochs * scale))
+    coconut_warmup = no_cot_warmup = None
+    coconut_start, no_cot_start = {}, {}
+    if settings.warmup is not None:
+        warm = settings.warmup
+        warm_epochs = max(1, round(warm.epochs * scale))
+        warm_common = dict(common, task_config=warm.task_config,
+                           task_train_size=max(64, int(warm.task_train_size * scale)))
+        coconut_warmup = TrainConfig(name="coconut-warmup", save_dir=str(save_dir / "coconut_warmup"), mode="cot",
+                                     num_epochs=warm_epochs, **warm_common)
+        warm_data = Path(coconut_warmup.save_dir) / "data"
+        no_cot_warmup = TrainConfig(name="no-cot-warmup", save_dir=str(save_dir / "no_cot_warmup"), mode="no_cot",
+                                    num_epochs=warm_epochs, train_path=str(warm_data / "train.json"),
+                                    val_path=str(warm_data / "val.json"),
+                                    tokenizer=str(Path(coconut_warmup.save_dir) / "tokenizer"), **warm_common)
+        last = checkpoint_name(warm_epochs)
+        coconut_start = {"model": str(Path(coconut_warmup.save_dir) / last)}
+        no_cot_start = {"model": str(Path(no_cot_warmup.save_dir) / last)}
     coconut = TrainConfig(name="coconut", save_dir=str(save_dir / "coconut"), mode="coconut", stage0_epochs=cot_epochs,
-                          epochs_per_stage=per_stage, num_epochs=cot_epochs + per_stage * stages, **common)
-    data, tokenizer = Path(coconut.save_dir) / "data", Path(coconut.save_dir) / "tokenizer"
-    no_cot = TrainConfig(name="no-cot", save_dir=str(save_dir / "no_cot"), mode="no_cot",
-                         num_epochs=max(1, round(settings.no_cot_epochs * scale)), train_path=str(data / "train.json"),
-                         val_path=str(data / "val.json"), tokenizer=str(tokenizer), **common)
-    return coconut, no_cot
+                          epochs_per_stage=per_stage, num_epochs=cot_epochs + per_stage * stages,
+                          **{**common, **coconut_start})
+    data = Path(coconut.save_dir) / "data"
+    # a warmed-up baseline reads the tokenizer from its warm-up checkpoint, which holds the same one
+    tokenizer = {} if no_cot_start else {"tokenizer": str(Path(coconut.save_dir) / "tokenizer")}
+    no_cot = TrainConfig(name="no-cot", save_dir=str(save_dir / "no_cot"), mode="no_cot", num_epochs=no_cot_epochs,
+                         train_path=str(data / "train.json"), val_path=str(data / "val.json"),
+                         **{**common, **no_cot_start, **tokenizer})
+    return MainJobRuns(coconut_warmup, coconut, no_cot_warmup, no_cot)
 
 
 def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, progress: bool = True,
@@ -121,12 +165,16 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
     real_path = Path(real_split) if real_split is not None else PROSQA_VALID
     real = load_records(real_path) if real_path.is_file() else None
     started, cpu_started = time.perf_counter(), time.process_time()
-    coconut_cfg, no_cot_cfg = default_configs(save_dir, scale, progress, task)
+    runs = default_configs(save_dir, scale, progress, task)
+    coconut_cfg = runs.coconut
     staged = real if settings.score_every_stage else None
+    warmup_history = Trainer(runs.coconut_warmup).run() if runs.coconut_warmup else []
     trainer = StageEndScoring(coconut_cfg, staged)
     history = trainer.run()
     coconut_seconds = time.perf_counter() - started
-    no_cot_history = StageEndScoring(no_cot_cfg, staged).run()
+    if runs.no_cot_warmup:
+        warmup_history += Trainer(runs.no_cot_warmup).run()
+    no_cot_history = StageEndScoring(runs.no_cot, staged).run()
     no_cot_seconds = time.perf_counter() - started - coconut_seconds
 
     rows = [{"method": "no-CoT", "stage": "-", "thoughts": 0, **_pick(no_cot_history[-1])}]
@@ -148,7 +196,7 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
         result["prosqa_valid_first_error"] = scored["errors"][0] if scored["errors"] else None
     result.update(seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started,
                   phases={"coconut": coconut_seconds, "no_cot": no_cot_seconds,
-                          "training": sum(m["train_seconds"] for m in history + no_cot_history)})
+                          "training": sum(m["train_seconds"] for m in warmup_history + history + no_cot_history)})
     table = format_table(result)
     print(table)
     save_dir.mkdir(parents=True, exist_ok=True)

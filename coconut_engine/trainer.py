@@ -47,12 +47,17 @@ class TrainingError(CoconutEngineError, RuntimeError):
     """Training cannot go on (diverged loss, bad configuration, incompatible checkpoint)."""
 
 
-# Built-in model shapes for `model: builtin:NAME` (GPT-2 architecture, vocabulary from the tokenizer).
+# Built-in model shapes for `model: builtin:NAME` (GPT-2 architecture unless the entry names another model_type;
+# vocabulary from the tokenizer).
 BUILTIN_MODELS = {
     "gpt2-micro": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 1024},
     "gpt2-tiny": {"n_embd": 128, "n_layer": 4, "n_head": 4, "n_positions": 1024},
     "gpt2-small": {"n_embd": 256, "n_layer": 6, "n_head": 8, "n_positions": 1024},
     "gpt2": {"n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024},
+    # Rotary positions: attention by relative offset, which copying from the question needs.
+    "llama-tiny": {"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                   "num_key_value_heads": 4, "intermediate_size": 512, "max_position_embeddings": 1024,
+                   "rope_theta": 10000.0, "tie_word_embeddings": True},
 }
 
 

@@ -104,6 +104,11 @@ def test_main_job_prosqa_task_runs_end_to_end_at_a_tiny_scale(tmp_path, capsys, 
     proc = cli("eval", "--model", str(final), "--data", str(split), "--backend", "torch")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["accuracy"] == result["rows"][-1]["real_accuracy"]
+    # both runs warmed up on small ProsQA-vocabulary graphs first, and started from those weights
+    warm = json.loads((tmp_path / "run" / "coconut_warmup" / "data" / "train.json").read_text())
+    assert max(len(r["idx_to_symbol"]) for r in warm) < min(len(r["idx_to_symbol"]) for r in train)
+    for run in ("coconut_warmup", "no_cot_warmup"):
+        assert sorted((tmp_path / "run" / run).glob("checkpoint-*")), run
 
 
 def test_smoke_command():

@@ -159,7 +159,11 @@ def _distances(edges: list[list[int]], start: int) -> dict[int, int]:
     return dist
 
 
-@pytest.mark.parametrize("config", [ProsQAConfig(), ProsQAConfig.official_like()], ids=["small", "prosqa"])
+SMALL_PROSQA = ProsQAConfig(distribution="prosqa_small")
+
+
+@pytest.mark.parametrize("config", [ProsQAConfig(), ProsQAConfig.official_like(), SMALL_PROSQA],
+                         ids=["small", "prosqa", "prosqa_small"])
 def test_generator_is_deterministic_and_consistent(config):
     a, b = generate_prosqa(20, config, seed=3), generate_prosqa(20, config, seed=3)
     assert a == b and a != generate_prosqa(20, config, seed=4)
@@ -172,12 +176,13 @@ def test_generator_is_deterministic_and_consistent(config):
         assert r["question"].endswith("?") and symbols[r["neg_target"]] in r["question"].split("Is ")[-1]
 
 
-def test_prosqa_distribution_graphs_have_prosqa_structure():
+@pytest.mark.parametrize("config", [ProsQAConfig.official_like(), SMALL_PROSQA], ids=["prosqa", "prosqa_small"])
+def test_prosqa_distribution_graphs_have_prosqa_structure(config):
     """What every ProsQA question has (measured on the split, true of all 300): target and distractor
     are leaves, every concept has a parent and every person a fact, another person reaches the
     distractor in no more steps than the chain, the edge list is sorted by head, the facts are the
-    edges, and the steps walk the edges."""
-    for r in generate_prosqa(200, ProsQAConfig.official_like(), seed=7):
+    edges, and the steps walk the edges. The small-graph warm-up keeps all of it."""
+    for r in generate_prosqa(200, config, seed=7):
         symbols, edges = r["idx_to_symbol"], r["edges"]
         people = [i for i, s in enumerate(symbols) if s in prosqa_vocabulary.PEOPLE]
         concepts = [i for i, s in enumerate(symbols) if s in prosqa_vocabulary.CONCEPTS]
@@ -213,20 +218,37 @@ def test_prosqa_distribution_matches_the_real_validation_split():
     assert names(real_records, False) == set(prosqa_vocabulary.CONCEPTS) == names(ours_records, False)
 
 
+def test_prosqa_small_is_prosqa_on_a_third_of_the_graph():
+    """The warm-up distribution: ProsQA's names only, 1-3 steps, under half the nodes and facts and
+    about a third of the words of a ProsQA-distribution question."""
+    full = prosqa_statistics(generate_prosqa(500, ProsQAConfig.official_like(), seed=1))
+    small_records = generate_prosqa(500, SMALL_PROSQA, seed=1)
+    small = prosqa_statistics(small_records)
+    for key in ("nodes", "edges"):
+        assert small[key] < 0.5 * full[key], (key, small[key], full[key])
+    assert 0.2 * full["question_words"] < small["question_words"] < 0.45 * full["question_words"]
+    assert {len(r["steps"]) for r in small_records} == {1, 2, 3}
+    names = {s for r in small_records for s in r["idx_to_symbol"]}
+    assert names <= set(prosqa_vocabulary.PEOPLE + prosqa_vocabulary.CONCEPTS)
+    assert set(prosqa_vocabulary.CONCEPTS) <= names  # 500 questions use every concept name
+
+
 @pytest.mark.skipif(not PROSQA_VALID.is_file(), reason="shared/data/prosqa_valid.json is absent")
 def test_no_generated_question_is_a_validation_question():
     """The main job's whole generated set (train + held-out, its seed), for the prosqa task and the
     default small one, shares no question with the split."""
-    from coconut_engine.main_job import COMMON, PROSQA_COMMON
+    from coconut_engine.main_job import COMMON, PROSQA_COMMON, PROSQA_WARMUP
 
     real = {r["question"] for r in json.loads(PROSQA_VALID.read_text())}
     assert PROSQA_COMMON["task_config"]["distribution"] == "prosqa"
-    for common in (PROSQA_COMMON, COMMON):
+    warmup = dict(task_config=PROSQA_WARMUP.task_config, task_train_size=PROSQA_WARMUP.task_train_size,
+                  task_val_size=PROSQA_COMMON["task_val_size"])
+    for common in (PROSQA_COMMON, COMMON, warmup):
         size = common["task_train_size"] + common["task_val_size"]
         ours = generate_prosqa(size, ProsQAConfig(**common["task_config"]), seed=0)
         assert not real & {r["question"] for r in ours}
 
 
 def test_unknown_distribution_is_a_clear_error():
-    with pytest.raises(ValueError, match="distribution must be 'small' or 'prosqa', got 'prosq'"):
+    with pytest.raises(ValueError, match="distribution must be 'small', 'prosqa' or 'prosqa_small', got 'prosq'"):
         ProsQAConfig(distribution="prosq")

@@ -2,7 +2,7 @@
 import pytest
 
 from coconut_engine.data import Record
-from coconut_engine.main_job import StageEndScoring, default_configs, format_table
+from coconut_engine.main_job import MAIN_JOBS, StageEndScoring, default_configs, format_table
 from coconut_engine.tasks import generate_prosqa
 from coconut_engine.trainer import TrainConfig, TrainingError
 
@@ -41,11 +41,37 @@ def test_a_fixed_question_the_model_cannot_take_is_an_error_naming_it(tmp_path):
 
 
 def test_the_default_task_is_the_small_one_and_prosqa_adds_the_all_latent_stage(tmp_path):
-    coconut, no_cot = default_configs(tmp_path, progress=False)
+    runs = default_configs(tmp_path, progress=False)
+    coconut, no_cot = runs.coconut, runs.no_cot
+    assert runs.coconut_warmup is None and runs.no_cot_warmup is None
     assert coconut.task_config["concept_pool"] == 24 and coconut.max_latent_stage == 3
     assert (coconut.stage0_epochs, coconut.epochs_per_stage, coconut.num_epochs, no_cot.num_epochs) == (6, 2, 12, 12)
-    coconut, no_cot = default_configs(tmp_path, progress=False, task="prosqa")
+    assert no_cot.tokenizer == str(tmp_path / "coconut" / "tokenizer")
+    runs = default_configs(tmp_path, progress=False, task="prosqa")
+    coconut, no_cot = runs.coconut, runs.no_cot
     assert coconut.task_config == {"distribution": "prosqa"}
-    assert (coconut.stage0_epochs, coconut.epochs_per_stage, coconut.num_epochs, no_cot.num_epochs) == (3, 1, 7, 6)
+    settings = MAIN_JOBS["prosqa"]
+    cot, per_stage = settings.coconut_epochs["cot"], settings.coconut_epochs["per_stage"]
+    assert (coconut.stage0_epochs, coconut.epochs_per_stage, no_cot.num_epochs) == (cot, per_stage,
+                                                                                    settings.no_cot_epochs)
+    assert coconut.num_epochs == cot + per_stage * (coconut.max_latent_stage + 1)  # + the all-latent stage
     with pytest.raises(TrainingError, match="main job: unknown task 'prosq'"):
         default_configs(tmp_path, task="prosq")
+
+
+def test_prosqa_runs_start_from_their_own_warmups_on_small_graphs(tmp_path):
+    """Coconut warms up with CoT, no-CoT with no-CoT, on the same small-graph questions and tokenizer
+    from the same initial weights; each main run starts from its warm-up's last checkpoint."""
+    runs = default_configs(tmp_path, progress=False, task="prosqa")
+    warm = MAIN_JOBS["prosqa"].warmup
+    cw, nw = runs.coconut_warmup, runs.no_cot_warmup
+    assert (cw.mode, nw.mode) == ("cot", "no_cot") and cw.num_epochs == nw.num_epochs == warm.epochs
+    assert cw.task_config == nw.task_config == {"distribution": "prosqa_small"}
+    assert cw.task_train_size == warm.task_train_size and cw.seed == nw.seed and cw.model == nw.model
+    assert nw.train_path == str(tmp_path / "coconut_warmup" / "data" / "train.json")
+    assert nw.tokenizer == str(tmp_path / "coconut_warmup" / "tokenizer")
+    last = f"checkpoint-{warm.epochs:04d}"
+    assert runs.coconut.model == str(tmp_path / "coconut_warmup" / last)
+    assert runs.no_cot.model == str(tmp_path / "no_cot_warmup" / last)
+    assert runs.no_cot.tokenizer is None  # the warm-up checkpoint's, which is the Coconut warm-up's
+    assert runs.no_cot.train_path == str(tmp_path / "coconut" / "data" / "train.json")

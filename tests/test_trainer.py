@@ -164,3 +164,22 @@ def test_stage_schedule():
     assert [cfg.stage_of(e) for e in range(8)] == [0, 0, 0, 1, 1, 2, 2, 3]
     assert [TrainConfig(epochs_per_stage=5).stage_of(e) for e in (0, 4, 5, 12)] == [0, 0, 1, 2]
     assert TrainConfig(mode="cot").stage_of(30) == 0
+
+
+@pytest.mark.parametrize("name", ["gpt2-micro", "llama-tiny"])
+def test_builtin_models_build_with_the_task_vocabulary_and_save_loadable_checkpoints(tmp_path, name):
+    """A builtin shape of either family trains from scratch on the built-in task; its checkpoint
+    loads back (config.json names the family) with the same weights."""
+    cfg = TrainConfig(save_dir=str(tmp_path), model=f"builtin:{name}", task_train_size=8, task_val_size=2, batch_size=8,
+                      num_epochs=1, mode="no_cot", lr=1e-3, eval_max_new_tokens=4, attention_backend="torch",
+                      progress=False, task_config={"num_concepts": 6, "max_steps": 2, "concept_pool": 12})
+    trainer = Trainer(cfg)
+    trainer.run()
+    family = "llama" if name.startswith("llama") else "gpt2"
+    assert trainer.decoder.config.model_type == family
+    assert trainer.decoder.config.vocab_size == len(trainer.tokenizer)
+    final = checkpoint_dirs(tmp_path)[-1]
+    assert json.loads((final / "config.json").read_text())["model_type"] == family
+    loaded = load_model(final, attention_backend="torch")
+    for (key, a), b in zip(trainer.decoder.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), key

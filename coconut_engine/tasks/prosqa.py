@@ -1,10 +1,12 @@
 """ProsQA task generators: reachability questions over a random DAG of made-up concepts.
 
-Two distributions, one record format (the official one, with the graph: `idx_to_symbol`, `edges`,
+Three distributions, one record format (the official one, with the graph: `idx_to_symbol`, `edges`,
 `root`, `target`, `neg_target`):
 
 - `distribution="prosqa"`: ProsQA's own (`prosqa_distribution.py`, from the statistics and names in
   `prosqa_vocabulary.py`): what the main job and the ProsQA recipes train on.
+- `distribution="prosqa_small"`: ProsQA's vocabulary, construction and layout on small graphs
+  (6-9 concepts, 1-3 steps, about 60 tokens a question): the main job's warm-up.
 - `distribution="small"`: small graphs from the size knobs of `ProsQAConfig`, for tests and quick
   runs. Per question: a random DAG over concepts, people attached to concepts, a root person from
   whom a target concept is reachable by a chain of `num_steps` facts, and a distractor concept that
@@ -18,7 +20,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass
 
-from .prosqa_distribution import prosqa_distribution_question
+from .prosqa_distribution import MEASURED, SMALL_GRAPHS, prosqa_distribution_question
 
 _ONSETS = ["b", "br", "d", "f", "g", "gr", "h", "j", "k", "l", "m", "n", "p", "r", "s", "sh", "sk", "st", "t", "tr",
            "v", "w", "y", "z", "zh", "ch", "dr", "fl", "gl", "pl", "scr", "sp", "th", "qu"]
@@ -30,10 +32,11 @@ _PEOPLE = ["Alex", "Tom", "Sally", "Davis", "Max", "Sam", "Polly", "Jack", "Fae"
 @dataclass(frozen=True)
 class ProsQAConfig:
     """Which questions to generate. `distribution="prosqa"` draws every question from ProsQA's own
-    measured distribution (`prosqa_distribution.py`; the size knobs below are then unused);
-    `"small"` (the default) builds small graphs from the knobs, for tests and quick runs."""
+    measured distribution (`prosqa_distribution.py`; the size knobs below are then unused),
+    `"prosqa_small"` from the same construction on small graphs; `"small"` (the default) builds
+    small graphs from the knobs, for tests and quick runs."""
 
-    distribution: str = "small"  # small | prosqa
+    distribution: str = "small"  # small | prosqa | prosqa_small
     num_concepts: int = 8
     num_people: int = 2
     min_steps: int = 2
@@ -43,8 +46,8 @@ class ProsQAConfig:
     concept_pool: int | None = None  # draw concept names from this many fixed names (None: ~300)
 
     def __post_init__(self):
-        if self.distribution not in ("small", "prosqa"):
-            raise ValueError(f"distribution must be 'small' or 'prosqa', got {self.distribution!r}")
+        if self.distribution not in ("small", "prosqa", "prosqa_small"):
+            raise ValueError(f"distribution must be 'small', 'prosqa' or 'prosqa_small', got {self.distribution!r}")
         if not 1 <= self.min_steps <= self.max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
         if self.num_concepts < self.max_steps + 2:
@@ -153,8 +156,9 @@ def generate_prosqa(num_questions: int, config: ProsQAConfig | None = None, seed
     """`num_questions` records in the official format (deterministic for a seed)."""
     rng = random.Random(seed)
     cfg = config or ProsQAConfig()
-    if cfg.distribution == "prosqa":
-        return [prosqa_distribution_question(rng) for _ in range(num_questions)]
+    if cfg.distribution in ("prosqa", "prosqa_small"):
+        shape = MEASURED if cfg.distribution == "prosqa" else SMALL_GRAPHS
+        return [prosqa_distribution_question(rng, shape) for _ in range(num_questions)]
     return [_one_question(rng, cfg) for _ in range(num_questions)]
 
 

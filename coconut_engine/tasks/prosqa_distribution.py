@@ -14,12 +14,45 @@ Target and distractor are leaves. The facts are listed in random order, then
 "Is <root> a <A> or <B>?" with the options in random order; the steps are the chain, the answer
 "<root> is a <target>.". Records are in the official format with the graph (`idx_to_symbol`,
 `edges` sorted by head then tail, `root`, `target`, `neg_target`).
+
+The sizes come from a `ProsQAShape`: `MEASURED` is the split's; `SMALL_GRAPHS` keeps the vocabulary,
+construction and layout on graphs a third the size (about 60 tokens a question instead of 210), a
+warm-up that teaches a model trained from scratch the question's format at a quarter of the cost.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from . import prosqa_vocabulary as vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class ProsQAShape:
+    """The size tables one question is drawn from (see `prosqa_vocabulary` for what each means)."""
+
+    steps: dict  # chain length -> probability
+    num_people: dict
+    distractor_depth: dict
+    cross_edges: dict
+    concepts_per_question: tuple  # (mean, sd, min, max)
+    reachable_concepts: tuple
+    depth_profile: tuple
+    deeper_than_target: float
+    target_extra_parents: dict
+    distractor_extra_parents: dict
+    extra_reachable_edges: tuple  # (mean, sd)
+    extra_unreachable_edges: tuple
+
+
+MEASURED = ProsQAShape(vocab.STEPS, vocab.NUM_PEOPLE, vocab.DISTRACTOR_DEPTH, vocab.CROSS_EDGES,
+                       vocab.CONCEPTS_PER_QUESTION, vocab.REACHABLE_CONCEPTS, vocab.DEPTH_PROFILE,
+                       vocab.DEEPER_THAN_TARGET, vocab.TARGET_EXTRA_PARENTS, vocab.DISTRACTOR_EXTRA_PARENTS,
+                       vocab.EXTRA_REACHABLE_EDGES, vocab.EXTRA_UNREACHABLE_EDGES)
+SMALL_GRAPHS = dataclasses.replace(
+    MEASURED, steps={1: 0.2, 2: 0.4, 3: 0.4}, num_people={2: 1.0}, distractor_depth={1: 0.5, 2: 0.5},
+    cross_edges={0: 0.5, 1: 0.5}, concepts_per_question=(7, 1.0, 6, 9), reachable_concepts=(4, 1.0, 3, 6),
+    extra_reachable_edges=(1.5, 1.0), extra_unreachable_edges=(1.0, 1.0))
 
 
 def _draw(rng: random.Random, table: dict[int, float]) -> int:
@@ -47,13 +80,13 @@ def _linear_extension(rng: random.Random, nodes: list[int], parents: dict[int, s
     return order
 
 
-def prosqa_distribution_question(rng: random.Random) -> dict:
-    """One question in the official record format, drawn from ProsQA's measured distribution."""
-    steps = _draw(rng, vocab.STEPS)
-    num_people = _draw(rng, vocab.NUM_PEOPLE)
-    neg_depth = min(_draw(rng, vocab.DISTRACTOR_DEPTH), steps)
-    n_concepts = _normal_int(rng, vocab.CONCEPTS_PER_QUESTION)
-    n_reach = min(_normal_int(rng, vocab.REACHABLE_CONCEPTS, low=steps), n_concepts - neg_depth)
+def prosqa_distribution_question(rng: random.Random, shape: ProsQAShape = MEASURED) -> dict:
+    """One question in the official record format, drawn from ProsQA's construction at `shape`'s sizes."""
+    steps = _draw(rng, shape.steps)
+    num_people = _draw(rng, shape.num_people)
+    neg_depth = min(_draw(rng, shape.distractor_depth), steps)
+    n_concepts = _normal_int(rng, shape.concepts_per_question)
+    n_reach = min(_normal_int(rng, shape.reachable_concepts, low=steps), n_concepts - neg_depth)
     n_other = n_concepts - n_reach
 
     # Node ids: people 0..num_people-1 (0 = root, 1 = the distractor's person), then concepts.
@@ -72,7 +105,7 @@ def prosqa_distribution_question(rng: random.Random) -> dict:
         link(prev, node)
         depth[node] = depth[prev] + 1
     target = chain[-1]
-    weights = [max(w - 1.0, 0.05) for w in vocab.DEPTH_PROFILE[:steps]] + [vocab.DEEPER_THAN_TARGET]
+    weights = [max(w - 1.0, 0.05) for w in shape.depth_profile[:steps]] + [shape.deeper_than_target]
     for node in reach[steps:]:
         level = rng.choices(range(1, steps + 2), weights=weights)[0]
         candidates = [n for n, d in depth.items() if d == level - 1 and n != target]
@@ -81,7 +114,7 @@ def prosqa_distribution_question(rng: random.Random) -> dict:
             candidates = [n for n, d in depth.items() if d == level - 1 and n != target]
         link(rng.choice(candidates), node)
         depth[node] = level
-    _add_extra_facts(rng, [root] + reach, reach, depth, parents, target, vocab.EXTRA_REACHABLE_EDGES)
+    _add_extra_facts(rng, [root] + reach, reach, depth, parents, target, shape.extra_reachable_edges)
 
     # Unreachable part: a chain from another person to the distractor, then the rest, each concept
     # one level below its parent (every person gets a fact first).
@@ -101,15 +134,15 @@ def prosqa_distribution_question(rng: random.Random) -> dict:
         if not any(person in ps for ps in parents.values()):
             link(person, rng.choice([n for n in reach if n != target]))
     _add_extra_facts(rng, list(other_depth), other, other_depth, parents, neg_target,
-                     vocab.EXTRA_UNREACHABLE_EDGES)
+                     shape.extra_unreachable_edges)
     sources = [n for n in other_depth if n != neg_target]
     cross = [(u, v) for u in sources for v in reach if v != target and u not in parents.get(v, ())]
-    for u, v in rng.sample(cross, min(_draw(rng, vocab.CROSS_EDGES), len(cross))):
+    for u, v in rng.sample(cross, min(_draw(rng, shape.cross_edges), len(cross))):
         link(u, v)
 
     # The answer nodes' extra parents, from nodes that do not shorten their distance.
-    for leaf, table, level, deep in ((target, vocab.TARGET_EXTRA_PARENTS, steps, depth),
-                                     (neg_target, vocab.DISTRACTOR_EXTRA_PARENTS, neg_depth, other_depth)):
+    for leaf, table, level, deep in ((target, shape.target_extra_parents, steps, depth),
+                                     (neg_target, shape.distractor_extra_parents, neg_depth, other_depth)):
         pool = [n for n, d in deep.items() if d >= level - 1 and n != leaf and n not in parents[leaf]]
         for u in rng.sample(pool, min(_draw(rng, table), len(pool))):
             link(u, leaf)
