@@ -136,7 +136,10 @@ class _StoreAttention(torch.autograd.Function):
         grad_q = ctx.ops.paged_attention_backward(
             grad_out, q, out, lse, cache.k_pool(layer), cache.v_pool(layer),
             cache.grad_k_pool(layer), cache.grad_v_pool(layer), ctx.batch, ctx.scale, dropout=ctx.dropout)
-        grad_k, grad_v = cache.grad_kv_slots(layer).index_select(1, ctx.batch.slot_mapping)  # one gather for both
+        # one gather per pool: a gather across both (a strided view) would copy the layer's whole gradient pages first
+        slots = ctx.batch.slot_mapping
+        grad_k = cache.grad_k_pool(layer).flatten(0, 1).index_select(0, slots)
+        grad_v = cache.grad_v_pool(layer).flatten(0, 1).index_select(0, slots)
         return (as_dtype(grad_q, ctx.dtypes[0]), as_dtype(grad_k, ctx.dtypes[1]), as_dtype(grad_v, ctx.dtypes[2]),
                 None, None, None, None, None, None, None)
 

@@ -75,6 +75,10 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
         return _dropout_attention(q, k_pool, v_pool, batch, scale, return_lse, out, dropout)
     plan = step_plan(batch)
     fused = uses_fused_kernels(q.device)
+    if fused and plan.one_token_rows and len(q) == batch.num_tokens:
+        rows = _one_token_row_views(k_pool, v_pool, q, batch)
+        if rows is not None:
+            return _one_token_rows_forward(q, *rows, batch, scale, return_lse, out)
     padded_path = batch.num_tokens and not (
         (batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch))
         or (batch.max_seqlen_q == 1 and not fused)
@@ -146,6 +150,10 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     if dropout is not None:
         return _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale, dropout)
     fused = lse is not None and uses_fused_kernels(q.device)
+    if fused and step_plan(batch).one_token_rows and _small_one_token_step(q, batch) and len(q) == batch.num_tokens:
+        rows = _one_token_row_views(k_pool, v_pool, q, batch)
+        if rows is not None:
+            return _one_token_rows_backward(dout, q, out, lse, *rows, grad_k_pool, grad_v_pool, batch, scale)
     if batch.max_seqlen_q == 1 and not (fused and _small_one_token_step(q, batch)):
         return _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     if fused:
@@ -166,6 +174,7 @@ class StepPlan:
     fresh: bool  # a prefill from empty: every sequence's keys are exactly its new tokens
     unmasked: bool  # equal lengths and a decode step or a prefill from empty: causal needs no mask
     per_sequence_prefill: bool  # a long ragged prefill from empty (see FRESH_PREFILL_MIN_TOKENS)
+    one_token_rows: bool  # one new token for every sequence, pages in strided runs (a training thought step)
 
 
 def step_plan(batch) -> StepPlan:
@@ -178,6 +187,8 @@ def step_plan(batch) -> StepPlan:
             fresh=fresh,
             unmasked=equal and batch.max_seqlen_q in (1, batch.max_seqlen_k),
             per_sequence_prefill=fresh and not equal and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS,
+            one_token_rows=(batch.max_seqlen_q == 1 and batch.num_tokens == batch.num_seqs
+                            and batch.strided_pages is not None),
         )
 
     return batch.memo("step_plan", build)
@@ -487,6 +498,44 @@ def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> No
         strided[:, : rows.shape[1]] += rows
     else:
         _add_into_pool(grad_pool, rows.transpose(1, 2), batch)
+
+
+def _one_token_row_views(k_pool, v_pool, q, batch):
+    """A training thought step's K and V as heads-first views of the pool's strided rows
+    (`[B, kv_heads, keys, D]`) and the fused kernel's additive mask over those keys; None where the
+    pool does not hold the rows. `keys` is the whole row for a small masked step (the backward needs
+    the whole row to add dK/dV into the gradient pages without a transposing read, and a forward
+    over the same keys shares the step's one mask), else max_k."""
+    k_rows, v_rows = _strided_rows(k_pool, batch), _strided_rows(v_pool, batch)
+    if k_rows is None:
+        return None
+    whole = _small_one_token_step(q, batch) and not step_plan(batch).unmasked  # unmasked: max_k keys, no mask
+    keys = k_rows.shape[1] if whole else batch.max_seqlen_k
+    k = as_dtype(k_rows[:, :keys], q.dtype).transpose(1, 2)
+    v = as_dtype(v_rows[:, :keys], q.dtype).transpose(1, 2)
+    return k, v, _mask(batch, q.dtype, keys)[0]
+
+
+def _one_token_rows_forward(q, k, v, mask, batch, scale: float, return_lse: bool, out=None):
+    """Forward of a training thought step (`StepPlan.one_token_rows`): the fused kernel over the rows,
+    each sequence's query as a batch row of one query (no padding, no packing: `[T, heads, D]` is
+    already `[B, heads, 1, D]`); without `out` the outputs are views of the kernel's."""
+    o, lse = _fused_cpu_kernels()[0](q.unsqueeze(2), k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
+    if out is None:
+        out = o.view(q.shape)
+    else:
+        out[: len(q)] = o.view(q.shape)
+    return (out, lse.view(q.shape[:2])) if return_lse else out
+
+
+def _one_token_rows_backward(dout, q, out, lse, k, v, mask, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Backward of `_one_token_rows_forward` over whole rows: the fused kernel's, dK/dV (in the
+    pool's layout, since the rows are dense) added into the gradient pages' rows in place."""
+    dq, dk, dv = _fused_cpu_kernels()[1](as_dtype(dout, q.dtype).unsqueeze(2), q.unsqueeze(2), k, v, out.unsqueeze(2),
+                                         lse.unsqueeze(2), 0.0, False, attn_mask=mask, scale=scale)[:3]
+    _strided_rows(grad_k_pool, batch)[:, : dk.shape[2]] += as_dtype(dk.transpose(1, 2), grad_k_pool.dtype)
+    _strided_rows(grad_v_pool, batch)[:, : dv.shape[2]] += as_dtype(dv.transpose(1, 2), grad_v_pool.dtype)
+    return dq.view(q.shape)
 
 
 def _reads_runs_in_place(pool: torch.Tensor, batch) -> bool:
