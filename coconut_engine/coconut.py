@@ -367,8 +367,9 @@ class CoconutModel(nn.Module):
         outputs, labels = [], []
         for t in range(1, (max(s.num_thoughts for s in samples) if steps is None else steps) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
-            index = torch.tensor(active, dtype=torch.long, device=last.device)
-            inputs = self.thought_inputs(last[index], t - 1)
+            every = len(active) == len(samples)  # no rows to pick or put back (no index ops, no index nodes)
+            index = None if every else torch.tensor(active, dtype=torch.long, device=last.device)
+            inputs = self.thought_inputs(last if every else last[index], t - 1)
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
             ending = [suffixes is not None and samples[i].num_thoughts == t for i in active]
@@ -386,7 +387,7 @@ class CoconutModel(nn.Module):
                     start += 1 + (len(samples[i].suffix) if end else 0)
                 outputs.append(hidden[torch.tensor(thought_rows, device=hidden.device)])
                 labels.append((hidden[torch.tensor(label_rows, device=hidden.device)], step_targets))
-            last = last.index_copy(0, index, outputs[-1])
+            last = outputs[-1] if every else last.index_copy(0, index, outputs[-1])
         return thoughts, outputs, labels
 
     # -- the no-cache references ---------------------------------------------------------------
