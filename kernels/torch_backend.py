@@ -6,7 +6,10 @@ the block table) and pads the new tokens to `[B, heads, max_q, D]`; a long ragge
 empty runs per sequence instead (plain causal over its own rows: no padding, no mask), and a step of
 one token per sequence (a thought, a decode step) works on the pool's own layout (see below). On CPU a
 one-token step whose pages are not strided runs (a decode step: the Generator reserves each request's
-pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`).
+pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`); a
+training thought step (one token per sequence over strided rows, `StepPlan.one_token_rows`) runs the
+fused forward on the rows as they are and its backward as batched products over them
+(`_one_token_rows_backward`).
 
 On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
 and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
@@ -145,8 +148,10 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
 
     Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
     runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
-    it the probabilities are recomputed by a softmax. A one-token step (a thought, a decode step) has
-    its own backward, from the log-sum-exp where given, except a small one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
+    it the probabilities are recomputed by a softmax. A training thought step (one token per sequence
+    over strided rows) is batched products over the rows (`_one_token_rows_backward`); another
+    one-token step has its own elementwise backward, from the log-sum-exp where given, except a small
+    one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
     With `dropout` (the forward's) the probabilities are recomputed and the mask drawn again from its seed.
     """
     if dropout is not None:
@@ -220,8 +225,9 @@ def _token_major_kv(pool: torch.Tensor, batch, whole_rows: bool = False) -> torc
 
     `keys` is max_k, except with `whole_rows` on strided runs under a mask, where it is the whole row:
     the view is then dense, so the fused backward returns dK/dV in the pool's own layout and adding
-    them into the gradient pages is a plain add, not a transposing one (tiny shape's thought step:
-    14 vs 65 us per add); the mask hides the extra keys. Only the backward asks for whole rows: a
+    them into the gradient pages is a plain add, not a transposing one (measured on the tiny shape's
+    thought step before it took `_one_token_rows_backward`: 14 vs 65 us per add; a suffix step's add
+    is the same kind); the mask hides the extra keys. Only the backward asks for whole rows: a
     forward gains nothing from them, and a generation step's row (a request's pages reserved for
     its whole life) can be far longer than its keys."""
     strided = _strided_rows(pool, batch)
@@ -388,19 +394,21 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
 
 
 # -- one-token steps (a continuous thought, a decode step) ----------------------------------------
-# One query per sequence: the products are elementwise over the pool's own [B, keys, kv_heads, D]
-# layout, in fp32, and each of K, V and their gradient pages is read or updated in place once or
-# twice. Batched matmuls would want heads-first K/V (a transposing copy of every key per step and
-# layer), and the fused CPU flash backward tiles for long query blocks: 3x slower for one query
-# (gpt2-6l thought step: 2.3 vs 0.75 ms). Its forward is fast, so with it only the backward runs here.
-# The broadcast products run over chunks of keys, so their temporaries stay bounded at long contexts.
+# A training thought step (strided rows) runs `_one_token_rows_backward`: batched products over
+# block rows, which need no heads-first copy of K/V. Other one-token steps (pages gathered through
+# the block table): one query per sequence, the products elementwise over the pool's own
+# [B, keys, kv_heads, D] layout, in fp32, each of K, V and their gradient pages read or updated in
+# place once or twice; the fused CPU flash backward tiles for long query blocks: 3x slower for one
+# query (gpt2-6l thought step: 2.3 vs 0.75 ms). Its forward is fast, so with it only the backward runs
+# here. The broadcast products run over chunks of keys, so their temporaries stay bounded at long contexts.
 
 ONE_TOKEN_CHUNK_ELEMENTS = 1 << 22  # elements of one chunk's broadcast product (16 MB in fp32)
 # Up to this many query-head x key x head_dim elements (B * heads * max_k * D), a one-token step's
 # backward is the fused flash kernel's after all: its fixed cost beats the ~20 elementwise ops'
 # (8 sequences x 4 heads x 250-320 keys x 16, the tiny shape's thought step: 0.24 vs 0.41 ms); at 2^18
 # the two are level within this machine's noise, from 2^19 the elementwise path wins (8 x 8 x 250-320
-# x 64: 15 vs 27 ms). Measured in benchmarks/README.md (issue 19).
+# x 64: 15 vs 27 ms). Measured in benchmarks/README.md (issue 19), on strided thought steps, which
+# now take `_one_token_rows_backward` instead; the threshold serves the gathered one-token steps.
 ONE_TOKEN_FUSED_MAX_ELEMENTS = 1 << 18
 
 
