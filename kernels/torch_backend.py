@@ -7,9 +7,8 @@ empty runs per sequence instead (plain causal over its own rows: no padding, no 
 one token per sequence (a thought, a decode step) works on the pool's own layout (see below). On CPU a
 one-token step whose pages are not strided runs (a decode step: the Generator reserves each request's
 pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`); a
-training thought step (one token per sequence over strided rows, `StepPlan.one_token_rows`) runs the
-fused forward on the rows as they are and its backward as batched products over them
-(`_one_token_rows_backward`).
+training thought step (one token per sequence over strided rows, `StepPlan.one_token_rows`) runs its
+backward as batched products over the rows (`_one_token_rows_backward`).
 
 On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
 and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
@@ -78,12 +77,6 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
         return _dropout_attention(q, k_pool, v_pool, batch, scale, return_lse, out, dropout)
     plan = step_plan(batch)
     fused = uses_fused_kernels(q.device)
-    if fused and plan.one_token_rows and len(q) == batch.num_tokens:
-        rows = _one_token_row_views(k_pool, v_pool, q, batch)
-        if rows is not None:
-            k_rows, v_rows, mask = rows
-            return _one_token_rows_forward(q, k_rows.transpose(1, 2), v_rows.transpose(1, 2), mask, batch, scale,
-                                           return_lse, out)
     padded_path = batch.num_tokens and not (
         (batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch))
         or (batch.max_seqlen_q == 1 and not fused)
@@ -513,26 +506,14 @@ def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> No
 def _one_token_row_views(k_pool, v_pool, q, batch):
     """A training thought step's K and V rows, views of the pool's strided rows over the step's keys
     (`[B, max_k, kv_heads, D]`, in q's dtype), and the additive mask over those keys (None where every
-    sequence has max_k keys); None where the pool does not hold the rows."""
+    sequence has max_k keys; the forward's padded path built the same one for the step); None where
+    the pool does not hold the rows."""
     k_rows, v_rows = _strided_rows(k_pool, batch), _strided_rows(v_pool, batch)
     if k_rows is None:
         return None
     keys = batch.max_seqlen_k
     return (as_dtype(k_rows[:, :keys], q.dtype), as_dtype(v_rows[:, :keys], q.dtype),
             _mask(batch, q.dtype, keys)[0])
-
-
-def _one_token_rows_forward(q, k, v, mask, batch, scale: float, return_lse: bool, out=None):
-    """Forward of a training thought step (`StepPlan.one_token_rows`): the fused kernel over the rows
-    (`k`, `v` heads-first `[B, kv_heads, keys, D]`), each sequence's query as a batch row of one query
-    (no padding, no packing: `[T, heads, D]` is already `[B, heads, 1, D]`); without `out` the
-    outputs are views of the kernel's."""
-    o, lse = _fused_cpu_kernels()[0](q.unsqueeze(2), k, v, 0.0, False, attn_mask=mask, scale=scale)[:2]
-    if out is None:
-        out = o.view(q.shape)
-    else:
-        out[: len(q)] = o.view(q.shape)
-    return (out, lse.view(q.shape[:2])) if return_lse else out
 
 
 def _head_blocks(batch, heads: int, kv_heads: int, device) -> torch.Tensor:
