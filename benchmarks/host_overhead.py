@@ -87,9 +87,12 @@ def _engines(against: str | None) -> dict[str, object]:
 
 
 def training_calls(stage: int, reps: int, against: str | None = None) -> dict:
-    """Median microseconds per decoder call forward by kind (the paged mode of each engine), and the
-    median step (forward + backward) of each engine's paged mode, in turns with multipass and floor."""
-    contenders, calls, current = {}, {}, {"label": None}
+    """Median microseconds per decoder call by kind (the paged mode of each engine): its forward, and
+    its backward (from the moment the gradient of the call's output is complete to the moment the
+    gradient of its input embeddings is: the call's own nodes, which autograd runs together since
+    each later call's come first); and the median step (forward + backward) of each engine's paged
+    mode, in turns with multipass and floor."""
+    contenders, calls, backward_calls, current = {}, {}, {}, {"label": None}
     patched = []
     for label, engine in _engines(against).items():
         modes = ["paged", "multipass", "floor"] if label == "after" else ["paged"]
@@ -108,9 +111,17 @@ def training_calls(stage: int, reps: int, against: str | None = None) -> dict:
         def timed(self, batch, *args, _forward=forward, **kwargs):
             t0 = time.perf_counter()
             out = _forward(self, batch, *args, **kwargs)
-            if current["label"].endswith("paged"):
-                calls.setdefault(current["label"], {}).setdefault(_call_kind(batch), []).append(
-                    (time.perf_counter() - t0) * 1e6)
+            label = current["label"]
+            if label.endswith("paged"):
+                kind = _call_kind(batch)
+                calls.setdefault(label, {}).setdefault(kind, []).append((time.perf_counter() - t0) * 1e6)
+                x = kwargs.get("inputs_embeds")
+                if out.requires_grad and x is not None and x.requires_grad:
+                    started = []
+                    times = backward_calls.setdefault(label, {}).setdefault(kind, [])
+                    out.register_hook(lambda grad: started.append(time.perf_counter()))
+                    x.register_hook(lambda grad: times.append((time.perf_counter() - started[-1]) * 1e6)
+                                    if started else None)
             return out
 
         decoder_cls.forward = timed
@@ -120,8 +131,10 @@ def training_calls(stage: int, reps: int, against: str | None = None) -> dict:
     finally:
         for cls, forward in patched:
             cls.forward = forward
-    return {"calls_us": {label: {k: statistics.median(v) for k, v in kinds.items()} for label, kinds in calls.items()},
-            "steps": steps_ms}
+    def medians(by_label):
+        return {label: {k: statistics.median(v) for k, v in kinds.items() if v} for label, kinds in by_label.items()}
+
+    return {"calls_us": medians(calls), "backward_calls_us": medians(backward_calls), "steps": steps_ms}
 
 
 def stage_times(stages, reps: int, against: str | None = None, shape: str = "tiny") -> dict:

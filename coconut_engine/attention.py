@@ -94,46 +94,39 @@ def kernel_set(backend: str, device_type: str = "cpu") -> KernelSet:
                      backward_needs_lse=torch_backend.uses_fused_kernels(torch.device(device_type)))
 
 
-class _StoreKV(torch.autograd.Function):
-    """Write a step's K/V into the pools; backward gathers their gradients from the gradient pages."""
+class _StoreAttention(torch.autograd.Function):
+    """One layer of one training step as one autograd node: write the step's K/V into the pools,
+    attend over the pages; saves only q, o and the log-sum-exp (never a copy of the cache).
+
+    Backward: the attention's backward (dq; dK/dV added into the gradient pages at every slot it
+    read), then this step's K/V gradients gathered from the gradient pages at the slots it wrote.
+    The 0-d dependency token, threaded through every layer and step in forward order, makes
+    autograd run this node's backward after that of every later node that read these slots, so
+    the gathered rows are complete. (One node instead of a store node and an attention node: a
+    one-token thought step of a small batch is bound by per-node and per-op costs.)
+    """
 
     @staticmethod
-    def forward(ctx, k, v, dependency, cache, layer: int, batch: AttentionBatch, ops: KernelSet):
+    def forward(ctx, q, k, v, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet,
+                dropout: AttentionDropout | None):
         ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
                      every_slot_valid=batch.every_slot_valid)
         # Every slot an attention reads in this training step was written by a store of this step,
         # so zeroing the written slots' gradient rows here keeps the gradient pages clean.
         cache.grad_kv_slots(layer).index_fill_(1, batch.slot_mapping, 0)  # K's and V's rows in one op
-        ctx.cache, ctx.layer, ctx.slots, ctx.generation = cache, layer, batch.slot_mapping, cache.generation
-        ctx.dtypes = (k.dtype, v.dtype)
-        return dependency.detach().clone()
-
-    @staticmethod
-    def backward(ctx, _):
-        cache = ctx.cache
-        _check_generation(cache, ctx.generation)
-        grad_k, grad_v = cache.grad_kv_slots(ctx.layer).index_select(1, ctx.slots)  # one gather for both
-        return as_dtype(grad_k, ctx.dtypes[0]), as_dtype(grad_v, ctx.dtypes[1]), None, None, None, None, None
-
-
-class _PagedAttention(torch.autograd.Function):
-    """Attention over the pages; saves only q, o and the log-sum-exp (never a copy of the cache)."""
-
-    @staticmethod
-    def forward(ctx, q, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet,
-                dropout: AttentionDropout | None):
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        q = _own_storage(as_dtype(q.detach(), cache.kv.dtype))
         if ops.backward_needs_lse:
-            out, lse = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
+            out, lse = ops.paged_attention(q, cache.k_pool(layer), cache.v_pool(layer), batch, scale,
                                            return_lse=True, dropout=dropout)
         else:
-            out = ops.paged_attention(q.detach(), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
-                                      dropout=dropout)
+            out = ops.paged_attention(q, cache.k_pool(layer), cache.v_pool(layer), batch, scale, dropout=dropout)
             lse = None
         ctx.save_for_backward(q, out, lse)  # lse may be None
         ctx.cache, ctx.layer, ctx.batch, ctx.scale, ctx.ops = cache, layer, batch, scale, ops
         ctx.dropout = dropout  # the seed and rows: the backward draws the same mask again
         ctx.generation = cache.generation
-        return out, dependency.detach().clone()
+        return out, dependency.detach().clone()  # a new token: the next node's backward comes before this one's
 
     @staticmethod
     def backward(ctx, grad_out, _):
@@ -143,7 +136,12 @@ class _PagedAttention(torch.autograd.Function):
         grad_q = ctx.ops.paged_attention_backward(
             grad_out, q, out, lse, cache.k_pool(layer), cache.v_pool(layer),
             cache.grad_k_pool(layer), cache.grad_v_pool(layer), ctx.batch, ctx.scale, dropout=ctx.dropout)
-        return grad_q, torch.zeros((), device=q.device), None, None, None, None, None, None
+        # one gather per pool: a gather across both (a strided view) would copy the layer's whole gradient pages first
+        slots = ctx.batch.slot_mapping
+        grad_k = cache.grad_k_pool(layer).flatten(0, 1).index_select(0, slots)
+        grad_v = cache.grad_v_pool(layer).flatten(0, 1).index_select(0, slots)
+        return (as_dtype(grad_q, ctx.dtypes[0]), as_dtype(grad_k, ctx.dtypes[1]), as_dtype(grad_v, ctx.dtypes[2]),
+                None, None, None, None, None, None, None)
 
 
 def _own_storage(t: torch.Tensor) -> torch.Tensor:
@@ -183,9 +181,8 @@ def attention(
     ops = kernel_set(backend, q.device.type)
     pool_dtype = cache.kv.dtype
     if cache.tracks_gradients and torch.is_grad_enabled():
-        dependency = _StoreKV.apply(k, v, cache.dependency, cache, layer, batch, ops)
-        out, cache.dependency = _PagedAttention.apply(_own_storage(as_dtype(q, pool_dtype)), dependency, cache, layer,
-                                                      batch, scale, ops, dropout)
+        out, cache.dependency = _StoreAttention.apply(q, k, v, cache.dependency, cache, layer, batch, scale, ops,
+                                                      dropout)
         return as_dtype(out, q.dtype)
     ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
                  every_slot_valid=batch.every_slot_valid)

@@ -9,8 +9,10 @@ Modes (all the same function; `paged` is the engine's, the others are references
 
 - `paged`: prefill every prompt once (packed; a sample without thoughts brings its suffix along, so
   stage 0 is a single step); for t = 1..max n, one step appending a thought to every sequence that
-  still has one (`append_thought`); then the remaining suffixes at once. KV lives in a paged cache
-  that trains through the store/attention autograd Functions.
+  still has one (`append_thought`), a sequence whose last thought this is bringing its suffix along
+  (the suffix's inputs are token embeddings, which do not wait for the thought's output): as many
+  decoder calls as the multipass mode's passes. KV lives in a paged cache that trains through one
+  store + attention autograd Function per layer and step.
 - `two_pass`: thoughts step by step on the paged cache, then one no-cache forward over the whole
   sequences with the thought embeddings spliced in.
 - `multipass`: the official algorithm: prompts left-padded so first thoughts align, n+1 passes over a
@@ -26,8 +28,8 @@ and still compute the same loss and gradients.
 `thought_steps` (paged and two_pass) runs more thought steps than the batch needs: a step past every
 sample's chain has no rows but calls each decoder block like any other, and the last step's output,
 which nothing reads, joins the backward with a zero gradient. Each block then runs its forward and
-its backward 1 + thought_steps (+ 1) times whatever the samples: what FSDP2's per-block units need on
-every rank (`distributed.py`). Same loss, same gradients.
+its backward 1 + thought_steps times (two_pass: + 1) whatever the samples: what FSDP2's per-block
+units need on every rank (`distributed.py`). Same loss, same gradients.
 """
 from __future__ import annotations
 
@@ -206,8 +208,8 @@ class CoconutModel(nn.Module):
                 else:  # two_pass
                     cache = self._training_cache(samples)
                     _, last_hidden = self._prefill(samples, cache, prompts, masks=masks)
-                    thoughts, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred, masks,
-                                                             thought_steps)
+                    thoughts, outputs, _ = self._thoughts_paged(samples, cache, last_hidden, deferred, masks,
+                                                                thought_steps)
                     unread = outputs[-1] if thought_steps else None
                 label_hidden, targets, boundary = self._full_forward(samples, prompts, thoughts, suffixes, masks)
                 if unread is not None:
@@ -272,17 +274,17 @@ class CoconutModel(nn.Module):
     def _paged(self, samples, prompts: list[torch.Tensor], suffixes: list[torch.Tensor],
                deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS,
                thought_steps: int | None = None):
-        """The engine's mode: prefill, one step per thought, suffixes; hidden states and targets of the labels.
+        """The engine's mode: prefill, one step per thought; hidden states and targets of the labels.
 
-        A sample without thoughts has its prompt and suffix back to back, so its suffix rides in the
-        prefill (at stage 0 the whole batch is one step); the others get theirs in the last step.
-        The later steps record their weight gradients into `deferred` and the prefill, whose
-        backward comes last, makes each layer's: one weight-sized gradient per layer, made when the
-        prefill's activations of the layers above have been freed, instead of all of them made by
-        the suffix step's backward and held until the prefill's.
+        A sample's suffix rides in its last step: the prefill for a sample without thoughts (at stage
+        0 the whole batch is one step), else the step of its last thought (its suffix's inputs are
+        token embeddings, known before the thought's output). The later steps record their weight
+        gradients into `deferred` and the prefill, whose backward comes last, makes each layer's: one
+        weight-sized gradient per layer, made when the prefill's activations of the layers above have
+        been freed, instead of all of them made by the last step's backward and held until the prefill's.
 
-        With `thought_steps` the suffix step runs whenever a thought step does, with no rows where
-        every suffix rode in the prefill, and the last thought step's output joins the backward.
+        With `thought_steps` the steps past every chain have no rows and the last step's output joins
+        the backward.
         """
         cache = self._training_cache(samples)
         with_suffix = [not s.num_thoughts for s in samples]
@@ -299,15 +301,12 @@ class CoconutModel(nn.Module):
         steps = [last_hidden]
         num_steps = max(s.num_thoughts for s in samples) if thought_steps is None else thought_steps
         if num_steps:
-            _, outputs = self._thoughts_paged(samples, cache, last_hidden, deferred, masks, num_steps)
+            _, outputs, labels = self._thoughts_paged(samples, cache, last_hidden, deferred, masks, num_steps,
+                                                      suffixes)
             steps.extend(outputs)
-            later = [i for i, w in enumerate(with_suffix) if not w]
-            # no rows where every suffix rode in the prefill: a slice that is still part of the graph
-            inputs = torch.cat([suffixes[i] for i in later]) if later else suffixes[0][:0]
-            suffix_hidden, later_targets = self._suffix_paged([samples[i] for i in later], cache, later, inputs,
-                                                              deferred, masks)
-            parts.append(suffix_hidden)
-            targets.extend(later_targets)
+            for part, part_targets in labels:
+                parts.append(part)
+                targets.extend(part_targets)
         # step t's outputs are those of the samples with >= t thoughts: a prefix of the (sorted) batch
         offsets = list(itertools.accumulate((len(x) for x in steps[:-1]), initial=0))
         label_hidden = torch.cat(parts)
@@ -332,51 +331,64 @@ class CoconutModel(nn.Module):
         return hidden, hidden[torch.tensor(last_prompt, device=hidden.device)]
 
     def append_thought(self, cache: PagedKVCache, seq_ids: Sequence[int], last_hidden: torch.Tensor,
-                       deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS
-                       ) -> torch.Tensor:
+                       deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS,
+                       suffixes: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
         """One continuous-thought step: each sequence's last hidden state becomes its next input.
 
         One decoder call for all of `seq_ids`; returns their new last hidden states. The thought
         steps of one training forward share `deferred`: their weight gradients are then one product
         per weight instead of one per step, and `masks`, their attention dropout (whose mask rows
         the sequence ids index).
+
+        With `suffixes` (per sequence: None, or the input embeddings `[n, hidden]` of the tokens that
+        follow its thought, for a sequence whose last thought this is), those tokens ride in the same
+        step, right after the thought; the result is then the hidden states of every new token,
+        packed by sequence (the thought's row first).
         """
-        batch = cache.prepare(seq_ids, [1] * len(seq_ids))
+        if suffixes is None or all(suffix is None for suffix in suffixes):
+            batch = cache.prepare(seq_ids, [1] * len(seq_ids))
+        else:
+            rows = last_hidden.split(1)
+            last_hidden = torch.cat([part for row, suffix in zip(rows, suffixes)
+                                     for part in ((row,) if suffix is None else (row, suffix))])
+            batch = cache.prepare(seq_ids, [1 + (0 if suffix is None else len(suffix)) for suffix in suffixes])
         return self.decoder(batch, inputs_embeds=last_hidden, cache=cache, deferred_weight_grads=deferred,
                             dropout_seed=masks.seed_for(batch, seq_ids))
 
     def _thoughts_paged(self, samples, cache: PagedKVCache, last: torch.Tensor,
                         deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS,
-                        steps: int | None = None
-                        ) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+                        steps: int | None = None, suffixes: Sequence[torch.Tensor] | None = None):
         """Run every thought step (`steps` of them where given; those past every chain have no rows);
-        returns each sample's thought input embeddings (not detached) and each step's new last hidden
-        states (of the samples with at least that many thoughts)."""
+        returns each sample's thought input embeddings (not detached), each step's new last hidden
+        states (of the samples with at least that many thoughts), and, with `suffixes` (each sample's
+        suffix embeddings, the paged mode), the (hidden states, targets) of the labels of the suffixes,
+        each of which rides in the step of its sample's last thought (`append_thought`)."""
         thoughts: list[list[torch.Tensor]] = [[] for _ in samples]
-        outputs = []
+        outputs, labels = [], []
         for t in range(1, (max(s.num_thoughts for s in samples) if steps is None else steps) + 1):
             active = [i for i, s in enumerate(samples) if s.num_thoughts >= t]
-            index = torch.tensor(active, dtype=torch.long, device=last.device)
-            inputs = self.thought_inputs(last[index], t - 1)
+            every = len(active) == len(samples)  # no rows to pick or put back (no index ops, no index nodes)
+            index = None if every else torch.tensor(active, dtype=torch.long, device=last.device)
+            inputs = self.thought_inputs(last if every else last[index], t - 1)
             for row, i in enumerate(active):
                 thoughts[i].append(inputs[row])
-            outputs.append(self.append_thought(cache, active, inputs, deferred, masks))
-            last = last.index_copy(0, index, outputs[-1])
-        return thoughts, outputs
-
-    def _suffix_paged(self, samples, cache: PagedKVCache, seq_ids: Sequence[int], inputs: torch.Tensor,
-                      deferred: DeferredWeightGrads | None = None, masks: DropoutMasks = NO_DROPOUT_MASKS):
-        """The suffixes of `samples` (cache sequences `seq_ids`, packed input embeddings `inputs`) in one
-        step; hidden states and targets of their labels."""
-        batch = cache.prepare(list(seq_ids), [len(s.suffix) for s in samples])
-        hidden = self.decoder(batch, inputs_embeds=inputs, cache=cache, deferred_weight_grads=deferred,
-                              dropout_seed=masks.seed_for(batch, seq_ids))
-        rows, targets, start = [], [], 0
-        for s in samples:
-            rows.extend(range(start, start + len(s.suffix) - 1))
-            targets.extend(s.suffix[1:])
-            start += len(s.suffix)
-        return hidden[torch.tensor(rows, dtype=torch.long, device=cache.device)], targets
+            ending = [suffixes is not None and samples[i].num_thoughts == t for i in active]
+            if not any(ending):
+                outputs.append(self.append_thought(cache, active, inputs, deferred, masks))
+            else:
+                hidden = self.append_thought(cache, active, inputs, deferred, masks,
+                                             [suffixes[i] if end else None for i, end in zip(active, ending)])
+                thought_rows, label_rows, step_targets, start = [], [], [], 0
+                for i, end in zip(active, ending):
+                    thought_rows.append(start)
+                    if end:  # its suffix follows the thought: rows start + 1 .. start + len(suffix)
+                        label_rows.extend(range(start + 1, start + len(samples[i].suffix)))
+                        step_targets.extend(samples[i].suffix[1:])
+                    start += 1 + (len(samples[i].suffix) if end else 0)
+                outputs.append(hidden[torch.tensor(thought_rows, device=hidden.device)])
+                labels.append((hidden[torch.tensor(label_rows, device=hidden.device)], step_targets))
+            last = outputs[-1] if every else last.index_copy(0, index, outputs[-1])
+        return thoughts, outputs, labels
 
     # -- the no-cache references ---------------------------------------------------------------
 

@@ -9,10 +9,10 @@ FSDP2 makes each decoder block its own `fully_shard` unit, then the CoconutModel
 embeddings, final norm, LM head and thought transform), so that at most a block or two are whole
 at a time. FSDP2 all-gathers a block's parameters at every *call* of its forward, and in the
 backward again for every call whose output gets a gradient; a Coconut forward calls each block
-1 + thoughts (+ 1) times, and each rank's share of a batch has its own longest thought chain. So
-that every rank issues the same collectives, the trainer agrees the number of thought steps of each
-micro-batch with one all-reduce(MAX) per optimizer step (`agreed_thought_steps`) and the forward
-runs that many (`CoconutModel.forward(thought_steps=...)`): a rank whose chains are done runs steps
+1 + thoughts times (two_pass: + 1, its full forward), and each rank's share of a batch has its own
+longest thought chain. So that every rank issues the same collectives, the trainer agrees the number
+of thought steps of each micro-batch with one all-reduce(MAX) per optimizer step
+(`agreed_thought_steps`) and the forward runs that many (`CoconutModel.forward(thought_steps=...)`): a rank whose chains are done runs steps
 without rows, which call every block all the same, and the last step's output, which nothing
 reads, gets a zero gradient so its backward runs (it would otherwise read freed parameters).
 Autograd accumulates a parameter's gradient once, after every call's backward, so each block still

@@ -19,7 +19,7 @@
   gradient until every use of the weight has been backpropagated, so a weight-sized gradient is
   best made at the backward of the weight's first use: plain autograd makes the tied LM head's at
   the start of the backward and holds it to the end (the embedding's backward comes last), and
-  the suffix step's for every layer before the prefill's activations are freed. With the logits and
+  the last step's for every layer before the prefill's activations are freed. With the logits and
   the later steps recorded, each gradient is made when its first use is backpropagated.
 """
 from __future__ import annotations

@@ -6,7 +6,9 @@ the block table) and pads the new tokens to `[B, heads, max_q, D]`; a long ragge
 empty runs per sequence instead (plain causal over its own rows: no padding, no mask), and a step of
 one token per sequence (a thought, a decode step) works on the pool's own layout (see below). On CPU a
 one-token step whose pages are not strided runs (a decode step: the Generator reserves each request's
-pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`).
+pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`); a
+training thought step (one token per sequence over strided rows, `StepPlan.one_token_rows`) runs its
+backward as batched products over the rows (`_one_token_rows_backward`).
 
 On CPU the attention is PyTorch's fused flash kernel (`aten._scaled_dot_product_flash_attention_for_cpu`
 and its backward): the forward returns the log-sum-exp at no cost and the backward takes it, so the
@@ -139,13 +141,19 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
 
     Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
     runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
-    it the probabilities are recomputed by a softmax. A one-token step (a thought, a decode step) has
-    its own backward, from the log-sum-exp where given, except a small one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
+    it the probabilities are recomputed by a softmax. A training thought step (one token per sequence
+    over strided rows) is batched products over the rows (`_one_token_rows_backward`); another
+    one-token step has its own elementwise backward, from the log-sum-exp where given, except a small
+    one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
     With `dropout` (the forward's) the probabilities are recomputed and the mask drawn again from its seed.
     """
     if dropout is not None:
         return _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale, dropout)
     fused = lse is not None and uses_fused_kernels(q.device)
+    if step_plan(batch).one_token_rows and len(q) == batch.num_tokens:
+        rows = _one_token_row_views(k_pool, v_pool, q, batch)
+        if rows is not None:
+            return _one_token_rows_backward(dout, q, out, lse, *rows, grad_k_pool, grad_v_pool, batch, scale)
     if batch.max_seqlen_q == 1 and not (fused and _small_one_token_step(q, batch)):
         return _one_token_step_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale)
     if fused:
@@ -166,6 +174,7 @@ class StepPlan:
     fresh: bool  # a prefill from empty: every sequence's keys are exactly its new tokens
     unmasked: bool  # equal lengths and a decode step or a prefill from empty: causal needs no mask
     per_sequence_prefill: bool  # a long ragged prefill from empty (see FRESH_PREFILL_MIN_TOKENS)
+    one_token_rows: bool  # one new token for every sequence, pages in strided runs (a training thought step)
 
 
 def step_plan(batch) -> StepPlan:
@@ -178,6 +187,8 @@ def step_plan(batch) -> StepPlan:
             fresh=fresh,
             unmasked=equal and batch.max_seqlen_q in (1, batch.max_seqlen_k),
             per_sequence_prefill=fresh and not equal and batch.max_seqlen_q >= FRESH_PREFILL_MIN_TOKENS,
+            one_token_rows=(batch.max_seqlen_q == 1 and batch.num_tokens == batch.num_seqs
+                            and batch.strided_pages is not None),
         )
 
     return batch.memo("step_plan", build)
@@ -207,8 +218,9 @@ def _token_major_kv(pool: torch.Tensor, batch, whole_rows: bool = False) -> torc
 
     `keys` is max_k, except with `whole_rows` on strided runs under a mask, where it is the whole row:
     the view is then dense, so the fused backward returns dK/dV in the pool's own layout and adding
-    them into the gradient pages is a plain add, not a transposing one (tiny shape's thought step:
-    14 vs 65 us per add); the mask hides the extra keys. Only the backward asks for whole rows: a
+    them into the gradient pages is a plain add, not a transposing one (measured on the tiny shape's
+    thought step before it took `_one_token_rows_backward`: 14 vs 65 us per add; a suffix step's add
+    is the same kind); the mask hides the extra keys. Only the backward asks for whole rows: a
     forward gains nothing from them, and a generation step's row (a request's pages reserved for
     its whole life) can be far longer than its keys."""
     strided = _strided_rows(pool, batch)
@@ -375,19 +387,21 @@ def _sdpa(q_pad, k, v, batch, scale: float) -> torch.Tensor:
 
 
 # -- one-token steps (a continuous thought, a decode step) ----------------------------------------
-# One query per sequence: the products are elementwise over the pool's own [B, keys, kv_heads, D]
-# layout, in fp32, and each of K, V and their gradient pages is read or updated in place once or
-# twice. Batched matmuls would want heads-first K/V (a transposing copy of every key per step and
-# layer), and the fused CPU flash backward tiles for long query blocks: 3x slower for one query
-# (gpt2-6l thought step: 2.3 vs 0.75 ms). Its forward is fast, so with it only the backward runs here.
-# The broadcast products run over chunks of keys, so their temporaries stay bounded at long contexts.
+# A training thought step (strided rows) runs `_one_token_rows_backward`: batched products over
+# block rows, which need no heads-first copy of K/V. Other one-token steps (pages gathered through
+# the block table): one query per sequence, the products elementwise over the pool's own
+# [B, keys, kv_heads, D] layout, in fp32, each of K, V and their gradient pages read or updated in
+# place once or twice; the fused CPU flash backward tiles for long query blocks: 3x slower for one
+# query (gpt2-6l thought step: 2.3 vs 0.75 ms). Its forward is fast, so with it only the backward runs
+# here. The broadcast products run over chunks of keys, so their temporaries stay bounded at long contexts.
 
 ONE_TOKEN_CHUNK_ELEMENTS = 1 << 22  # elements of one chunk's broadcast product (16 MB in fp32)
 # Up to this many query-head x key x head_dim elements (B * heads * max_k * D), a one-token step's
 # backward is the fused flash kernel's after all: its fixed cost beats the ~20 elementwise ops'
 # (8 sequences x 4 heads x 250-320 keys x 16, the tiny shape's thought step: 0.24 vs 0.41 ms); at 2^18
 # the two are level within this machine's noise, from 2^19 the elementwise path wins (8 x 8 x 250-320
-# x 64: 15 vs 27 ms). Measured in benchmarks/README.md (issue 19).
+# x 64: 15 vs 27 ms). Measured in benchmarks/README.md (issue 19), on strided thought steps, which
+# now take `_one_token_rows_backward` instead; the threshold serves the gathered one-token steps.
 ONE_TOKEN_FUSED_MAX_ELEMENTS = 1 << 18
 
 
@@ -487,6 +501,66 @@ def _add_one_token_grads(grad_pool, weights, vectors, batch, scale: float) -> No
         strided[:, : rows.shape[1]] += rows
     else:
         _add_into_pool(grad_pool, rows.transpose(1, 2), batch)
+
+
+def _one_token_row_views(k_pool, v_pool, q, batch):
+    """A training thought step's K and V rows, views of the pool's strided rows over the step's keys
+    (`[B, max_k, kv_heads, D]`, in q's dtype), and the additive mask over those keys (None where every
+    sequence has max_k keys; the forward's padded path built the same one for the step); None where
+    the pool does not hold the rows."""
+    k_rows, v_rows = _strided_rows(k_pool, batch), _strided_rows(v_pool, batch)
+    if k_rows is None:
+        return None
+    keys = batch.max_seqlen_k
+    return (as_dtype(k_rows[:, :keys], q.dtype), as_dtype(v_rows[:, :keys], q.dtype),
+            _mask(batch, q.dtype, keys)[0])
+
+
+def _head_blocks(batch, heads: int, kv_heads: int, device) -> torch.Tensor:
+    """`[heads, kv_heads, 1]` fp32: 1 where query head h reads kv head kh (h // group == kh), else 0."""
+    def build():
+        h = torch.arange(heads, device=device)
+        return (h[:, None] // (heads // kv_heads) == torch.arange(kv_heads, device=device)[None, :]).float()[..., None]
+
+    return batch.memo(f"head_blocks_{heads}_{kv_heads}", build)
+
+
+def _one_token_rows_backward(dout, q, out, lse, k_rows, v_rows, mask, grad_k_pool, grad_v_pool, batch, scale: float):
+    """Backward of a training thought step over the rows (`[B, keys, kv_heads, D]`, as
+    `_one_token_row_views` gives them) as batched matrix products, in fp32, with dK/dV added into the
+    gradient pages' rows in place (no temporary of the rows' size, nothing zero-filled).
+
+    Each sequence's K rows are one `[keys, kv_heads * D]` matrix; each query head becomes a row of
+    `[heads, kv_heads * D]` that holds its query in its kv head's block and zeros elsewhere, so that
+    one product over all heads gives every head's scores, and the same blocks carry dS back into dK.
+    The zeros cost kv_heads times the products' arithmetic, which at one query per sequence is still
+    far below the fused flash backward's (it tiles for long query blocks and zero-fills dK/dV
+    buffers) and the elementwise path's broadcast temporaries: tiny shape's thought step 0.25 vs
+    0.54 ms, gpt2-6l's 1.6 vs 2.6 ms, smollm2's (16 sequences) 2.6 vs 18 ms, isolated.
+    Probabilities from the forward's log-sum-exp where given, else from a log-sum-exp of the scores.
+    """
+    num_seqs, keys, kv_heads, dim = k_rows.shape
+    heads = q.shape[1]
+    blocks = _head_blocks(batch, heads, kv_heads, q.device)
+    k32 = k_rows.float().reshape(num_seqs, keys, kv_heads * dim)  # views for fp32 pools
+    v32 = v_rows.float().reshape(num_seqs, keys, kv_heads * dim)
+    q_blocks = (q.float().unsqueeze(2) * blocks).view(num_seqs, heads, kv_heads * dim)
+    do32 = dout.float()
+    do_blocks = (do32.unsqueeze(2) * blocks).view(num_seqs, heads, kv_heads * dim)
+    logits = torch.bmm(q_blocks, k32.transpose(1, 2)).mul_(scale)  # [B, heads, keys]
+    if mask is not None:
+        logits.add_(mask.view(num_seqs, 1, keys))
+    if lse is None:
+        lse = torch.logsumexp(logits, dim=-1)
+    probs = logits.sub_(lse.float().unsqueeze(-1)).exp_()
+    # dS = P (dP - rowsum(dO O))
+    grad_logits = torch.bmm(do_blocks, v32.transpose(1, 2)).sub_((do32 * out.float()).sum(-1, keepdim=True)).mul_(probs)
+    dq = (torch.bmm(grad_logits, k32).view(num_seqs, heads, kv_heads, dim) * blocks).sum(2).mul_(scale)
+    grad_k = _strided_rows(grad_k_pool, batch)[:, :keys].view(num_seqs, keys, kv_heads * dim)
+    grad_v = _strided_rows(grad_v_pool, batch)[:, :keys].view(num_seqs, keys, kv_heads * dim)
+    grad_k.baddbmm_(grad_logits.transpose(1, 2), q_blocks, alpha=scale)
+    grad_v.baddbmm_(probs.transpose(1, 2), do_blocks)
+    return dq.to(q.dtype)
 
 
 def _reads_runs_in_place(pool: torch.Tensor, batch) -> bool:

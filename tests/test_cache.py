@@ -221,3 +221,33 @@ def test_prepare_hands_the_layers_its_token_rows_and_valid_slots():
     assert row.tolist() == derived[1].tolist() == [0, 1, 2, 0]
     assert batch.positions.tolist() == [5, 6, 7, 7]
     assert not AttentionBatch.packed([2, 3]).every_slot_valid
+
+
+def test_one_token_step_metadata_equals_the_general_steps():
+    """A step of at most one new token per sequence (a thought, a decode step) builds its positions,
+    slots and token rows on the host: they equal the general path's (the same sequences given one
+    token each in a step that also gives one of them two, whose other rows are then the same) and
+    the block table's, across page boundaries and with a sequence that gets no token."""
+    from coconut_engine.cache import AttentionBatch
+
+    page = 4
+    lens = [page - 1, page, page + 1, 2, 7]
+    one, general = (PagedKVCache(CONFIG, num_pages=32, page_size=page) for _ in range(2))
+    for cache in (one, general):
+        for seq, n in enumerate(lens):
+            cache.add_sequence(seq)
+            cache.prepare([seq], [n])
+    counts = [1, 1, 0, 1, 1]
+    batch = one.prepare(list(range(5)), counts)
+    wide = general.prepare(list(range(5)), counts[:-1] + [2])  # two tokens: the vectorised path
+    assert batch.max_seqlen_q == 1 and wide.max_seqlen_q == 2
+    assert batch.positions.tolist() == wide.positions.tolist()[:-1] == [3, 4, 2, 7]
+    assert batch.slot_mapping.tolist() == wide.slot_mapping.tolist()[:-1]
+    table = batch.block_table.tolist()
+    assert batch.slot_mapping.tolist() == [table[b][p // page] * page + p % page
+                                           for b, p in zip([0, 1, 3, 4], [3, 4, 2, 7])]
+    seq, row = batch.token_rows()
+    derived = AttentionBatch.packed(batch.q_lens).token_rows()
+    assert seq.tolist() == derived[0].tolist() == [0, 1, 3, 4]
+    assert row.tolist() == derived[1].tolist() == [0, 0, 0, 0]
+    assert batch.seq_lens_k.tolist() == [4, 5, 5, 3, 8] and batch.every_slot_valid

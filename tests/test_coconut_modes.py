@@ -109,6 +109,26 @@ def test_batch_without_thoughts_is_one_paged_step(coconut, monkeypatch):
         assert (grad - recompute[1][name]).norm() <= 1e-4 * recompute[1][name].norm() + 1e-12, name
 
 
+@pytest.mark.parametrize("thoughts", [[2, 2, 2, 2, 2], [3, 1, 2, 1, 3]], ids=["equal", "ragged"])
+def test_every_sample_thinking_is_one_paged_step_per_thought(coconut, monkeypatch, thoughts):
+    """Every sample has thoughts (a curriculum stage's batch): the prefill, then one step per thought,
+    each sample's suffix riding in the step of its last thought (no suffix step: as many decoder calls
+    as multipass's passes); steps in which every sample thinks take their inputs without picking
+    rows. Loss and gradients equal the no-cache forward's."""
+    samples = [CoconutSample(s.prompt if s.prompt[-1] == TOKENS.bot else s.prompt + [TOKENS.bot], n,
+                             s.suffix if s.suffix[0] == TOKENS.eot else [TOKENS.eot] + s.suffix)
+               for s, n in zip(ragged_samples(seed=4), thoughts)]
+    recompute = loss_and_grads(coconut, samples, "recompute")
+    calls = []
+    forward = type(coconut.decoder).forward
+    monkeypatch.setattr(type(coconut.decoder), "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    loss, grads = loss_and_grads(coconut, samples, "paged")
+    assert len(calls) == 1 + max(thoughts)
+    assert abs(loss - recompute[0]) <= 1e-5 * abs(recompute[0])
+    for name, grad in grads.items():
+        assert (grad - recompute[1][name]).norm() <= 1e-4 * recompute[1][name].norm() + 1e-12, name
+
+
 def test_paged_forward_saves_no_view_of_a_larger_activation(coconut):
     """What the backward keeps of a paged forward is never a slice of a bigger tensor (as q sliced from
     the fused q/k/v projection would be: that keeps K and V alive a second time beside the pages)."""

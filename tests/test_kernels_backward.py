@@ -70,8 +70,8 @@ def check_backward(backward, q, k_pool, v_pool, batch):
     return grad_k, grad_v
 
 
-@pytest.mark.parametrize("backward", [BACKWARDS["torch-fused"], BACKWARDS["torch-recompute"]],
-                         ids=["torch-fused", "torch-recompute"])
+@pytest.mark.parametrize("backward", [BACKWARDS["torch-fused"], BACKWARDS["torch-recompute"], BACKWARDS["torch-no-lse"]],
+                         ids=["torch-fused", "torch-recompute", "torch-no-lse"])
 @pytest.mark.parametrize("q_kind", ["extend", "decode", "rectangular-decode", "rectangular-extend"])
 @pytest.mark.parametrize("group,head_dim,page,dtype", [s for s in SHAPES if s[3] == torch.float32])
 def test_torch_backward_on_strided_pages(backward, q_kind, group, head_dim, page, dtype):

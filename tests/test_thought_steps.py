@@ -59,9 +59,10 @@ def block_calls(model, mode: str, thought_steps: int) -> tuple[list[int], list[i
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_every_block_runs_forward_and_backward_in_every_step(backend):
-    """Paged: prefill + 3 thought steps (2 and 3 without rows) + the suffix step, each calling both
-    blocks, and each call's output reached by the backward (FSDP2 all-gathers for it there)."""
-    assert block_calls(tiny_model(backend), "paged", 3) == ([5, 5], [5, 5])
+    """Paged: prefill (with the suffix of the sample without thoughts) + 3 thought steps (the first
+    with the other sample's suffix, 2 and 3 without rows), each calling both blocks, and each call's
+    output reached by the backward (FSDP2 all-gathers for it there)."""
+    assert block_calls(tiny_model(backend), "paged", 3) == ([4, 4], [4, 4])
 
 
 def test_two_pass_runs_every_thought_steps_backward():
