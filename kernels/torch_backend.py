@@ -142,15 +142,15 @@ def paged_attention_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, gra
     Nothing of the cache was saved: K/V are read again (a view of the pool where the pages are strided
     runs, else gathered). With the forward's log-sum-exp on CPU the fused flash backward runs; without
     it the probabilities are recomputed by a softmax. A training thought step (one token per sequence
-    over strided rows) is batched products over the rows (`_one_token_rows_backward`); another
-    one-token step has its own elementwise backward, from the log-sum-exp where given, except a small
+    over strided rows) is batched products over the rows (`_one_token_rows_backward`) up to
+    ONE_TOKEN_ROWS_MAX_KV_HEADS kv heads; another one-token step has its own elementwise backward, from the log-sum-exp where given, except a small
     one on CPU (ONE_TOKEN_FUSED_MAX_ELEMENTS).
     With `dropout` (the forward's) the probabilities are recomputed and the mask drawn again from its seed.
     """
     if dropout is not None:
         return _recompute_backward(dout, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool, batch, scale, dropout)
     fused = lse is not None and uses_fused_kernels(q.device)
-    if step_plan(batch).one_token_rows and len(q) == batch.num_tokens:
+    if step_plan(batch).one_token_rows and len(q) == batch.num_tokens and k_pool.shape[-2] <= ONE_TOKEN_ROWS_MAX_KV_HEADS:
         rows = _one_token_row_views(k_pool, v_pool, q, batch)
         if rows is not None:
             return _one_token_rows_backward(dout, q, out, lse, *rows, grad_k_pool, grad_v_pool, batch, scale)
@@ -403,6 +403,11 @@ ONE_TOKEN_CHUNK_ELEMENTS = 1 << 22  # elements of one chunk's broadcast product 
 # x 64: 15 vs 27 ms). Measured in benchmarks/README.md (issue 19), on strided thought steps, which
 # now take `_one_token_rows_backward` instead; the threshold serves the gathered one-token steps.
 ONE_TOKEN_FUSED_MAX_ELEMENTS = 1 << 18
+# Up to this many kv heads a training thought step's backward is `_one_token_rows_backward`'s batched
+# products, whose block rows do kv_heads times the needed arithmetic; above it the elementwise path
+# wins. Isolated, one thread, 8-16 sequences over 300-512 keys, fp32 (rows vs elementwise, ms):
+# 4 kv heads 1.0 vs 8.8, 12: 3.0 vs 4.2, 16: 24.0 vs 25.6, 25 (GPT-2 XL): 48.7 vs 40.1.
+ONE_TOKEN_ROWS_MAX_KV_HEADS = 16
 
 
 def _key_chunks(rows: torch.Tensor, per_key: int) -> list[slice]:
@@ -528,7 +533,8 @@ def _head_blocks(batch, heads: int, kv_heads: int, device) -> torch.Tensor:
 def _one_token_rows_backward(dout, q, out, lse, k_rows, v_rows, mask, grad_k_pool, grad_v_pool, batch, scale: float):
     """Backward of a training thought step over the rows (`[B, keys, kv_heads, D]`, as
     `_one_token_row_views` gives them) as batched matrix products, in fp32, with dK/dV added into the
-    gradient pages' rows in place (no temporary of the rows' size, nothing zero-filled).
+    gradient pages' rows in place (nothing zero-filled; for fp32 pools no temporary of the rows' size,
+    for bf16/fp16 pools the rows' fp32 copies).
 
     Each sequence's K rows are one `[keys, kv_heads * D]` matrix; each query head becomes a row of
     `[heads, kv_heads * D]` that holds its query in its kv head's block and zeros elsewhere, so that

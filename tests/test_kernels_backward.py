@@ -238,3 +238,19 @@ def test_one_token_backward_picks_the_fused_kernel_for_small_steps(small, stride
         monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
     check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
     assert calls == ["_fused_backward" if small else "_one_token_step_backward"]
+
+
+@pytest.mark.parametrize("many_kv_heads", [False, True], ids=["rows", "elementwise"])
+def test_thought_step_backward_takes_the_batched_products_up_to_a_kv_head_count(many_kv_heads, monkeypatch):
+    """A training thought step (one token per sequence over strided rows) takes
+    `_one_token_rows_backward` up to ONE_TOKEN_ROWS_MAX_KV_HEADS kv heads (its block rows cost kv_heads
+    times the arithmetic) and the elementwise backward above; both give the reference's gradients."""
+    q, k_pool, v_pool, batch = make_case(2, 16, 8, torch.float32, lengths(8), [1] * 6, num_kv_heads=4, strided=True)
+    monkeypatch.setattr(torch_backend, "ONE_TOKEN_ROWS_MAX_KV_HEADS", 3 if many_kv_heads else 4)
+    monkeypatch.setattr(torch_backend, "ONE_TOKEN_FUSED_MAX_ELEMENTS", 0)
+    calls = []
+    for name in ("_one_token_rows_backward", "_one_token_step_backward"):
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
+    assert calls == ["_one_token_step_backward" if many_kv_heads else "_one_token_rows_backward"]
