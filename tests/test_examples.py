@@ -29,3 +29,13 @@ def test_the_real_cpu_recipe_keeps_the_cot_checkpoint_and_its_baseline_override_
     assert cfg.keep_checkpoints >= cfg.num_epochs  # stage 0's last checkpoint is the CoT model
     no_cot = TrainConfig.from_yaml(EXAMPLES / "prosqa_real_cpu.yaml", {"mode": "no_cot", "stage0_epochs": None})
     assert no_cot.stage_of(no_cot.num_epochs - 1) == 0
+
+
+def test_the_real_cpu_recipe_starts_from_the_last_checkpoint_of_its_warmup():
+    warmup = TrainConfig.from_yaml(EXAMPLES / "prosqa_real_cpu_warmup.yaml")
+    assert warmup.mode == "cot" and warmup.task_config == {"distribution": "prosqa_small"}
+    assert warmup.model.startswith("builtin:") and warmup.train_path is None
+    cfg = TrainConfig.from_yaml(EXAMPLES / "prosqa_real_cpu.yaml")
+    assert cfg.model == f"{warmup.save_dir}/checkpoint-{warmup.num_epochs:04d}"
+    no_cot_warmup = TrainConfig.from_yaml(EXAMPLES / "prosqa_real_cpu_warmup.yaml", {"mode": "no_cot"})
+    assert no_cot_warmup.stage_of(no_cot_warmup.num_epochs - 1) == 0
