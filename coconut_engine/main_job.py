@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-from .data import Record, load_records
 from .checkpoint import checkpoint_name
+from .data import Record, load_records
 from .trainer import TrainConfig, Trainer, TrainingError, evaluate
 
 
@@ -157,7 +157,7 @@ def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = T
 def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, progress: bool = True,
                  real_split: str | Path | None = None, task: str = "small") -> dict:
     """Train Coconut and the no-CoT baseline (which reuses Coconut's data and tokenizer) on a task of
-    `MAIN_JOBS`; print and return the accuracy table. `real_split` (default `PROSQA_VALID`, skipped
+    `MAIN_JOBS`, each after its warm-up where the task has one; print and return the accuracy table. `real_split` (default `PROSQA_VALID`, skipped
     when absent) is scored with the final Coconut model (task `small`: failed requests count as
     wrong and are reported) or at the end of every stage of both runs (task `prosqa`)."""
     settings = _settings(task)
