@@ -223,6 +223,15 @@ def test_one_token_step_over_key_chunks(group, strided, monkeypatch):
     check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
 
 
+def _record_calls(monkeypatch, *names: str) -> list[str]:
+    """Wrap the torch backend's functions `names` so that each call appends its name to the returned list."""
+    calls = []
+    for name in names:
+        original = getattr(torch_backend, name)
+        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    return calls
+
+
 @pytest.mark.parametrize("strided", [False, True], ids=["gathered", "strided"])
 @pytest.mark.parametrize("small", [True, False], ids=["small", "large"])
 def test_one_token_backward_picks_the_fused_kernel_for_small_steps(small, strided, monkeypatch):
@@ -232,10 +241,7 @@ def test_one_token_backward_picks_the_fused_kernel_for_small_steps(small, stride
     q, k_pool, v_pool, batch = make_case(2, 32, 8, torch.float32, lengths(8), [1, 1, 1, 0, 1, 1], strided=strided)
     size = batch.num_seqs * q.shape[1] * batch.max_seqlen_k * q.shape[2]
     monkeypatch.setattr(torch_backend, "ONE_TOKEN_FUSED_MAX_ELEMENTS", size if small else size - 1)
-    calls = []
-    for name in ("_fused_backward", "_one_token_step_backward"):
-        original = getattr(torch_backend, name)
-        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    calls = _record_calls(monkeypatch, "_fused_backward", "_one_token_step_backward")
     check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
     assert calls == ["_fused_backward" if small else "_one_token_step_backward"]
 
@@ -248,9 +254,6 @@ def test_thought_step_backward_takes_the_batched_products_up_to_a_kv_head_count(
     q, k_pool, v_pool, batch = make_case(2, 16, 8, torch.float32, lengths(8), [1] * 6, num_kv_heads=4, strided=True)
     monkeypatch.setattr(torch_backend, "ONE_TOKEN_ROWS_MAX_KV_HEADS", 3 if many_kv_heads else 4)
     monkeypatch.setattr(torch_backend, "ONE_TOKEN_FUSED_MAX_ELEMENTS", 0)
-    calls = []
-    for name in ("_one_token_rows_backward", "_one_token_step_backward"):
-        original = getattr(torch_backend, name)
-        monkeypatch.setattr(torch_backend, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    calls = _record_calls(monkeypatch, "_one_token_rows_backward", "_one_token_step_backward")
     check_backward(torch_backend.paged_attention_backward, q, k_pool, v_pool, batch)
     assert calls == ["_one_token_step_backward" if many_kv_heads else "_one_token_rows_backward"]
