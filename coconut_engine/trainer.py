@@ -14,6 +14,7 @@ whole model and optimizer state, so a run resumes on any number of ranks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from .coconut import CoconutModel, SpecialTokens, add_special_tokens
 from .distributed import (PARALLEL_MODES, DistEnv, StateDictView, full_state_dict, gathered_optimizer_state,
                           agreed_thought_steps, gradient_sync, is_fsdp, load_gathered_optimizer_state,
                           wrap_for_training)
-from .data import (DATA_MODES, Record, StageRules, batches, build_sample, eval_prompt, load_records,
+from .data import (DATA_MODES, Record, StageRules, TokenizedRecord, batches, build_sample, eval_prompt, load_records,
                    positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
@@ -75,6 +76,7 @@ class TrainConfig:
     task_val_size: int = 200
     task_seed: int = 0
     task_config: dict | None = None  # ProsQAConfig fields for the built-in task
+    task_fresh_each_epoch: bool = False  # built-in task: every epoch after the first trains on a new draw
     mode: str = "coconut"  # coconut | cot | no_cot | no_thoughts | pause_as_thought
     c_thought: int = 1
     epochs_per_stage: int = 5
@@ -153,6 +155,8 @@ class TrainConfig:
              "modes do not agree their thought steps across ranks); use paged or two_pass")
         need((self.train_path is None) == (self.val_path is None),
              "give both train_path and val_path, or neither (to generate the built-in task)")
+        need(not (self.task_fresh_each_epoch and self.train_path is not None),
+             "task_fresh_each_epoch draws new questions of the built-in task; it has no meaning with train_path")
         need(not (self.resume and self.overwrite), "resume and overwrite exclude each other")
         need(not self.model.startswith("builtin:") or self.model[len("builtin:"):] in BUILTIN_MODELS,
              f"model {self.model!r}: unknown builtin model (known: {', '.join(BUILTIN_MODELS)})")
@@ -359,7 +363,10 @@ class Trainer:
         self.env.barrier()
         train_path, val_path = self._data_paths()
         self.train_records = load_records(train_path)[: cfg.train_limit]
-        self.val_records = load_records(val_path)[: cfg.val_limit or cfg.max_eval_questions]
+        all_val_records = load_records(val_path)
+        self.val_records = all_val_records[: cfg.val_limit or cfg.max_eval_questions]
+        self._held_out_questions = frozenset(r.question for r in all_val_records)
+        self._epoch_draw: tuple[int, list] | None = None  # (epoch, its tokenized records): task_fresh_each_epoch
         latest = checkpoint_dirs(self.out)[-1] if cfg.resume and checkpoint_dirs(self.out) else None
         if cfg.resume and latest is None and self.env.is_main:
             print(f"resume: no complete checkpoint under {self.out}; starting from the beginning")
@@ -412,7 +419,7 @@ class Trainer:
             else:
                 load_optimizer_state(latest, self.optimizer)
 
-    def _fit_positions(self, path: Path, records: list[Record], tokenized: list, eval_new_tokens: int | None):
+    def _fit_positions(self, path: Path | str, records: list[Record], tokenized: list, eval_new_tokens: int | None):
         """Records whose samples (and evaluation) fit in `max_length` positions (default: the model's): a
         longer one is an error naming it, or with `drop_long_records` is dropped and counted."""
         limit = self.max_length
@@ -506,9 +513,32 @@ class Trainer:
         """The epoch's samples in training order (deterministic: a resumed run sees the same)."""
         rng = random.Random(f"{self.cfg.seed}-{epoch}")
         stage = self.cfg.stage_of(epoch)
-        samples = [build_sample(rec, stage, self.rules, self.tokens, rng) for rec in self.train_tok]
+        samples = [build_sample(rec, stage, self.rules, self.tokens, rng) for rec in self.epoch_records(epoch)]
         rng.shuffle(samples)
         return samples
+
+    def epoch_records(self, epoch: int) -> list[TokenizedRecord]:
+        """The tokenized records an epoch trains on: the run's training set, or with
+        `task_fresh_each_epoch` a new draw of the built-in task for every epoch after the first (seeded by
+        `task_seed` and the epoch, so a resumed run draws the same questions; none of them is a held-out
+        question). Fresh questions do not repeat, so a small model learns the task instead of the set."""
+        cfg = self.cfg
+        if not cfg.task_fresh_each_epoch or epoch == 0:
+            return self.train_tok
+        if self._epoch_draw is None or self._epoch_draw[0] != epoch:
+            from .tasks import ProsQAConfig, generate_prosqa
+
+            drawn = generate_prosqa(cfg.task_train_size, ProsQAConfig(**(cfg.task_config or {})),
+                                    seed=_task_draw_seed(cfg.task_seed, epoch))
+            records = [Record(d["question"], tuple(d["steps"]), d["answer"]) for d in drawn
+                       if d["question"] not in self._held_out_questions][: cfg.train_limit]
+            if not records:
+                raise TrainingError(f"epoch {epoch + 1}: every question of the fresh draw is a held-out question; "
+                                    "the task has too few distinct questions for task_fresh_each_epoch")
+            tokenized = [tokenize_record(r, self.tokenizer) for r in records]
+            label = f"the built-in task's draw for epoch {epoch + 1} (task_seed {cfg.task_seed})"
+            self._epoch_draw = (epoch, self._fit_positions(label, records, tokenized, None)[1])
+        return self._epoch_draw[1]
 
     def run(self) -> list[dict]:
         """Train the remaining epochs; returns the per-epoch metrics."""
@@ -740,6 +770,13 @@ def _init_weights(decoder) -> None:
                 p.zero_()
             else:
                 p.normal_(0.0, 0.02)
+
+
+def _task_draw_seed(task_seed: int, epoch: int) -> int:
+    """The generator seed of an epoch's fresh draw: a hash, so that no (task_seed, epoch) pair draws another
+    run's held-out set or another epoch's questions."""
+    digest = hashlib.sha256(f"coconut-engine task draw {task_seed} {epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:

@@ -17,11 +17,19 @@ def test_gpu_recipes_are_the_paper_settings_on_the_prosqa_distribution(name):
     assert cfg.stage_of(cfg.num_epochs - 1) >= cfg.max_latent_stage  # the curriculum reaches its last stage
 
 
-@pytest.mark.parametrize("name", ["prosqa_real_cpu", "prosqa_smollm2_cpu"])
-def test_cpu_recipes_train_on_the_prosqa_distribution_through_every_stage(name):
+@pytest.mark.parametrize("name, distribution", [("prosqa_real_cpu", "prosqa"), ("prosqa_smollm2_cpu", "prosqa_small")])
+def test_cpu_recipes_train_on_the_prosqa_distribution_through_every_stage(name, distribution):
     cfg = TrainConfig.from_yaml(EXAMPLES / f"{name}.yaml")
-    assert cfg.task_config == {"distribution": "prosqa"} and cfg.mode == "coconut"
+    assert cfg.task_config == {"distribution": distribution} and cfg.mode == "coconut"
     assert cfg.stage_of(cfg.num_epochs - 1) >= cfg.max_latent_stage
+
+
+def test_the_smollm2_recipe_draws_fresh_questions_and_keeps_its_cot_checkpoint():
+    cfg = TrainConfig.from_yaml(EXAMPLES / "prosqa_smollm2_cpu.yaml")
+    assert cfg.task_fresh_each_epoch and cfg.train_path is None and not cfg.model.startswith("builtin:")
+    assert cfg.keep_checkpoints >= cfg.num_epochs and cfg.stage_of(cfg.stage0_epochs - 1) == 0
+    no_cot = TrainConfig.from_yaml(EXAMPLES / "prosqa_smollm2_cpu.yaml", {"mode": "no_cot", "stage0_epochs": None})
+    assert no_cot.stage_of(no_cot.num_epochs - 1) == 0
 
 
 def test_the_real_cpu_recipe_keeps_the_cot_checkpoint_and_its_baseline_override_parses():
