@@ -35,6 +35,7 @@ from .data import (DATA_MODES, Record, StageRules, TokenizedRecord, batches, bui
                    positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
+from .host_memory import release_freed_host_memory
 from .metrics import GenerationScore, score_generation, summarize
 from .model import Decoder, DropoutRates
 from .schedule import LRSchedule
@@ -556,6 +557,7 @@ class Trainer:
             metrics = {"epoch": epoch + 1, "stage": cfg.stage_of(epoch), "train_loss": train_loss,
                        "train_seconds": time.perf_counter() - started}
             metrics.update(self._evaluate(epoch, whole))
+            self._release_host_memory()
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingError(f"validation loss is {metrics['val_loss']} after epoch {epoch + 1}: not "
                                     f"saved; {self._last_good()}")
@@ -615,6 +617,7 @@ class Trainer:
                 group["lr"] = self.schedule.lr_at(self.global_step)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            self._release_host_memory()
             if self.tracker is not None:
                 self.tracker.log_step(self.global_step, batch_loss, self.optimizer.param_groups[0]["lr"])
             self.global_step += 1
@@ -626,6 +629,12 @@ class Trainer:
         if bar is not None:
             bar.close()
         return epoch_loss / max(epoch_labels, 1)
+
+    def _release_host_memory(self) -> None:
+        """On CPU, return the heap's free pages after a step or an evaluation: ragged steps free tensors of
+        new sizes every time, and without this the heap grows step by step (host_memory.py)."""
+        if self.device.type == "cpu":
+            release_freed_host_memory()
 
     def _last_good(self) -> str:
         last = checkpoint_dirs(self.out)
