@@ -108,10 +108,16 @@ def _is_dir(path, key: str, error) -> bool:
         raise error(f"{key} {name if len(name) <= 80 else name[:80] + '...'!r} is not a usable path ({exc})") from None
 
 
-def config_changes(saved: dict, current: dict) -> list[str]:
-    """The keys that differ between a checkpoint's run config and this one and are not safe to change."""
-    return sorted(key for key in saved.keys() & current.keys()
-                  if key not in SAFE_RESUME_KEYS and saved[key] != current[key])
+def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """The keys that differ between a checkpoint's run config and this one and are not safe to change. A
+    key the saved config lacks (added to the engine after that run) counts as its default from
+    `defaults`, so a resume cannot switch a newer option on part-way; an empty saved config (a
+    checkpoint from before configs were recorded) is compared with nothing."""
+    if not saved:
+        return []
+    known = {**(defaults or {}), **saved}
+    return sorted(key for key in known.keys() & current.keys()
+                  if key not in SAFE_RESUME_KEYS and known[key] != current[key])
 
 
 def prepare_save_dir(cfg, error) -> None:

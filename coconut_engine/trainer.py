@@ -35,7 +35,7 @@ from .data import (DATA_MODES, Record, StageRules, TokenizedRecord, batches, bui
                    positions_needed, tokenize_record)
 from .errors import CoconutEngineError
 from .generate import Generator
-from .host_memory import release_freed_host_memory
+from .host_memory import HostMemoryGuard
 from .metrics import GenerationScore, score_generation, summarize
 from .model import Decoder, DropoutRates
 from .schedule import LRSchedule
@@ -348,6 +348,7 @@ class Trainer:
         self.device = self.env.start(config.device)  # before anything touches CUDA
         self.rules = config.rules()
         self.history: list[dict] = []
+        self.host_memory = HostMemoryGuard()
         self.epochs_done = 0
         self.global_step = 0
         self._setup()
@@ -384,9 +385,12 @@ class Trainer:
             if not isinstance(saved, dict):
                 raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got "
                                     f"{type(saved).__name__}")
-            changed = config_changes(saved, dataclasses.asdict(cfg))
+            defaults = dataclasses.asdict(TrainConfig())  # normalised as a run's own config is
+            changed = config_changes(saved, dataclasses.asdict(cfg), defaults)
             if changed:
-                diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" for k in changed)
+                diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" if k in saved else
+                                  f"{k}: not recorded (the default {defaults[k]!r}) -> {getattr(cfg, k)!r}"
+                                  for k in changed)
                 raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
                                     f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
             try:
@@ -412,7 +416,10 @@ class Trainer:
         self.val_records, self.val_tok = self._fit_positions(val_path, self.val_records, self.val_tok,
                                                              cfg.max_new_tokens())
         self.tracker = make_tracker(cfg.log_with, self.out) if self.env.is_main else None
-        self.schedule = cfg.lr_scheduler(cfg.num_epochs * math.ceil(len(self.train_tok) / cfg.batch_size))
+        # fresh draws hold at most task_train_size records (fewer where held-out or long ones are dropped)
+        per_epoch = (min(cfg.task_train_size, cfg.train_limit or cfg.task_train_size) if cfg.task_fresh_each_epoch
+                     else len(self.train_tok))
+        self.schedule = cfg.lr_scheduler(cfg.num_epochs * math.ceil(per_epoch / cfg.batch_size))
         self.optimizer = self._new_optimizer()
         if latest is not None and not self._resets_optimizer_at(self.epochs_done):
             if is_fsdp(self.train_model):
@@ -420,9 +427,11 @@ class Trainer:
             else:
                 load_optimizer_state(latest, self.optimizer)
 
-    def _fit_positions(self, path: Path | str, records: list[Record], tokenized: list, eval_new_tokens: int | None):
+    def _fit_positions(self, path: Path | str, records: list[Record], tokenized: list, eval_new_tokens: int | None,
+                       drop: bool | None = None):
         """Records whose samples (and evaluation) fit in `max_length` positions (default: the model's): a
-        longer one is an error naming it, or with `drop_long_records` is dropped and counted."""
+        longer one is an error naming it, or with `drop` (default `drop_long_records`) is dropped and counted."""
+        drop = self.cfg.drop_long_records if drop is None else drop
         limit = self.max_length
         what = f"max_length={limit}" if self.cfg.max_length else f"the model's max_position_embeddings={limit}"
         need = [positions_needed(rec, self.rules, self.tokens, eval_new_tokens) for rec in tokenized]
@@ -430,7 +439,7 @@ class Trainer:
         if not too_long:
             return records, tokenized
         first = too_long[0]
-        if not self.cfg.drop_long_records:
+        if not drop:
             by_eval = (eval_new_tokens is not None
                        and positions_needed(tokenized[first], self.rules, self.tokens) <= limit)
             why = f" (its evaluation prompt and thoughts + eval_max_new_tokens={eval_new_tokens})" if by_eval else ""
@@ -521,8 +530,9 @@ class Trainer:
     def epoch_records(self, epoch: int) -> list[TokenizedRecord]:
         """The tokenized records an epoch trains on: the run's training set, or with
         `task_fresh_each_epoch` a new draw of the built-in task for every epoch after the first (seeded by
-        `task_seed` and the epoch, so a resumed run draws the same questions; none of them is a held-out
-        question). Fresh questions do not repeat, so a small model learns the task instead of the set."""
+        `task_seed` and the epoch, so a resumed run draws the same questions), without any question
+        identical to a held-out one and without those longer than `max_length` (dropped and counted: a
+        draw has no file to fix). New questions every epoch: a small model learns the task, not the set."""
         cfg = self.cfg
         if not cfg.task_fresh_each_epoch or epoch == 0:
             return self.train_tok
@@ -538,7 +548,7 @@ class Trainer:
                                     "the task has too few distinct questions for task_fresh_each_epoch")
             tokenized = [tokenize_record(r, self.tokenizer) for r in records]
             label = f"the built-in task's draw for epoch {epoch + 1} (task_seed {cfg.task_seed})"
-            self._epoch_draw = (epoch, self._fit_positions(label, records, tokenized, None)[1])
+            self._epoch_draw = (epoch, self._fit_positions(label, records, tokenized, None, drop=True)[1])
         return self._epoch_draw[1]
 
     def run(self) -> list[dict]:
@@ -631,10 +641,11 @@ class Trainer:
         return epoch_loss / max(epoch_labels, 1)
 
     def _release_host_memory(self) -> None:
-        """On CPU, return the heap's free pages after a step or an evaluation: ragged steps free tensors of
-        new sizes every time, and without this the heap grows step by step (host_memory.py)."""
+        """On CPU, after a step or an evaluation, return the heap's free pages once resident memory has
+        grown: ragged steps free tensors of new sizes every time, and the heap grows step by step
+        (host_memory.py)."""
         if self.device.type == "cpu":
-            release_freed_host_memory()
+            self.host_memory.check()
 
     def _last_good(self) -> str:
         last = checkpoint_dirs(self.out)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import coconut_engine.tasks as tasks
+from coconut_engine.data import positions_needed
 from coconut_engine.trainer import TrainConfig, Trainer, TrainingError, _task_draw_seed
 
 TASK = {"num_concepts": 6, "extra_edges": 1, "person_facts": 0, "min_steps": 2, "max_steps": 2, "concept_pool": 12}
@@ -95,3 +96,39 @@ def test_draw_seeds_are_no_other_run_s_seed():
     task_seed, whose first questions are that run's held-out set), never another epoch's seed."""
     seeds = {_task_draw_seed(task_seed, epoch) for task_seed in range(4) for epoch in range(1, 6)}
     assert len(seeds) == 20 and min(seeds) > 10**6
+
+
+def test_resuming_a_run_saved_without_the_key_cannot_switch_fresh_draws_on(tmp_path):
+    """A checkpoint from before `task_fresh_each_epoch` existed was trained on one fixed set: its missing
+    key counts as the default, so turning the key on at resume is refused, naming it."""
+    Trainer(config(tmp_path, task_fresh_each_epoch=False, num_epochs=1)).run()
+    state_file = tmp_path / "run" / "checkpoint-0001" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["task_fresh_each_epoch"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(TrainingError, match=r"task_fresh_each_epoch: not recorded \(the default False\) -> True"):
+        Trainer(config(tmp_path, resume=True))
+    assert Trainer(config(tmp_path, resume=True, task_fresh_each_epoch=False)).epochs_done == 1
+
+
+def test_a_draw_drops_questions_longer_than_max_length_and_counts_them(tmp_path, capsys):
+    probe = Trainer(config(tmp_path, "probe"))
+    need = [positions_needed(rec, probe.rules, probe.tokens, probe.cfg.max_new_tokens()) for rec in probe.val_tok]
+    train_need = [positions_needed(rec, probe.rules, probe.tokens) for rec in probe.train_tok]
+    limit = max(need + train_need)  # the run's own set and evaluation fit; some drawn questions do not
+    trainer = Trainer(config(tmp_path, max_length=limit))
+    drawn = [positions_needed(rec, trainer.rules, trainer.tokens) for e in (1, 2) for rec in trainer.epoch_records(e)]
+    assert max(drawn) <= limit
+    assert "dropped" in capsys.readouterr().out
+
+
+def test_the_schedule_spans_full_draws_even_when_the_first_set_lost_records(tmp_path):
+    """The cosine schedule's length counts task_train_size records per fresh epoch, so later (fuller) draws
+    never run past its end at the floor lr."""
+    varied = {"distribution": "prosqa_small"}  # questions of different lengths
+    probe = Trainer(config(tmp_path, "probe", eval_max_new_tokens=1, task_config=varied))
+    limit = max(positions_needed(rec, probe.rules, probe.tokens) for rec in probe.train_tok) - 1
+    trainer = Trainer(config(tmp_path, max_length=limit, drop_long_records=True, lr_schedule="cosine",
+                             eval_max_new_tokens=1, task_config=varied, batch_size=1))
+    assert len(trainer.train_tok) < 24  # the first set lost its longest records
+    assert trainer.schedule.total_steps == 3 * 24  # 3 epochs of up to 24 one-sample steps
