@@ -47,3 +47,11 @@ def test_the_real_cpu_recipe_starts_from_the_last_checkpoint_of_its_warmup():
     assert cfg.model == f"{warmup.save_dir}/checkpoint-{warmup.num_epochs:04d}"
     no_cot_warmup = TrainConfig.from_yaml(EXAMPLES / "prosqa_real_cpu_warmup.yaml", {"mode": "no_cot"})
     assert no_cot_warmup.stage_of(no_cot_warmup.num_epochs - 1) == 0
+
+
+def test_the_smollm2_real_recipe_starts_from_the_cot_model_of_the_short_recipe():
+    short = TrainConfig.from_yaml(EXAMPLES / "prosqa_smollm2_cpu.yaml")
+    cfg = TrainConfig.from_yaml(EXAMPLES / "prosqa_smollm2_real_cpu.yaml")
+    assert cfg.model == f"{short.save_dir}/checkpoint-{short.stage0_epochs:04d}"  # stage 0's last epoch
+    assert cfg.task_config == {"distribution": "prosqa"} and cfg.task_fresh_each_epoch and cfg.bf16
+    assert cfg.stage_of(cfg.num_epochs - 1) == cfg.max_latent_stage == 6 and cfg.keep_checkpoints >= cfg.num_epochs
