@@ -157,9 +157,10 @@ def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = T
 def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, progress: bool = True,
                  real_split: str | Path | None = None, task: str = "small") -> dict:
     """Train Coconut and the no-CoT baseline (which reuses Coconut's data and tokenizer) on a task of
-    `MAIN_JOBS`, each after its warm-up where the task has one; print and return the accuracy table. `real_split` (default `PROSQA_VALID`, skipped
-    when absent) is scored with the final Coconut model (task `small`: failed requests count as
-    wrong and are reported) or at the end of every stage of both runs (task `prosqa`)."""
+    `MAIN_JOBS`, each after its warm-up where the task has one; print and return the accuracy table.
+    `real_split` (default `PROSQA_VALID`, skipped when absent) is scored with the final Coconut model
+    (task `small`: failed requests count as wrong and are reported) or at the end of every stage of
+    both runs (task `prosqa`)."""
     settings = _settings(task)
     save_dir = Path(save_dir)
     real_path = Path(real_split) if real_split is not None else PROSQA_VALID

@@ -458,18 +458,21 @@ class Trainer:
         cfg = self.cfg
         if cfg.train_path is not None:
             return Path(cfg.train_path), Path(cfg.val_path)
-        from .tasks import ProsQAConfig, generate_prosqa
-
         data = self.out / "data"
         train, val = data / "train.json", data / "val.json"
         if self.env.is_main and not (train.is_file() and val.is_file()):
-            task = ProsQAConfig(**(cfg.task_config or {}))
             data.mkdir(parents=True, exist_ok=True)
-            records = generate_prosqa(cfg.task_train_size + cfg.task_val_size, task, seed=cfg.task_seed)
+            records = self._generate_task(cfg.task_train_size + cfg.task_val_size, cfg.task_seed)
             _atomic_json(val, records[: cfg.task_val_size])
             _atomic_json(train, records[cfg.task_val_size:])
         self.env.barrier()
         return train, val
+
+    def _generate_task(self, count: int, seed: int) -> list[dict]:
+        """`count` records of the built-in task (`task_config`) drawn with `seed`."""
+        from .tasks import ProsQAConfig, generate_prosqa
+
+        return generate_prosqa(count, ProsQAConfig(**(self.cfg.task_config or {})), seed=seed)
 
     def _fresh_model(self):
         cfg = self.cfg
@@ -537,10 +540,7 @@ class Trainer:
         if not cfg.task_fresh_each_epoch or epoch == 0:
             return self.train_tok
         if self._epoch_draw is None or self._epoch_draw[0] != epoch:
-            from .tasks import ProsQAConfig, generate_prosqa
-
-            drawn = generate_prosqa(cfg.task_train_size, ProsQAConfig(**(cfg.task_config or {})),
-                                    seed=_task_draw_seed(cfg.task_seed, epoch))
+            drawn = self._generate_task(cfg.task_train_size, _task_draw_seed(cfg.task_seed, epoch))
             records = [Record(d["question"], tuple(d["steps"]), d["answer"]) for d in drawn
                        if d["question"] not in self._held_out_questions][: cfg.train_limit]
             if not records:

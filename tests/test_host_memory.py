@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import coconut_engine.host_memory as host_memory
-from coconut_engine.host_memory import HostMemoryGuard, can_release_host_memory, release_freed_host_memory, resident_bytes
+from coconut_engine.host_memory import (HostMemoryGuard, can_release_host_memory, release_freed_host_memory,
+                                         resident_bytes)
 from coconut_engine.trainer import TrainConfig, Trainer
 
 OTHER_ALLOCATOR = "malloc" in os.environ.get("LD_PRELOAD", "")  # jemalloc / tcmalloc: not glibc's heap
