@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -109,37 +110,41 @@ class _StoreAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, dependency, cache, layer: int, batch: AttentionBatch, scale: float, ops: KernelSet,
                 dropout: AttentionDropout | None):
-        ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
-                     every_slot_valid=batch.every_slot_valid)
+        k_pool, v_pool = cache.k_pool(layer), cache.v_pool(layer)
+        ops.store_kv(k.detach(), v.detach(), k_pool, v_pool, batch.slot_mapping, every_slot_valid=batch.every_slot_valid)
         # Every slot an attention reads in this training step was written by a store of this step,
         # so zeroing the written slots' gradient rows here keeps the gradient pages clean.
         cache.grad_kv_slots(layer).index_fill_(1, batch.slot_mapping, 0)  # K's and V's rows in one op
         ctx.dtypes = (q.dtype, k.dtype, v.dtype)
         q = _own_storage(as_dtype(q.detach(), cache.kv.dtype))
         if ops.backward_needs_lse:
-            out, lse = ops.paged_attention(q, cache.k_pool(layer), cache.v_pool(layer), batch, scale,
-                                           return_lse=True, dropout=dropout)
+            out, lse = ops.paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True, dropout=dropout)
         else:
-            out = ops.paged_attention(q, cache.k_pool(layer), cache.v_pool(layer), batch, scale, dropout=dropout)
+            out = ops.paged_attention(q, k_pool, v_pool, batch, scale, dropout=dropout)
             lse = None
         ctx.save_for_backward(q, out, lse)  # lse may be None
-        ctx.cache, ctx.layer, ctx.batch, ctx.scale, ctx.ops = cache, layer, batch, scale, ops
+        # The pools' views, and the cache only weakly: the cache holds this node through its dependency
+        # token, and a strong reference back would be a cycle through autograd that Python's collector
+        # cannot see, leaking every replaced training pool (with its gradient pages).
+        ctx.pools = (k_pool, v_pool, cache.grad_k_pool(layer), cache.grad_v_pool(layer))
+        ctx.cache_ref, ctx.generation = weakref.ref(cache), cache.generation
+        ctx.batch, ctx.scale, ctx.ops = batch, scale, ops
         ctx.dropout = dropout  # the seed and rows: the backward draws the same mask again
-        ctx.generation = cache.generation
         return out, dependency.detach().clone()  # a new token: the next node's backward comes before this one's
 
     @staticmethod
     def backward(ctx, grad_out, _):
         q, out, lse = ctx.saved_tensors
-        cache, layer = ctx.cache, ctx.layer
-        _check_generation(cache, ctx.generation)
-        grad_q = ctx.ops.paged_attention_backward(
-            grad_out, q, out, lse, cache.k_pool(layer), cache.v_pool(layer),
-            cache.grad_k_pool(layer), cache.grad_v_pool(layer), ctx.batch, ctx.scale, dropout=ctx.dropout)
+        cache = ctx.cache_ref()
+        if cache is not None:  # a cache dropped since the forward cannot have been reused
+            _check_generation(cache, ctx.generation)
+        k_pool, v_pool, grad_k_pool, grad_v_pool = ctx.pools
+        grad_q = ctx.ops.paged_attention_backward(grad_out, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
+                                                  ctx.batch, ctx.scale, dropout=ctx.dropout)
         # one gather per pool: a gather across both (a strided view) would copy the layer's whole gradient pages first
         slots = ctx.batch.slot_mapping
-        grad_k = cache.grad_k_pool(layer).flatten(0, 1).index_select(0, slots)
-        grad_v = cache.grad_v_pool(layer).flatten(0, 1).index_select(0, slots)
+        grad_k = grad_k_pool.flatten(0, 1).index_select(0, slots)
+        grad_v = grad_v_pool.flatten(0, 1).index_select(0, slots)
         return (as_dtype(grad_q, ctx.dtypes[0]), as_dtype(grad_k, ctx.dtypes[1]), as_dtype(grad_v, ctx.dtypes[2]),
                 None, None, None, None, None, None, None)
 

@@ -260,8 +260,13 @@ class CoconutModel(nn.Module):
         weight = self.decoder.embed_tokens.weight
         dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
         cache = self._cache
-        if cache is None or cache.num_pages < pages or cache.kv.dtype != dtype or cache.device != weight.device:
+        if cache is not None and (cache.kv.dtype != dtype or cache.device != weight.device):
+            # a new dtype or device (a bf16 training step after an fp32 validation pass) starts a new pool
+            # at this batch's size: growing from the other pool's size compounded 1.25x per switch
+            self._cache = cache = None
+        if cache is None or cache.num_pages < pages:
             grown = pages if cache is None else max(pages, int(1.25 * cache.num_pages))  # grow geometrically
+            self._cache = cache = None  # free the old pool before the new one is allocated
             cache = PagedKVCache(cfg, num_pages=grown, page_size=self.page_size, dtype=dtype, device=weight.device,
                                  requires_grad=True)
             self._cache = cache

@@ -320,8 +320,9 @@ def summarise(generations: list[dict]) -> dict:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def validation_loss_sum(model: CoconutModel, samples, batch_size: int, mode: str) -> tuple[float, int]:
-    """(summed token cross-entropy, label count) of `samples`, `batch_size` at a time."""
+    """(summed token cross-entropy, label count) of `samples`, `batch_size` at a time (no graph is built)."""
     total, count = 0.0, 0
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]

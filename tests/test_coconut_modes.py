@@ -225,3 +225,40 @@ def test_paged_training_step_makes_no_host_device_sync(coconut):
     with counter:
         coconut(ragged_samples(), mode="paged").backward()
     assert counter.reads == 0
+
+
+def test_the_training_pool_keeps_its_size_when_steps_alternate_dtypes(coconut):
+    """The trainer's epochs alternate bf16-autocast steps and fp32 validation passes: each dtype switch
+    makes a new pool, sized for the batch (it used to grow 1.25x from the other dtype's pool, so host
+    memory compounded epoch after epoch until a SmolLM2 run was killed)."""
+    samples = ragged_samples()
+    sizes = []
+    with torch.no_grad():
+        for _ in range(4):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                coconut(samples, mode="paged")
+            assert coconut._cache.kv.dtype == torch.bfloat16
+            sizes.append(coconut._cache.num_pages)
+            coconut(samples, mode="paged")
+            assert coconut._cache.kv.dtype == torch.float32
+            sizes.append(coconut._cache.num_pages)
+    assert len(set(sizes)) == 1, sizes
+
+
+def test_a_replaced_training_pool_is_freed(coconut):
+    """The pool holds the last training node through its dependency token; the node must not hold the
+    pool back (a cycle through autograd that Python's collector cannot see), or every pool replaced by a
+    larger batch or another dtype stays in memory with its gradient pages."""
+    import gc
+    import weakref
+
+    samples = ragged_samples()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = coconut(samples, mode="paged")
+    loss.backward()  # outside autocast, as torch.autocast prescribes (and the trainer does)
+    replaced = weakref.ref(coconut._cache)
+    coconut(samples, mode="paged").backward()  # fp32: a new pool
+    gc.collect()
+    coconut.zero_grad()
+    assert replaced() is None
+    assert coconut._cache.kv.dtype == torch.float32
