@@ -266,7 +266,9 @@ class CoconutModel(nn.Module):
             self._cache = cache = None
         if cache is None or cache.num_pages < pages:
             grown = pages if cache is None else max(pages, int(1.25 * cache.num_pages))  # grow geometrically
-            self._cache = cache = None  # free the old pool before the new one is allocated
+            # drop this model's reference before allocating: the old pool is freed here unless a graph
+            # still alive (a caller's unreleased loss) holds its views
+            self._cache = cache = None
             cache = PagedKVCache(cfg, num_pages=grown, page_size=self.page_size, dtype=dtype, device=weight.device,
                                  requires_grad=True)
             self._cache = cache

@@ -4,8 +4,9 @@ glibc's malloc keeps freed heap memory for reuse. A CPU training step frees giga
 whose sizes change every step (ragged batches); the next step's tensors do not fit the holes exactly, so
 the heap grows and the process's resident memory climbs although its live tensors do not (SmolLM2-135M,
 batch 16 of short ProsQA questions, bf16 autocast: 3.7 -> 7.5 GB in 12 steps with 2.3 GB of live
-tensors, and killed for memory on a 24 GB machine after about 120 steps). `malloc_trim(0)` returns the
-free pages inside the heap to the system. A call costs milliseconds and the next step faults the pages
+tensors). `malloc_trim(0)` returns the free pages inside the heap to the system. (The same recipe's
+kills for memory at 15-24 GB were mostly something else: replaced training pools leaked through an
+autograd cycle, fixed in `attention.py`; with both, its 12 epochs peak at 6.5 GB.) A call costs milliseconds and the next step faults the pages
 back in (a small model's step ran 10-15 % slower trimmed every step), so `HostMemoryGuard` trims only
 after resident memory has grown by a margin since the last trim.
 """

@@ -320,7 +320,6 @@ def summarise(generations: list[dict]) -> dict:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def validation_loss_sum(model: CoconutModel, samples, batch_size: int, mode: str) -> tuple[float, int]:
     """(summed token cross-entropy, label count) of `samples`, `batch_size` at a time (no graph is built)."""
     total, count = 0.0, 0
@@ -614,6 +613,9 @@ class Trainer:
                                                 eot_loss_weight=cfg.eot_loss_weight, thought_steps=thought_steps)
                     (loss * (weight * scale) / labels).backward()
                 loss_sum += loss.detach().float() * weight
+                # the graph's nodes hold the training pool's views: release them before the next forward,
+                # which may replace that pool
+                del loss
             env.sum_(loss_sum)
             batch_loss = float(loss_sum) / labels
             if not math.isfinite(batch_loss):

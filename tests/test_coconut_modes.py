@@ -248,17 +248,26 @@ def test_the_training_pool_keeps_its_size_when_steps_alternate_dtypes(coconut):
 def test_a_replaced_training_pool_is_freed(coconut):
     """The pool holds the last training node through its dependency token; the node must not hold the
     pool back (a cycle through autograd that Python's collector cannot see), or every pool replaced by a
-    larger batch or another dtype stays in memory with its gradient pages."""
+    larger batch or another dtype stays in memory with its gradient pages. Reference counting alone must
+    free it: the collector is off, so a cycle it could see would fail here too."""
     import gc
     import weakref
 
     samples = ragged_samples()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = coconut(samples, mode="paged")
-    loss.backward()  # outside autocast, as torch.autocast prescribes (and the trainer does)
-    replaced = weakref.ref(coconut._cache)
-    coconut(samples, mode="paged").backward()  # fp32: a new pool
     gc.collect()
-    coconut.zero_grad()
-    assert replaced() is None
-    assert coconut._cache.kv.dtype == torch.float32
+    gc.disable()
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = coconut(samples, mode="paged")
+        loss.backward()  # outside autocast, as torch.autocast prescribes (and the trainer does)
+        del loss
+        old = coconut._cache
+        replaced = (weakref.ref(old), weakref.ref(old.kv), weakref.ref(old.grad_kv))
+        del old
+        loss = coconut(samples, mode="paged")  # fp32: a new pool
+        assert coconut._cache.kv.dtype == torch.float32
+        assert all(ref() is None for ref in replaced)
+        loss.backward()
+        del loss
+    finally:
+        gc.enable()
