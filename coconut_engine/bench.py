@@ -168,6 +168,16 @@ def format_table(rows: list[Timing]) -> str:
     return "\n".join(lines)
 
 
+def serving_dtype(device: torch.device | str, dtype: torch.dtype | str | None = None) -> torch.dtype:
+    """The weights' dtype of a generation benchmark: `dtype` if given (a dtype or a name such as "bf16"),
+    else bf16 on a GPU (what serving runs there) and fp32 on a CPU (the engine's CPU default)."""
+    from .loader import resolve_dtype
+
+    if dtype is not None:
+        return resolve_dtype(dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def build_random_model(shape: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                        attention_backend: str = "auto", seed: int = 0):
     """A Decoder of a named shape with random weights (std 0.02, norms at 1)."""
@@ -369,7 +379,8 @@ def _as_transformers(decoder, device):
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model(decoder, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa",
+                                                               dtype=decoder.embed_tokens.weight.dtype)
     return hf.to(device).eval()
 
 
@@ -497,18 +508,21 @@ def format_train_table(rows: list[dict]) -> str:
 
 def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int = 128, new_tokens: int = 64,
                    thoughts: int = 6, thought_new_tokens: int = 32, official_questions: int = 2,
-                   device: str = "cpu", backend: str = "auto", reps: int = 3, progress=None) -> list[dict]:
+                   device: str = "cpu", backend: str = "auto", reps: int = 3, progress=None,
+                   dtype: torch.dtype | str | None = None) -> list[dict]:
     """Generation throughput: the engine vs transformers' batched `generate` (plain decoding), and vs
     the official style (one question at a time, no KV cache) with continuous thoughts.
 
     The official style is linear in the number of questions, so it runs `official_questions` of
-    them and reports the per-question rate for the batch.
+    them and reports the per-question rate for the batch. Every contender runs the same weights in
+    `dtype` (default `serving_dtype(device)`).
     """
     from .coconut import SpecialTokens
     from .generate import Generator, generate_no_cache
 
     device = torch.device(device)
-    decoder = build_random_model(shape, device=device, attention_backend=backend).eval()
+    decoder = build_random_model(shape, device=device, dtype=serving_dtype(device, dtype),
+                                 attention_backend=backend).eval()
     vocab = decoder.config.vocab_size
     tokens = SpecialTokens(bot=vocab - 3, thought=vocab - 2, eot=vocab - 1)
     gen = torch.Generator().manual_seed(0)
@@ -582,13 +596,16 @@ def prompt_lengths(batch: int, mean: int, ragged: bool, seed: int = 0) -> list[i
 
 
 def bench_decode_steps(shape: str = "smollm2-135m", batches: Sequence[int] = (1, 16, 64), prompt_len: int = 400,
-                       steps: int = 5, device: str = "cpu", backend: str = "auto", progress=None) -> list[dict]:
+                       steps: int = 5, device: str = "cpu", backend: str = "auto", progress=None,
+                       dtype: torch.dtype | str | None = None) -> list[dict]:
     """The time of one greedy decode step (decoder call, LM head, argmax) per batch size, with equal and
     with ragged prompt lengths (+-20 %), the engine against transformers' forward with its cache, both
     continuing from caches of random K/V (no prefill is run: only the steps are timed). For each batch
-    the four contenders take turns, `steps` rounds after a warm-up; medians in ms."""
+    the four contenders take turns, `steps` rounds after a warm-up; medians in ms. Weights and caches
+    in `dtype` (default `serving_dtype(device)`)."""
     device = torch.device(device)
-    decoder = build_random_model(shape, device=device, attention_backend=backend).eval()
+    decoder = build_random_model(shape, device=device, dtype=serving_dtype(device, dtype),
+                                 attention_backend=backend).eval()
     hf = _as_transformers(decoder, device)
     rows = []
     for batch in batches:
@@ -651,7 +668,8 @@ def _transformers_decode_step(hf, config, lens: Sequence[int], device) -> Callab
     width = max(lens)
     cache = DynamicCache(config=hf.config)
     for layer in range(config.num_layers):
-        k, v = (torch.randn(len(lens), config.num_kv_heads, width, config.head_dim, device=device) for _ in range(2))
+        k, v = (torch.randn(len(lens), config.num_kv_heads, width, config.head_dim, device=device, dtype=hf.dtype)
+                for _ in range(2))
         cache.update(k, v, layer)
     mask = (torch.arange(width, device=device)[None, :] >= width - torch.tensor(lens, device=device)[:, None]).long()
     state = {"mask": mask, "pos": torch.tensor(lens, device=device)[:, None]}

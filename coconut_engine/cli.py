@@ -302,13 +302,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot_bench(rows, out / f"{stamp}.png", title=f"bench train --shape {args.shape} ({device})")
     elif args.what == "generate":
         rows = bench.bench_generate(args.shape, batch=args.batch, device=device, backend=args.backend, reps=args.reps,
-                                    progress=lambda r: print(f"{r['name']}: {r['tokens_per_s']:.1f} tok/s", flush=True))
+                                    dtype=args.dtype, progress=lambda r: print(f"{r['name']}: {r['tokens_per_s']:.1f} tok/s", flush=True))
         table = "\n".join(["| what | seconds | tokens/s |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in rows])
     elif args.what == "decode":
         rows = bench.bench_decode_steps(args.shape, batches=[int(b) for b in args.batches.split(",")],
                                         prompt_len=args.prompt_len, steps=args.reps, device=device,
-                                        backend=args.backend,
+                                        backend=args.backend, dtype=args.dtype,
                                         progress=lambda r: print(f"B={r['batch']} {r['contender']}: {r['median_ms']:.1f} ms",
                                                                  flush=True))
         table = "\n".join(["| batch | contender | ms per step | ms per token |", "|---:|---|---:|---:|"] +
@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--device", default=None)
     be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
+    be.add_argument("--dtype", default=None,
+                    help="generate, decode: the weights' dtype, float32 | float16 | bfloat16 (default: bfloat16 on "
+                         "a GPU, float32 on a CPU)")
     be.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="train: time each point in its own process instead of a stage's modes taking turns in one")
     be.add_argument("--tensor-memory", choices=["all", "last", "none"], default="last",
