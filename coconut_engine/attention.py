@@ -134,11 +134,16 @@ class _StoreAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _):
+        if ctx.pools is None:
+            raise RuntimeError("a paged training step cannot be backpropagated twice (retain_graph): its "
+                               "backward releases the cache's pages")
         q, out, lse = ctx.saved_tensors
         cache = ctx.cache_ref()
         if cache is not None:  # a cache dropped since the forward cannot have been reused
             _check_generation(cache, ctx.generation)
         k_pool, v_pool, grad_k_pool, grad_v_pool = ctx.pools
+        # released now, not when the graph is: a caller that keeps the loss must not keep the pool alive
+        ctx.pools = None
         grad_q = ctx.ops.paged_attention_backward(grad_out, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
                                                   ctx.batch, ctx.scale, dropout=ctx.dropout)
         # one gather per pool: a gather across both (a strided view) would copy the layer's whole gradient pages first

@@ -379,9 +379,9 @@ def _as_transformers(decoder, device):
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model(decoder, tmp)
-        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa",
-                                                               dtype=decoder.embed_tokens.weight.dtype)
-    return hf.to(device).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
+    # the engine's dtype whatever transformers loads by default (fp32 before 5.0, the saved dtype since)
+    return hf.to(device=device, dtype=decoder.embed_tokens.weight.dtype).eval()
 
 
 _POINT_FUNCTIONS = {"time": run_train_point, "tensor_memory": tensor_memory_point,
@@ -531,9 +531,9 @@ def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int
                        page_size=16, special_tokens=tokens)
     rows = []
 
-    def record(name, seconds, generated, note=""):
+    def record(name, seconds, generated, note="", model_dtype=decoder.embed_tokens.weight.dtype):
         rows.append({"name": name, "seconds": seconds, "tokens_per_s": generated / seconds, "generated": generated,
-                     "note": note})
+                     "dtype": str(model_dtype).removeprefix("torch."), "note": note})
         if progress is not None:
             progress(rows[-1])
 
@@ -558,14 +558,15 @@ def bench_generate(shape: str = "smollm2-135m", batch: int = 16, prompt_len: int
                 return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
 
-        return alternate({"engine": lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens),
-                          "transformers": hf_generate}, reps)
+        seconds, outs = alternate({"engine": lambda: engine.generate(prompts.tolist(), max_new_tokens=new_tokens),
+                                   "transformers": hf_generate}, reps)
+        return seconds, outs, hf.dtype
 
-    seconds, outs = plain_decoding()
+    seconds, outs, hf_dtype = plain_decoding()
     record(f"engine plain B={batch} prompt={prompt_len} new={new_tokens}", seconds["engine"],
            sum(len(r.token_ids) for r in outs["engine"]))
     record(f"transformers generate B={batch} prompt={prompt_len} new={new_tokens}", seconds["transformers"],
-           batch * new_tokens)
+           batch * new_tokens, model_dtype=hf_dtype)
 
     def timed(fn):
         fn()  # warm-up
@@ -628,8 +629,10 @@ def bench_decode_steps(shape: str = "smollm2-135m", batches: Sequence[int] = (1,
                     torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - t0) * 1e3)
         for name, samples in times.items():
+            model_dtype = hf.dtype if name.startswith("transformers") else decoder.embed_tokens.weight.dtype
             rows.append({"batch": batch, "contender": name, "median_ms": statistics.median(samples),
-                         "ms_per_token": statistics.median(samples) / batch})
+                         "ms_per_token": statistics.median(samples) / batch,
+                         "dtype": str(model_dtype).removeprefix("torch.")})
             if progress is not None:
                 progress(rows[-1])
     return rows

@@ -272,6 +272,19 @@ def _stages(text: str) -> list[int]:
     return [int(x) for x in text.split(",")]
 
 
+def _bench_dtype(name: str):
+    """`--dtype` of `bench`: a torch dtype from its name, or a usage error that lists the names."""
+    from .errors import CoconutEngineError
+    from .loader import resolve_dtype
+
+    try:
+        if name == "auto":
+            raise CoconutEngineError("'auto' is not a dtype here: leave --dtype out for the device's default")
+        return resolve_dtype(name)
+    except CoconutEngineError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Benchmarks: train (modes by stage), generate (vs transformers and the official style), decode (one step
     with equal and ragged prompts vs transformers), kernels."""
@@ -281,9 +294,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .plots import plot_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype is not None and args.what == "train":
+        raise SystemExit("--dtype applies to bench generate, decode and kernels: bench train keeps fp32 weights "
+                         "(with bf16 autocast on a GPU, as the trainer does)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{args.what}-{args.shape}-{device}"
+    if args.what != "train":
+        dtype = bench.serving_dtype(device, args.dtype)
+        stamp += f"-{str(dtype).removeprefix('torch.')}"
     if args.what == "train":
         modes = args.modes.split(",") if args.modes else list(bench.TRAIN_MODES)
         unknown = sorted(set(modes) - set(bench.TRAIN_MODES))
@@ -302,20 +321,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot_bench(rows, out / f"{stamp}.png", title=f"bench train --shape {args.shape} ({device})")
     elif args.what == "generate":
         rows = bench.bench_generate(args.shape, batch=args.batch, device=device, backend=args.backend, reps=args.reps,
-                                    dtype=args.dtype, progress=lambda r: print(f"{r['name']}: {r['tokens_per_s']:.1f} tok/s", flush=True))
+                                    dtype=dtype, progress=lambda r: print(f"{r['name']}: {r['tokens_per_s']:.1f} tok/s", flush=True))
         table = "\n".join(["| what | seconds | tokens/s |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in rows])
     elif args.what == "decode":
         rows = bench.bench_decode_steps(args.shape, batches=[int(b) for b in args.batches.split(",")],
                                         prompt_len=args.prompt_len, steps=args.reps, device=device,
-                                        backend=args.backend, dtype=args.dtype,
+                                        backend=args.backend, dtype=dtype,
                                         progress=lambda r: print(f"B={r['batch']} {r['contender']}: {r['median_ms']:.1f} ms",
                                                                  flush=True))
         table = "\n".join(["| batch | contender | ms per step | ms per token |", "|---:|---|---:|---:|"] +
                           [f"| {r['batch']} | {r['contender']} | {r['median_ms']:.1f} | {r['ms_per_token']:.2f} |"
                            for r in rows])
     else:
-        timings = bench.bench_kernels(device=device)
+        timings = bench.bench_kernels(device=device, dtype=dtype)
         rows = [t.as_dict() for t in timings]
         table = bench.format_table(timings)
     (out / f"{stamp}.json").write_text(json.dumps(rows, indent=2))
@@ -404,9 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--reps", type=int, default=3)
     be.add_argument("--device", default=None)
     be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
-    be.add_argument("--dtype", default=None,
-                    help="generate, decode: the weights' dtype, float32 | float16 | bfloat16 (default: bfloat16 on "
-                         "a GPU, float32 on a CPU)")
+    be.add_argument("--dtype", default=None, type=_bench_dtype,
+                    help="generate, decode, kernels: the weights' (or kernels' inputs') dtype, float32 | float16 | "
+                         "bfloat16 (default: bfloat16 on a GPU, float32 on a CPU)")
     be.add_argument("--no-interleave", dest="interleave", action="store_false",
                     help="train: time each point in its own process instead of a stage's modes taking turns in one")
     be.add_argument("--tensor-memory", choices=["all", "last", "none"], default="last",

@@ -80,11 +80,11 @@ def test_decode_steps_and_generation_bench_run_every_contender_in_the_asked_dtyp
     """A GPU serves in bf16: the transformers contender's cache and weights must follow the engine's dtype
     (its random K/V were fp32, so a bf16 model failed inside SDPA)."""
     rows = bench.bench_decode_steps("tiny", batches=[2], prompt_len=12, steps=1, backend="torch", dtype="bf16")
-    assert len(rows) == 4 and all(r["median_ms"] > 0 for r in rows)
+    assert len(rows) == 4 and all(r["median_ms"] > 0 and r["dtype"] == "bfloat16" for r in rows)
     rows = bench.bench_generate("tiny", batch=2, prompt_len=8, new_tokens=3, thoughts=2, thought_new_tokens=2,
                                 official_questions=1, backend="torch", reps=1, dtype=torch.bfloat16)
     assert [r["name"].split(" ")[0] for r in rows] == ["engine", "transformers", "engine", "official"]
-    assert rows[1]["generated"] == 2 * 3 and all(r["seconds"] > 0 for r in rows)
+    assert all(r["seconds"] > 0 and r["dtype"] == "bfloat16" for r in rows)
     assert bench.serving_dtype("cpu") == torch.float32 and bench.serving_dtype("cuda") == torch.bfloat16
     assert bench.serving_dtype("cuda", "float32") == torch.float32
 

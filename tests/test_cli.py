@@ -116,6 +116,24 @@ def test_smoke_command():
     assert proc.returncode == 0 and "logits shape (3, 256)" in proc.stdout
 
 
+def test_bench_dtype_is_checked_before_any_work(tmp_path):
+    """A bad or inapplicable `--dtype` is a usage error naming the argument; a good one names the results file."""
+    from coconut_engine.cli import build_parser
+
+    parser = build_parser()
+    assert str(parser.parse_args(["bench", "decode", "--dtype", "bf16"]).dtype) == "torch.bfloat16"
+    for bad in ("nonsense", "auto"):
+        proc = cli("bench", "decode", "--dtype", bad, "--out", str(tmp_path / bad))
+        assert proc.returncode == 2 and "argument --dtype" in proc.stderr and not (tmp_path / bad).exists()
+    proc = cli("bench", "train", "--dtype", "bf16", "--out", str(tmp_path))
+    assert proc.returncode != 0 and "--dtype applies to bench generate, decode and kernels" in proc.stderr
+    proc = cli("bench", "decode", "--shape", "tiny", "--batches", "1", "--prompt-len", "8", "--reps", "1",
+               "--dtype", "bf16", "--backend", "torch", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "decode-tiny-cpu-bfloat16.json").read_text())
+    assert {r["dtype"] for r in rows} == {"bfloat16"} and len(rows) == 4
+
+
 def test_bench_train_smoke(tmp_path):
     """`coconut-engine bench train --shape tiny` runs every mode and writes its JSON and chart (no timing checks)."""
     proc = cli("bench", "train", "--shape", "tiny", "--stages", "0,2", "--reps", "1", "--batch", "3",

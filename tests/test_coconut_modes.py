@@ -245,29 +245,51 @@ def test_the_training_pool_keeps_its_size_when_steps_alternate_dtypes(coconut):
     assert len(set(sizes)) == 1, sizes
 
 
-def test_a_replaced_training_pool_is_freed(coconut):
+@pytest.mark.parametrize("replaced_by", ["another dtype", "a longer batch"])
+def test_a_replaced_training_pool_is_freed_before_its_successor_is_allocated(coconut, monkeypatch, replaced_by):
     """The pool holds the last training node through its dependency token; the node must not hold the
     pool back (a cycle through autograd that Python's collector cannot see), or every pool replaced by a
-    larger batch or another dtype stays in memory with its gradient pages. Reference counting alone must
-    free it: the collector is off, so a cycle it could see would fail here too."""
+    larger batch or another dtype stays in memory with its gradient pages; and a backpropagated graph
+    that a caller keeps (the last loss) must not either, or two pools are alive at the allocation.
+    Reference counting alone must free it: the collector is off, so a cycle it could see fails too."""
     import gc
     import weakref
 
+    import coconut_engine.coconut as coconut_module
+
+    pools, alive_at_allocation = [], []
+
+    class RecordingCache(coconut_module.PagedKVCache):
+        def __init__(self, *args, **kwargs):
+            alive_at_allocation.append([ref() is not None for ref in pools])
+            super().__init__(*args, **kwargs)
+            pools.extend([weakref.ref(self), weakref.ref(self.kv), weakref.ref(self.grad_kv)])
+
+    monkeypatch.setattr(coconut_module, "PagedKVCache", RecordingCache)
+    coconut._cache = None
     samples = ragged_samples()
+    longer = [coconut_module.CoconutSample(s.prompt[:-1] * 4 + s.prompt[-1:], s.num_thoughts, s.suffix)
+              for s in samples]
     gc.collect()
     gc.disable()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = coconut(samples, mode="paged")
         loss.backward()  # outside autocast, as torch.autocast prescribes (and the trainer does)
-        del loss
-        old = coconut._cache
-        replaced = (weakref.ref(old), weakref.ref(old.kv), weakref.ref(old.grad_kv))
-        del old
-        loss = coconut(samples, mode="paged")  # fp32: a new pool
-        assert coconut._cache.kv.dtype == torch.float32
-        assert all(ref() is None for ref in replaced)
+        if replaced_by == "another dtype":
+            loss = coconut(samples, mode="paged")  # fp32: a new pool, while the last loss is still held
+        else:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = coconut(longer, mode="paged")
         loss.backward()
-        del loss
     finally:
         gc.enable()
+    assert alive_at_allocation == [[], [False, False, False]]
+
+
+def test_a_second_backward_through_a_paged_step_is_refused_by_name(coconut):
+    """The backward releases the step's pages; a second one (retain_graph) would read released pages."""
+    loss = coconut(ragged_samples(), mode="paged")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()
