@@ -370,6 +370,10 @@ class PagedKVCache:
     def tracks_gradients(self) -> bool:
         return self.grad_kv is not None
 
+    def reset(self) -> None:
+        """Drop every sequence: the pool's pages are free for the next forward (no gradient bookkeeping)."""
+        self.allocator.reset()
+
     def begin_training_step(self) -> None:
         """Start a differentiable forward: drop every sequence, new dependency token.
 

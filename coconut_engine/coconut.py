@@ -259,8 +259,10 @@ class CoconutModel(nn.Module):
         pages = pages_per_row * len(samples)
         weight = self.decoder.embed_tokens.weight
         dtype = torch.get_autocast_dtype(weight.device.type) if torch.is_autocast_enabled(weight.device.type) else weight.dtype
+        needs_gradients = torch.is_grad_enabled()  # a no-grad pass (validation) needs no gradient pages
         cache = self._cache
-        if cache is not None and (cache.kv.dtype != dtype or cache.device != weight.device):
+        if cache is not None and (cache.kv.dtype != dtype or cache.device != weight.device
+                                  or (needs_gradients and not cache.tracks_gradients)):
             # a new dtype or device (a bf16 training step after an fp32 validation pass) starts a new pool
             # at this batch's size: growing from the other pool's size compounded 1.25x per switch
             self._cache = cache = None
@@ -270,9 +272,12 @@ class CoconutModel(nn.Module):
             # still alive (a caller's unreleased loss) holds its views
             self._cache = cache = None
             cache = PagedKVCache(cfg, num_pages=grown, page_size=self.page_size, dtype=dtype, device=weight.device,
-                                 requires_grad=True)
+                                 requires_grad=needs_gradients)
             self._cache = cache
-        cache.begin_training_step()
+        if cache.tracks_gradients:
+            cache.begin_training_step()
+        else:
+            cache.reset()
         for i in range(len(samples)):
             cache.add_sequence(i)
             cache.reserve(i, pages_per_row * self.page_size)

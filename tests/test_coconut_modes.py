@@ -245,6 +245,33 @@ def test_the_training_pool_keeps_its_size_when_steps_alternate_dtypes(coconut):
     assert len(set(sizes)) == 1, sizes
 
 
+def test_a_no_grad_pass_allocates_no_gradient_pages_and_a_training_step_after_it_gets_them(coconut):
+    """Validation runs under no_grad: its pool (a new one when its dtype differs from training's) needs
+    no fp32 gradient mirror; the next differentiable step must get a pool that has one, with the same
+    loss and gradients as a model that never ran the no-grad pass."""
+    samples = ragged_samples()
+    coconut._cache = None
+    with torch.no_grad():
+        loss_no_grad = coconut(samples, mode="paged")
+    assert not coconut._cache.tracks_gradients and coconut._cache.grad_kv is None
+    loss = coconut(samples, mode="paged")
+    assert coconut._cache.tracks_gradients
+    loss.backward()
+    grads = [p.grad.clone() for p in coconut.parameters() if p.grad is not None]
+    coconut.zero_grad(set_to_none=True)
+    coconut._cache = None
+    fresh = coconut(samples, mode="paged")
+    fresh.backward()
+    torch.testing.assert_close(loss_no_grad, loss.detach())  # no-grad and autograd attention: fp32 rounding apart
+    torch.testing.assert_close(fresh.detach(), loss.detach(), rtol=0, atol=0)
+    for got, want in zip(grads, [p.grad for p in coconut.parameters() if p.grad is not None]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with torch.no_grad():  # a pool that has gradient pages serves a no-grad pass as it is
+        pool = coconut._cache
+        torch.testing.assert_close(coconut(samples, mode="paged"), loss_no_grad, rtol=0, atol=0)
+    assert coconut._cache is pool
+
+
 @pytest.mark.parametrize("replaced_by", ["another dtype", "a longer batch"])
 def test_a_replaced_training_pool_is_freed_before_its_successor_is_allocated(coconut, monkeypatch, replaced_by):
     """The pool holds the last training node through its dependency token; the node must not hold the
