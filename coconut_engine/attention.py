@@ -144,8 +144,11 @@ class _StoreAttention(torch.autograd.Function):
         k_pool, v_pool, grad_k_pool, grad_v_pool = ctx.pools
         # released now, not when the graph is: a caller that keeps the loss must not keep the pool alive
         ctx.pools = None
-        grad_q = ctx.ops.paged_attention_backward(grad_out, q, out, lse, k_pool, v_pool, grad_k_pool, grad_v_pool,
-                                                  ctx.batch, ctx.scale, dropout=ctx.dropout)
+        # the kernels choose their own dtypes (fp32 gradient pages): a backward called inside an autocast
+        # region must not recast their matmuls
+        with torch.autocast(q.device.type, enabled=False):
+            grad_q = ctx.ops.paged_attention_backward(grad_out, q, out, lse, k_pool, v_pool, grad_k_pool,
+                                                      grad_v_pool, ctx.batch, ctx.scale, dropout=ctx.dropout)
         # one gather per pool: a gather across both (a strided view) would copy the layer's whole gradient pages first
         slots = ctx.batch.slot_mapping
         grad_k = grad_k_pool.flatten(0, 1).index_select(0, slots)

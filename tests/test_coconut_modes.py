@@ -314,6 +314,26 @@ def test_a_replaced_training_pool_is_freed_before_its_successor_is_allocated(coc
     assert alive_at_allocation == [[], [False, False, False]]
 
 
+def test_a_backward_called_inside_autocast_gives_the_gradients_of_one_called_outside(coconut):
+    """torch.autocast prescribes the backward outside the region, but users call it inside too: the
+    paged step's backward must not let autocast recast its kernels' fp32 arithmetic (it raised a dtype
+    mismatch in the one-token step's dK before)."""
+    grads = []
+    for inside in (False, True):
+        coconut.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = coconut(ragged_samples(), mode="paged")
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([p.grad.clone() for p in coconut.parameters() if p.grad is not None])
+    coconut.zero_grad(set_to_none=True)
+    assert len(grads[0]) == len(grads[1]) > 0
+    for outside, inside in zip(*grads):
+        torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
 def test_a_second_backward_through_a_paged_step_is_refused_by_name(coconut):
     """The backward releases the step's pages; a second one (retain_graph) would read released pages."""
     loss = coconut(ragged_samples(), mode="paged")
