@@ -197,10 +197,29 @@ def attention(
         out, cache.dependency = _StoreAttention.apply(q, k, v, cache.dependency, cache, layer, batch, scale, ops,
                                                       dropout)
         return as_dtype(out, q.dtype)
-    ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
+    ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
                  every_slot_valid=batch.every_slot_valid)
-    return as_dtype(ops.paged_attention(as_dtype(q, pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
-                                        dropout=dropout), q.dtype)
+    out = as_dtype(ops.paged_attention(as_dtype(q.detach(), pool_dtype), cache.k_pool(layer), cache.v_pool(layer),
+                                       batch, scale, dropout=dropout), q.dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        out = _NoGradientPages.apply(out, q, k, v)
+    return out
+
+
+class _NoGradientPages(torch.autograd.Function):
+    """Attention over a pool without gradient pages, run with gradients enabled (a forward outside
+    no_grad on an inference cache): the forward is right, but K/V gradients have nowhere to collect,
+    so a backward through it is refused instead of returning partial gradients."""
+
+    @staticmethod
+    def forward(ctx, out, q, k, v):
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        raise RuntimeError("backward through attention over a PagedKVCache made without requires_grad=True: "
+                           "its K/V gradients have no pages to collect in; train with a cache that has them "
+                           "(CoconutModel's paged mode makes one), or run inference under torch.no_grad()")
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: AttentionBatch, scale: float,

@@ -262,7 +262,9 @@ class CoconutModel(nn.Module):
         needs_gradients = torch.is_grad_enabled()  # a no-grad pass (validation) needs no gradient pages
         cache = self._cache
         if cache is not None and (cache.kv.dtype != dtype or cache.device != weight.device
-                                  or (needs_gradients and not cache.tracks_gradients)):
+                                  or (needs_gradients and not cache.tracks_gradients)
+                                  # inference tensors can only be written inside inference_mode
+                                  or (cache.kv.is_inference() and not torch.is_inference_mode_enabled())):
             # a new dtype or device (a bf16 training step after an fp32 validation pass) starts a new pool
             # at this batch's size: growing from the other pool's size compounded 1.25x per switch
             self._cache = cache = None

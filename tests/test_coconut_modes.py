@@ -270,6 +270,44 @@ def test_a_no_grad_pass_allocates_no_gradient_pages_and_a_training_step_after_it
         pool = coconut._cache
         torch.testing.assert_close(coconut(samples, mode="paged"), loss_no_grad, rtol=0, atol=0)
     assert coconut._cache is pool
+    coconut.zero_grad(set_to_none=True)
+
+
+def test_a_pool_made_under_inference_mode_is_replaced_for_a_no_grad_pass(coconut):
+    """inference_mode makes the pool of inference tensors, which a later no_grad pass cannot write."""
+    samples = ragged_samples()
+    coconut._cache = None
+    with torch.inference_mode():
+        loss_inference = coconut(samples, mode="paged")
+    with torch.no_grad():
+        loss_no_grad = coconut(samples, mode="paged")
+    assert not coconut._cache.kv.is_inference()
+    torch.testing.assert_close(loss_no_grad, loss_inference.clone(), rtol=0, atol=0)
+
+
+def test_a_backward_through_a_pool_without_gradient_pages_is_refused_by_name(coconut, monkeypatch):
+    """Attention over a pool without gradient pages, run with gradients enabled, computes the right
+    forward; its backward would have no K/V gradients to return (partial gradients, silently), so it
+    raises instead."""
+    import coconut_engine.coconut as coconut_module
+
+    samples = ragged_samples()
+    coconut._cache = None
+    want = coconut(samples, mode="paged").detach()
+
+    class WithoutGradientPages(coconut_module.PagedKVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "requires_grad": False})
+
+    monkeypatch.setattr(coconut_module, "PagedKVCache", WithoutGradientPages)
+    coconut._cache = None
+    loss = coconut(samples, mode="paged")
+    assert not coconut._cache.tracks_gradients
+    torch.testing.assert_close(loss.detach(), want)
+    with pytest.raises(RuntimeError, match="without requires_grad=True"):
+        loss.backward()
+    coconut.zero_grad(set_to_none=True)
+    coconut._cache = None
 
 
 @pytest.mark.parametrize("replaced_by", ["another dtype", "a longer batch"])
