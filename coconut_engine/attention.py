@@ -197,13 +197,16 @@ def attention(
         out, cache.dependency = _StoreAttention.apply(q, k, v, cache.dependency, cache, layer, batch, scale, ops,
                                                       dropout)
         return as_dtype(out, q.dtype)
-    ops.store_kv(k.detach(), v.detach(), cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
+    # a pool without gradient pages under autograd: the forward runs off the graph, its backward is refused
+    graph_inputs = (q, k, v) if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) \
+        else None
+    if graph_inputs is not None:
+        q, k, v = q.detach(), k.detach(), v.detach()
+    ops.store_kv(k, v, cache.k_pool(layer), cache.v_pool(layer), batch.slot_mapping,
                  every_slot_valid=batch.every_slot_valid)
-    out = as_dtype(ops.paged_attention(as_dtype(q.detach(), pool_dtype), cache.k_pool(layer), cache.v_pool(layer),
-                                       batch, scale, dropout=dropout), q.dtype)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        out = _NoGradientPages.apply(out, q, k, v)
-    return out
+    out = as_dtype(ops.paged_attention(as_dtype(q, pool_dtype), cache.k_pool(layer), cache.v_pool(layer), batch, scale,
+                                       dropout=dropout), q.dtype)
+    return out if graph_inputs is None else _NoGradientPages.apply(out, *graph_inputs)
 
 
 class _NoGradientPages(torch.autograd.Function):

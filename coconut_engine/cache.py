@@ -384,7 +384,7 @@ class PagedKVCache:
         """
         if not self.tracks_gradients:
             raise RuntimeError("this PagedKVCache was created without requires_grad=True")
-        self.allocator.reset()
+        self.reset()
         self.generation += 1
         self.dependency = torch.zeros((), device=self.device, requires_grad=True)
 

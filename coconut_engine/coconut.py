@@ -265,8 +265,10 @@ class CoconutModel(nn.Module):
                                   or (needs_gradients and not cache.tracks_gradients)
                                   # inference tensors can only be written inside inference_mode
                                   or (cache.kv.is_inference() and not torch.is_inference_mode_enabled())):
-            # a new dtype or device (a bf16 training step after an fp32 validation pass) starts a new pool
-            # at this batch's size: growing from the other pool's size compounded 1.25x per switch
+            # a new dtype or device (a bf16 training step after an fp32 validation pass), a training step
+            # after a pool made without gradient pages, or a pool of inference tensors outside
+            # inference_mode starts a new pool at this batch's size (growing from the other pool's size
+            # compounded 1.25x per dtype switch)
             self._cache = cache = None
         if cache is None or cache.num_pages < pages:
             grown = pages if cache is None else max(pages, int(1.25 * cache.num_pages))  # grow geometrically
