@@ -158,13 +158,20 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
                  real_split: str | Path | None = None, task: str = "small") -> dict:
     """Train Coconut and the no-CoT baseline (which reuses Coconut's data and tokenizer) on a task of
     `MAIN_JOBS`, each after its warm-up where the task has one; print and return the accuracy table.
-    `real_split` (default `PROSQA_VALID`, skipped when absent) is scored with the final Coconut model
+    `real_split` (default `PROSQA_VALID`, skipped with a printed line when that is absent; an explicit
+    path that is not a file is an error) is scored with the final Coconut model
     (task `small`: failed requests count as wrong and are reported) or at the end of every stage of
     both runs (task `prosqa`)."""
     settings = _settings(task)
     save_dir = Path(save_dir)
     real_path = Path(real_split) if real_split is not None else PROSQA_VALID
+    if real_split is not None and not real_path.is_file():
+        raise TrainingError(f"main job: the real split to score, {real_path}, is not a file")
     real = load_records(real_path) if real_path.is_file() else None
+    missing = None if real else str(real_path.resolve())
+    if missing:  # said before the run, not only after it
+        print(f"The real ProsQA validation split is not scored: {missing} is not a file "
+              f"(set COCONUT_PROSQA_VALID to its path, or run from the repository root).", flush=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     runs = default_configs(save_dir, scale, progress, task)
     coconut_cfg = runs.coconut
@@ -185,7 +192,8 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
         if stage > coconut_cfg.max_latent_stage:
             label += " (all steps latent)"
         rows.append({"method": label, "stage": stage, "thoughts": last["thoughts_per_answer"], **_pick(last)})
-    result = {"task": task, "rows": rows, "real_split": str(real_path) if real and staged else None}
+    result = {"task": task, "rows": rows, "real_split": str(real_path) if real and staged else None,
+              "real_split_missing": missing}
     if real and not staged:  # once, the final Coconut model; a failed request counts as wrong: say so
         scored = evaluate(trainer.decoder, trainer.tokenizer, trainer.tokens, real, history[-1]["stage"],
                           trainer.rules, coconut_cfg.max_new_tokens(), coconut_cfg.page_size,
@@ -232,6 +240,9 @@ def format_table(result: dict) -> str:
         if result.get("prosqa_valid_failed"):
             lines.append(f"{result['prosqa_valid_failed']} of {result['prosqa_valid_questions']} ProsQA requests "
                          f"failed and count as wrong (first: {result['prosqa_valid_first_error']}).")
+    if result.get("real_split_missing"):
+        lines.append(f"Real ProsQA validation split not scored: {result['real_split_missing']} is not a file "
+                     f"(set COCONUT_PROSQA_VALID to its path).")
     phases = result["phases"]
     lines.append(f"Wall time: {result['seconds']:.0f} s (Coconut run {phases['coconut']:.0f} s, no-CoT run "
                  f"{phases['no_cot']:.0f} s, of which training steps {phases['training']:.0f} s); "

@@ -1,6 +1,7 @@
 """Issue 18, command line: generate and eval report bad input as errors (no traceback), open the
 output first and write results as they finish, and exit non-zero when a request failed."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -131,7 +132,6 @@ def test_eval_data_that_cannot_be_read_is_an_error_naming_it(checkpoint, tmp_pat
 ])
 def test_eval_names_malformed_curriculum_settings_in_coconut_json(checkpoint, tmp_path, change, message):
     # before: raw TypeErrors, "error: 'c_thought'", or "no" taken as true
-    import re
     import shutil
 
     model = tmp_path / "model"
@@ -176,6 +176,35 @@ def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
     assert result["prosqa_valid_failed"] == 1
     assert "1 of 2 ProsQA requests failed and count as wrong (first: record 1: request 1: need 1100 positions)" \
         in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_main_job_says_when_the_real_split_is_not_scored(tmp_path, monkeypatch, capsys):
+    # run away from the repository, the default split is not found: the job says so before and after the run,
+    # and a split named explicitly that is not a file stops the job before any training
+    import coconut_engine.main_job as main_job
+
+    class Finished:
+        def __init__(self, config, records):
+            self.tokenizer = self.tokens = self.rules = None
+            self.decoder = SimpleNamespace(eval=lambda: None)
+            self.model = SimpleNamespace(thought_transform=None)
+
+        def run(self):
+            return [{"epoch": 1, "stage": 0, "accuracy": 0.5, "tokens_per_answer": 3.0, "val_loss": 1.0,
+                     "thoughts_per_answer": 0.0, "train_seconds": 1.0}]
+
+    absent = tmp_path / "elsewhere" / "prosqa_valid.json"
+    monkeypatch.setattr(main_job, "StageEndScoring", Finished)
+    monkeypatch.setattr(main_job, "PROSQA_VALID", absent)
+    result = main_job.run_main_job(tmp_path / "out", scale=0.01, progress=False)
+    assert result["real_split_missing"] == str(absent) and "prosqa_valid_accuracy" not in result
+    out = capsys.readouterr().out
+    assert out.startswith(f"The real ProsQA validation split is not scored: {absent} is not a file")
+    assert f"Real ProsQA validation split not scored: {absent} is not a file" in \
+        (tmp_path / "out" / "results.md").read_text()
+    monkeypatch.setattr(main_job, "StageEndScoring", None)  # nothing may train
+    with pytest.raises(main_job.TrainingError, match=f"the real split to score, {re.escape(str(absent))}, is not a file"):
+        main_job.run_main_job(tmp_path / "out2", scale=0.01, progress=False, real_split=absent)
 
 
 def test_train_task_picks_the_main_job_task_and_takes_nothing_else(monkeypatch):
