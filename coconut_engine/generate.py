@@ -1,8 +1,9 @@
 """Batched generation with continuous thoughts on the paged KV cache.
 
 Every step is one Decoder call over a packed batch in which each running sequence contributes what
-it needs next: its prompt (admission), one continuous thought (its last hidden state fed back),
-`<eot>`, or its last sampled token. So prefill, thought steps and decoding share one code path and
+it needs next: its prompt (admission), one continuous thought (its last hidden state fed back;
+the last one followed by `<eot>` in the same step), `<eot>` (adaptive thinking that stops early),
+or its last sampled token. So prefill, thought steps and decoding share one code path and
 a batch may mix them (continuous batching). Requests that do not fit in the page pool wait in a
 queue and are admitted as finished sequences free their pages; results come back in request order.
 
@@ -69,8 +70,8 @@ class _Seq:
     adaptive: bool  # leaves the thought phase when p(<eot>) exceeds the threshold
     thinking: bool  # the next step's input is a thought or <eot>, decided from this step's output
     generator: torch.Generator
-    pending: list[int] = field(default_factory=list)  # token inputs of the next step
-    thought: torch.Tensor | None = None  # thought input embedding of the next step
+    pending: list[int] = field(default_factory=list)  # token inputs of the next step (after its thought, if any)
+    thought: torch.Tensor | None = None  # thought input embedding of the next step (its first row)
     thoughts_done: int = 0
     out: list[int] = field(default_factory=list)
     forks: int = 0  # copies to fork off once the shared part (prompt + thoughts) is computed
@@ -292,7 +293,7 @@ class Generator:
 
     def _step(self, running: list[_Seq], params: _Params) -> list[tuple[_Seq, str]]:
         """One Decoder call for every running sequence; returns the sequences that finished."""
-        counts = [1 if s.thought is not None else len(s.pending) for s in running]
+        counts = [(s.thought is not None) + len(s.pending) for s in running]
         batch = self.cache.prepare([s.key for s in running], counts)
         last = self.decoder(batch, inputs_embeds=self._step_inputs(running, counts, batch),
                             cache=self.cache)[batch.last_token_indices()]
@@ -333,7 +334,10 @@ class Generator:
     def _think(self, thinking: list[tuple[_Seq, int]], last: torch.Tensor, params: _Params) -> None:
         """Each sequence in its thought phase gets its next input: a thought (its last hidden state
         through the thought transform) or, when it has its thoughts (or, adaptive, p(<eot>) exceeds
-        the threshold), `<eot>`."""
+        the threshold), `<eot>`. A sequence's last thought (the count, or the adaptive bound) and its
+        `<eot>` go in the same step: nothing reads the hidden state after the last thought, and the
+        `<eot>` row attends to the thought's K/V stored in that step, so the thought phase costs one
+        decoder call per thought, not one more."""
         hidden = last[torch.tensor([row for _, row in thinking], device=self.device)]
         p_eot = None
         if params.return_thoughts or any(s.adaptive for s, _ in thinking):
@@ -354,6 +358,9 @@ class Generator:
             s = thinking[j][0]
             s.thought = inputs[n]
             s.thoughts_done += 1
+            if s.thoughts_done == s.max_thoughts:
+                s.thinking = False
+                s.pending = [self.special_tokens.eot]
             if traces is not None:
                 s.trace.append(traces[n])
 
@@ -376,16 +383,18 @@ class Generator:
         return traces
 
     def _step_inputs(self, running: list[_Seq], counts: list[int], batch: AttentionBatch) -> torch.Tensor:
-        """Packed input embeddings: token embeddings, with each thought's hidden state in its row."""
+        """Packed input embeddings: token embeddings, with each thought's hidden state in its row (a
+        sequence's first row of the step; a token, `<eot>` after the last thought, may follow it)."""
         token_rows, token_ids, thought_rows, thoughts = [], [], [], []
         start = 0
         for s, count in zip(running, counts):
-            if s.thought is None:
-                token_rows.extend(range(start, start + count))
-                token_ids.extend(s.pending)
-            else:
+            first_token = start
+            if s.thought is not None:
                 thought_rows.append(start)
                 thoughts.append(s.thought)
+                first_token += 1
+            token_rows.extend(range(first_token, start + count))
+            token_ids.extend(s.pending)
             start += count
         weight = self.decoder.embed_tokens.weight
         if not thoughts:

@@ -57,6 +57,41 @@ def test_thoughts_equal_the_no_cache_reference(models, backend):
     assert gen.cache.num_free_pages == 64
 
 
+def test_the_last_thought_and_eot_share_a_decoder_call(models, monkeypatch):
+    """k thoughts cost k decoder calls, not k + 1: a sequence's last thought and its <eot> are one
+    step (fixed counts and adaptive thinking at its bound), with the same tokens as the no-cache
+    reference; a batch whose sequences end their thoughts at different steps mixes such steps with
+    one-row ones."""
+    _, decoder = models
+    steps = []
+    forward = decoder.forward
+
+    def counting_forward(batch, *args, **kwargs):
+        steps.append(list(batch.q_lens))
+        return forward(batch, *args, **kwargs)
+
+    monkeypatch.setattr(decoder, "forward", counting_forward)
+    gen = Generator(decoder, max_pages=64, page_size=4, special_tokens=TOKENS)
+    prompt = make_prompts()[1]
+    for k in (1, 3):
+        steps.clear()
+        result = gen.generate([prompt], num_thoughts=k, max_new_tokens=5)[0]
+        # prefill (prompt + <bot>), k - 1 one-row thought steps, [last thought, <eot>], a step per token after the first
+        assert steps == [[len(prompt) + 1]] + [[1]] * (k - 1) + [[2]] + [[1]] * (len(result.token_ids) - 1)
+        assert result.token_ids == generate_no_cache(decoder, prompt, k, 5, TOKENS, eos_ids=gen.eos_ids)
+    steps.clear()
+    adaptive = gen.generate([prompt], num_thoughts="auto", max_thoughts=2, eot_threshold=1.0, max_new_tokens=5)[0]
+    assert adaptive.num_thoughts == 2 and len(steps) == 2 + len(adaptive.token_ids)
+    assert adaptive.token_ids == generate_no_cache(decoder, prompt, 2, 5, TOKENS, eos_ids=gen.eos_ids)
+    steps.clear()
+    prompts = make_prompts()[:3]
+    results = gen.generate(prompts, num_thoughts=[1, 3, 0], max_new_tokens=5)
+    assert [2, 1, 1] in steps and [1, 2, 1] in steps  # the 1- and 3-thought sequences' last-thought steps
+    assert len(steps) == max(k + len(r.token_ids) for k, r in zip([1, 3, 0], results))
+    for prompt, k, result in zip(prompts, [1, 3, 0], results):
+        assert result.token_ids == generate_no_cache(decoder, prompt, k, 5, TOKENS, eos_ids=gen.eos_ids)
+
+
 def test_one_token_steps_read_the_pages_in_place(models, monkeypatch):
     """Ragged prompts: every thought and decode step reads each sequence's K/V as views of the pool (its
     pages reserved as one run at admission; a forked copy's as several), never through a gather of
