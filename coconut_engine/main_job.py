@@ -71,7 +71,24 @@ MAIN_JOBS = {
     "prosqa": JobSettings(PROSQA_COMMON, PROSQA_COCONUT_EPOCHS, PROSQA_NO_COT_EPOCHS, all_latent_stage=True,
                           score_every_stage=True, warmup=PROSQA_WARMUP),
 }
-PROSQA_VALID = Path(os.environ.get("COCONUT_PROSQA_VALID", "../shared/data/prosqa_valid.json"))
+# The real ProsQA validation split: $COCONUT_PROSQA_VALID where set, else `PROSQA_VALID` from the working
+# directory (the repository root, with shared/ beside the checkout), else beside this checkout's root.
+PROSQA_VALID_ENV = "COCONUT_PROSQA_VALID"
+PROSQA_VALID = Path("../shared/data/prosqa_valid.json")
+
+
+def real_split_path(real_split: str | Path | None = None) -> tuple[Path, bool]:
+    """The real split to score and whether the user named it (`real_split`, else $COCONUT_PROSQA_VALID):
+    a named path must be a file; the default is looked up from the working directory, then from the
+    checkout this package runs from."""
+    if real_split is not None:
+        return Path(real_split), True
+    if os.environ.get(PROSQA_VALID_ENV):
+        return Path(os.environ[PROSQA_VALID_ENV]), True
+    if PROSQA_VALID.is_absolute() or PROSQA_VALID.is_file():
+        return PROSQA_VALID, False
+    beside_checkout = Path(__file__).resolve().parent.parent / PROSQA_VALID
+    return (beside_checkout if beside_checkout.is_file() else PROSQA_VALID), False
 
 
 class StageEndScoring(Trainer):
@@ -158,20 +175,21 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
                  real_split: str | Path | None = None, task: str = "small") -> dict:
     """Train Coconut and the no-CoT baseline (which reuses Coconut's data and tokenizer) on a task of
     `MAIN_JOBS`, each after its warm-up where the task has one; print and return the accuracy table.
-    `real_split` (default `PROSQA_VALID`, skipped with a printed line when that is absent; an explicit
-    path that is not a file is an error) is scored with the final Coconut model
+    `real_split` (default: `real_split_path`; a default that is absent is skipped with a printed line,
+    a named path that is not a file is an error) is scored with the final Coconut model
     (task `small`: failed requests count as wrong and are reported) or at the end of every stage of
     both runs (task `prosqa`)."""
     settings = _settings(task)
     save_dir = Path(save_dir)
-    real_path = Path(real_split) if real_split is not None else PROSQA_VALID
-    if real_split is not None and not real_path.is_file():
-        raise TrainingError(f"main job: the real split to score, {real_path}, is not a file")
+    real_path, named = real_split_path(real_split)
+    if named and not real_path.is_file():
+        source = "real_split" if real_split is not None else f"${PROSQA_VALID_ENV}"
+        raise TrainingError(f"main job: the real split to score ({source}), {real_path.resolve()}, is not a file")
     real = load_records(real_path) if real_path.is_file() else None
     missing = None if real else str(real_path.resolve())
     if missing:  # said before the run, not only after it
         print(f"The real ProsQA validation split is not scored: {missing} is not a file "
-              f"(set COCONUT_PROSQA_VALID to its path, or run from the repository root).", flush=True)
+              f"(set {PROSQA_VALID_ENV} to its path).", flush=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     runs = default_configs(save_dir, scale, progress, task)
     coconut_cfg = runs.coconut
@@ -242,7 +260,7 @@ def format_table(result: dict) -> str:
                          f"failed and count as wrong (first: {result['prosqa_valid_first_error']}).")
     if result.get("real_split_missing"):
         lines.append(f"Real ProsQA validation split not scored: {result['real_split_missing']} is not a file "
-                     f"(set COCONUT_PROSQA_VALID to its path).")
+                     f"(set {PROSQA_VALID_ENV} to its path).")
     phases = result["phases"]
     lines.append(f"Wall time: {result['seconds']:.0f} s (Coconut run {phases['coconut']:.0f} s, no-CoT run "
                  f"{phases['no_cot']:.0f} s, of which training steps {phases['training']:.0f} s); "

@@ -6,7 +6,8 @@ the block table) and pads the new tokens to `[B, heads, max_q, D]`; a long ragge
 empty runs per sequence instead (plain causal over its own rows: no padding, no mask), and a step of
 one token per sequence (a thought, a decode step) works on the pool's own layout (see below). On CPU a
 one-token step whose pages are not strided runs (a decode step: the Generator reserves each request's
-pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`); a
+pages as one run) reads each sequence's keys in place, run by run (`AttentionBatch.kv_runs`), and
+so does a step of up to two tokens per sequence (a last thought with its <eot>, `RUNS_MAX_Q`); a
 training thought step (one token per sequence over strided rows, `StepPlan.one_token_rows`) runs its
 backward as batched products over the rows (`_one_token_rows_backward`).
 
@@ -77,8 +78,9 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
         return _dropout_attention(q, k_pool, v_pool, batch, scale, return_lse, out, dropout)
     plan = step_plan(batch)
     fused = uses_fused_kernels(q.device)
+    in_place_runs = batch.max_seqlen_q <= RUNS_MAX_Q and fused and _reads_runs_in_place(k_pool, batch)
     padded_path = batch.num_tokens and not (
-        (batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch))
+        in_place_runs
         or (batch.max_seqlen_q == 1 and not fused)
         or (plan.per_sequence_prefill and (fused or not return_lse)))
     if padded_path:
@@ -94,8 +96,8 @@ def paged_attention(q, k_pool, v_pool, batch, scale: float, return_lse: bool = F
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device) if return_lse else None
     if batch.num_tokens == 0:
         return (out, lse) if return_lse else out
-    if batch.max_seqlen_q == 1 and fused and _reads_runs_in_place(k_pool, batch):
-        _one_token_runs(q, k_pool, v_pool, batch, scale, out, lse)
+    if in_place_runs:
+        _short_step_runs(q, k_pool, v_pool, batch, scale, out, lse)
     elif batch.max_seqlen_q == 1 and not fused:
         _one_token_step(q, k_pool, v_pool, batch, scale, out, lse)
     else:
@@ -569,41 +571,64 @@ def _one_token_rows_backward(dout, q, out, lse, k_rows, v_rows, mask, grad_k_poo
     return dq.to(q.dtype)
 
 
+# Up to this many new tokens per sequence, a step over pages that are not strided runs reads each
+# query's keys in place, run by run (`_short_step_runs`): a decode step (1), and a generation step in
+# which a sequence feeds its last thought and its <eot> (2), mixed with one-token sequences.
+RUNS_MAX_Q = 2
+
+
 def _reads_runs_in_place(pool: torch.Tensor, batch) -> bool:
-    """Whether a one-token step reads each sequence's keys as runs of the pool (`AttentionBatch.kv_runs`):
+    """Whether a short step reads each sequence's keys as runs of the pool (`AttentionBatch.kv_runs`):
     where the pages are not strided runs (those are one view for the whole batch)."""
     return batch.kv_runs is not None and _strided_rows(pool, batch) is None
 
 
-def _one_token_runs(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
-    """A one-token step over pages that are not strided runs (a decode step): each sequence's query
-    attends to its keys run by run, each run a view of the pool, with the fused kernel (no gather, no
-    padding to the longest sequence, no mask: a ragged step costs what an equal-length one does);
-    a sequence of several runs merges them by their log-sum-exps."""
+def _first_keys(runs, keys: int) -> list[tuple[int, int]]:
+    """The runs `(first slot, keys)` that hold a sequence's first `keys` keys."""
+    out = []
+    for start, n in runs:
+        if keys <= 0:
+            break
+        out.append((start, min(n, keys)))
+        keys -= n
+    return out
+
+
+def _short_step_runs(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
+    """A step of at most RUNS_MAX_Q new tokens per sequence over pages that are not strided runs (a
+    decode step; generation's last thought with its <eot>): each query attends to the keys it sees
+    (causal: all but its sequence's later new tokens) run by run, each run a view of the pool, with
+    the fused kernel (no gather, no padding to the longest sequence, no mask: a ragged step costs what
+    an equal-length one does); a query over several runs merges them by their log-sum-exps."""
     forward = _fused_cpu_kernels()[0]
     # heads-first views of the whole pool and of every query: a run or a query is then one slice
     k_all = k_pool.view(-1, *k_pool.shape[2:]).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, slots, D]
     v_all = v_pool.view(-1, *v_pool.shape[2:]).transpose(0, 1).unsqueeze(0)
     q_all = q.unsqueeze(2)  # [T, heads, 1, D]
     outs, lses, row = [], [], 0
-    for q_len, runs in zip(batch.q_lens, batch.kv_runs):
-        if not q_len:
-            continue
-        q_b = q_all[row : row + 1]
-        parts = [forward(q_b, as_dtype(k_all[:, :, s : s + n], q.dtype), as_dtype(v_all[:, :, s : s + n], q.dtype),
-                         0.0, False, scale=scale)[:2] for s, n in runs]
-        o, lse_b = parts[0]
-        if len(parts) > 1:  # [1, heads, 1, D] outputs weighted by exp(run lse - total lse)
-            lses_b = torch.stack([p[1] for p in parts])
-            lse_b = torch.logsumexp(lses_b, dim=0)
-            weights = (lses_b - lse_b).exp_().unsqueeze(-1)
-            o = (torch.stack([p[0].float() for p in parts]) * weights).sum(0)
-        outs.append(o)
-        lses.append(lse_b)
-        row += 1
-    out[:row] = torch.cat(outs).view(row, *q.shape[1:])  # one copy for the step, not one per sequence
+    for q_len, k_len, runs in zip(batch.q_lens, batch.k_lens, batch.kv_runs):
+        for i in range(q_len):
+            _one_query_over_runs(forward, q_all[row : row + 1], k_all, v_all,
+                                 runs if i == q_len - 1 else _first_keys(runs, k_len - q_len + 1 + i), scale, outs, lses)
+            row += 1
+    out[:row] = torch.cat(outs).view(row, *q.shape[1:])  # one copy for the step, not one per query
     if lse is not None:
         lse[:row] = torch.cat(lses).view(row, q.shape[1])
+
+
+def _one_query_over_runs(forward, q_b, k_all, v_all, runs, scale: float, outs: list, lses: list) -> None:
+    """Attention of one query `q_b` (`[1, heads, 1, D]`) over `runs` of the heads-first pool views;
+    appends its output and log-sum-exp to `outs` / `lses`."""
+    parts = [forward(q_b, as_dtype(k_all[:, :, s : s + n], q_b.dtype), as_dtype(v_all[:, :, s : s + n], q_b.dtype),
+                     0.0, False, scale=scale)[:2] for s, n in runs]
+    o, lse_b = parts[0]
+    if len(parts) > 1:  # [1, heads, 1, D] outputs weighted by exp(run lse - total lse)
+        lses_b = torch.stack([p[1] for p in parts])
+        lse_b = torch.logsumexp(lses_b, dim=0)
+        weights = (lses_b - lse_b).exp_().unsqueeze(-1)
+        o = (torch.stack([p[0].float() for p in parts]) * weights).sum(0)
+    outs.append(o)
+    lses.append(lse_b)
 
 
 def _softmax_attention(q_pad, k, v, batch, scale: float, dropout: AttentionDropout | None = None

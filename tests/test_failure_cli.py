@@ -2,6 +2,7 @@
 output first and write results as they finish, and exit non-zero when a request failed."""
 import json
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -194,6 +195,7 @@ def test_main_job_says_when_the_real_split_is_not_scored(tmp_path, monkeypatch, 
                      "thoughts_per_answer": 0.0, "train_seconds": 1.0}]
 
     absent = tmp_path / "elsewhere" / "prosqa_valid.json"
+    monkeypatch.delenv(main_job.PROSQA_VALID_ENV, raising=False)
     monkeypatch.setattr(main_job, "StageEndScoring", Finished)
     monkeypatch.setattr(main_job, "PROSQA_VALID", absent)
     result = main_job.run_main_job(tmp_path / "out", scale=0.01, progress=False)
@@ -203,8 +205,27 @@ def test_main_job_says_when_the_real_split_is_not_scored(tmp_path, monkeypatch, 
     assert f"Real ProsQA validation split not scored: {absent} is not a file" in \
         (tmp_path / "out" / "results.md").read_text()
     monkeypatch.setattr(main_job, "StageEndScoring", None)  # nothing may train
-    with pytest.raises(main_job.TrainingError, match=f"the real split to score, {re.escape(str(absent))}, is not a file"):
+    with pytest.raises(main_job.TrainingError, match=rf"real split to score \(real_split\), {re.escape(str(absent))}, is not"):
         main_job.run_main_job(tmp_path / "out2", scale=0.01, progress=False, real_split=absent)
+    monkeypatch.chdir(tmp_path)
+    for named in ("missing.json", str(tmp_path)):  # named by the environment: a missing file, a directory
+        monkeypatch.setenv(main_job.PROSQA_VALID_ENV, named)
+        with pytest.raises(main_job.TrainingError,
+                           match=rf"\(\$COCONUT_PROSQA_VALID\), {re.escape(str((tmp_path / named).resolve()))}, is not a file"):
+            main_job.run_main_job(tmp_path / "out3", scale=0.01, progress=False)
+
+
+def test_main_job_finds_the_real_split_beside_its_checkout_from_any_directory(tmp_path, monkeypatch):
+    import coconut_engine.main_job as main_job
+
+    monkeypatch.delenv(main_job.PROSQA_VALID_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    beside = Path(main_job.__file__).resolve().parent.parent / main_job.PROSQA_VALID
+    assert main_job.real_split_path() == ((beside, False) if beside.is_file() else (main_job.PROSQA_VALID, False))
+    split = tmp_path / "split.json"
+    monkeypatch.setenv(main_job.PROSQA_VALID_ENV, str(split))
+    assert main_job.real_split_path() == (split, True)
+    assert main_job.real_split_path("x.json") == (Path("x.json"), True)
 
 
 def test_train_task_picks_the_main_job_task_and_takes_nothing_else(monkeypatch):

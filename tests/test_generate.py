@@ -93,16 +93,17 @@ def test_the_last_thought_and_eot_share_a_decoder_call(models, monkeypatch):
 
 
 def test_one_token_steps_read_the_pages_in_place(models, monkeypatch):
-    """Ragged prompts: every thought and decode step reads each sequence's K/V as views of the pool (its
-    pages reserved as one run at admission; a forked copy's as several), never through a gather of
-    pages padded to the longest sequence; greedy results still equal the no-cache reference."""
+    """Ragged prompts: every thought and decode step (and a last thought with its <eot>, two tokens)
+    reads each sequence's K/V as views of the pool (its pages reserved as one run at admission; a
+    forked copy's as several), never through a gather of pages padded to the longest sequence; only
+    the prefill gathers. Greedy results still equal the no-cache reference."""
     from coconut_engine.kernels import torch_backend
 
     _, decoder = models
     original = torch_backend._token_major_kv
 
     def token_major_kv(pool, batch, *args):
-        assert batch.max_seqlen_q > 1, "a one-token step gathered the pages"
+        assert batch.max_seqlen_q > torch_backend.RUNS_MAX_Q, f"a step of {batch.q_lens} new tokens gathered the pages"
         return original(pool, batch, *args)
 
     monkeypatch.setattr(torch_backend, "_token_major_kv", token_major_kv)

@@ -123,19 +123,23 @@ def test_torch_backend_matches_reference(strided, fused, q_kind, group, head_dim
 
 
 @pytest.mark.parametrize("runs", ["permuted", "consecutive"])
-@pytest.mark.parametrize("q_kind", ["decode", "ragged-decode"])
+@pytest.mark.parametrize("q_kind", ["decode", "ragged-decode", "two-token", "ragged-two-token"])
 @pytest.mark.parametrize("group,head_dim,page,dtype", SHAPES)
-def test_one_token_step_reads_key_runs_in_place(runs, q_kind, group, head_dim, page, dtype, monkeypatch):
-    """A one-token step over pages that are not strided runs (a decode step) reads each sequence's keys
-    run by run as views of the pool: nothing is gathered through the block table and nothing padded
-    to the longest sequence; a sequence of several runs merges them by log-sum-exp. Output and
-    log-sum-exp equal the loop reference."""
+def test_short_step_reads_key_runs_in_place(runs, q_kind, group, head_dim, page, dtype, monkeypatch):
+    """A step of one token per sequence (a decode step), or of up to two (generation's last thought
+    with its <eot>, next to one-token sequences), over pages that are not strided runs reads each
+    query's keys run by run as views of the pool: nothing is gathered through the block table and
+    nothing padded to the longest sequence; the first of two new tokens does not see the second (its
+    keys may end a page, or a run, earlier); a query over several runs merges them by log-sum-exp.
+    Output and log-sum-exp equal the loop reference."""
     def no_gather(*args):
-        raise AssertionError("a one-token step with key runs gathered or padded the K/V")
+        raise AssertionError("a short step with key runs gathered or padded the K/V")
 
     monkeypatch.setattr(torch_backend, "_token_major_kv", no_gather)
-    prefix = lengths(page) if q_kind == "decode" else [page * 3 + 5, page - 1, 2 * page, 7 * page + 3]
-    q_lens = [1, 1, 1, 0, 1, 1][: len(prefix)]
+    ragged = q_kind.startswith("ragged")
+    prefix = [page * 3 + 5, page - 1, 2 * page, 7 * page + 3] if ragged else lengths(page)
+    q_lens = ([2, 2, 1, 2] if ragged else [2, 1, 2, 0, 1, 2]) if "two" in q_kind else [1, 1, 1, 0, 1, 1]
+    q_lens = q_lens[: len(prefix)]
     q, k_pool, v_pool, batch = make_case(group, head_dim, page, dtype, prefix, q_lens, runs=runs)
     if runs == "consecutive":
         assert all(len(r) == 1 for r in batch.kv_runs)
