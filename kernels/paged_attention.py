@@ -6,9 +6,9 @@ together by one `tl.dot` of at least 16 rows, whatever the q length (a decode st
 tile with the group's heads). Keys are read position by position through the block table, so the
 key tile is independent of the page size. Softmax is online with fp32 accumulators.
 
-For decode steps (every q_len <= 1) the key range can be split across programs ("flash-decoding");
-each split writes a partial output and its log-sum-exp, and one merge kernel combines them on the
-device (nothing is built on the host per layer). The split count is a runtime argument: a new count
+For decode steps (every q_len <= DECODE_MAX_Q: one token, or generation's last thought with its
+`<eot>`) the key range can be split across programs ("flash-decoding"); each split writes a partial
+output and its log-sum-exp per query row, and one merge kernel combines them on the device (nothing is built on the host per layer). The split count is a runtime argument: a new count
 compiles nothing new.
 """
 from __future__ import annotations
@@ -181,14 +181,14 @@ def _merge_splits_kernel(
     stride_pt, stride_ph, stride_ps, stride_lpt, stride_lph, stride_ot, stride_oh, stride_lt,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
-    """Flash-decoding's second stage: one program per (sequence, query head) combines the split
-    partial outputs of the sequence's one new token by their log-sum-exp."""
+    """Flash-decoding's second stage: one program per (sequence, query head) combines, for each of
+    the sequence's new tokens (at most DECODE_MAX_Q), the split partial outputs by their log-sum-exp."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_begin = tl.load(CU_SEQLENS_Q + seq)
     q_len = tl.load(CU_SEQLENS_Q + seq + 1) - q_begin
-    if q_len > 0:
-        row = q_begin.to(tl.int64)
+    for t in range(0, q_len):
+        row = (q_begin + t).to(tl.int64)
         dims = tl.arange(0, BLOCK_D)
         dim_ok = dims < HEAD_DIM
         lse_row = LSE_PARTS + row * stride_lpt + head * stride_lph
@@ -224,6 +224,10 @@ class TileConfig:
 
 
 MAX_SPLITS = 128
+# A step of at most this many new tokens per sequence is a decode step: its tiles hold the kv group's
+# heads only and its keys may be split. One token, or two: generation feeds a sequence's last thought
+# and its <eot> in one step, next to one-token sequences.
+DECODE_MAX_Q = 2
 MIN_KEYS_PER_SPLIT = 256
 _MERGE_BLOCK_S = 16
 
@@ -231,7 +235,7 @@ _MERGE_BLOCK_S = 16
 def forward_config(group: int, head_dim: int, dtype: torch.dtype, ieee: bool, decode: bool) -> TileConfig:
     """Tiles of the forward kernel. Under the interpreter: big tiles (its cost is programs x iterations).
 
-    Compiled: a one-token step fills a tile with the kv group's heads only; exact fp32 (IEEE) dots keep
+    Compiled: a decode step (DECODE_MAX_Q) fills a tile with the kv group's heads only; exact fp32 (IEEE) dots keep
     three times the products live, so they get smaller key tiles.
     """
     rows = max(16, triton.next_power_of_2(group))
@@ -247,7 +251,7 @@ def forward_config(group: int, head_dim: int, dtype: torch.dtype, ieee: bool, de
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, num_sms: int) -> int:
-    """Split count of a one-token step for occupancy (FlashAttention-2's num_splits idea).
+    """Split count of a decode step for occupancy (FlashAttention-2's num_splits idea).
 
     A step with at least one program per SM is not split. Otherwise aim at ~4 programs per SM, with at
     least MIN_KEYS_PER_SPLIT keys per split and at most MAX_SPLITS splits.
@@ -261,7 +265,7 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seqlen_k: int, num_s
 
 def split_keys(num_splits: int | None, q: torch.Tensor, num_seqs: int, num_kv_heads: int, max_seqlen_k: int,
                block_n: int) -> tuple[int, int]:
-    """(splits, keys per split) of a one-token step: `num_splits` when given, one split under the
+    """(splits, keys per split) of a decode step: `num_splits` when given, one split under the
     interpreter or off CUDA, else `choose_num_splits`; each split a whole number of key tiles."""
     if num_splits is not None:
         splits = max(1, int(num_splits))
@@ -334,7 +338,7 @@ def paged_attention(
 
     `batch` is the step's AttentionBatch. Returns `out` (q's dtype), plus the natural-log
     log-sum-exp (`[T, heads]` fp32) when `return_lse`. `num_splits` forces the decode split count
-    (only used when every q_len <= 1); `ieee` asks for exact fp32 dots (default: TF32 dots for fp32
+    (only used when every q_len <= DECODE_MAX_Q); `ieee` asks for exact fp32 dots (default: TF32 dots for fp32
     inputs on the GPU). `dropout` drops attention probabilities (training; `kernels/dropout.py`; the
     log-sum-exp is that of the probabilities before dropout); without it the kernel has no dropout code.
     Rows of `out` that belong to no sequence's new tokens are never written.
@@ -359,7 +363,7 @@ def paged_attention(
         return (out, lse) if return_lse else out
 
     ieee = bool(ieee)
-    decode = batch.max_seqlen_q <= 1
+    decode = batch.max_seqlen_q <= DECODE_MAX_Q
     cfg = forward_config(group, head_dim, q.dtype, ieee, decode)
     splits, split_size = split_keys(num_splits if decode else 1, q, num_seqs, num_kv_heads, batch.max_seqlen_k,
                                     cfg.block_n)

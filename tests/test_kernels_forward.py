@@ -51,10 +51,24 @@ def test_decode_step(group, head_dim, page, dtype):
 
 
 @pytest.mark.parametrize("splits", [2, 3, 7])
-def test_split_kv_decode_merges_by_lse(splits):
+@pytest.mark.parametrize("q_lens", [[1, 1, 0, 1, 1, 1], [2, 1, 0, 2, 2, 1]], ids=["one-token", "last-thought-eot"])
+def test_split_kv_decode_merges_by_lse(splits, q_lens, monkeypatch):
+    """Keys split across programs, merged by log-sum-exp: a one-token step, and a step in which some
+    sequences feed two tokens (generation's last thought with its <eot>), whose first query does not
+    see the second's key (a split may hold no key it sees)."""
+    from coconut_engine.kernels import paged_attention as kernel_module
+
+    merges, merge_kernel = [], kernel_module._merge_splits_kernel
+
+    class RecordingMerge:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge_kernel[grid]
+
+    monkeypatch.setattr(kernel_module, "_merge_splits_kernel", RecordingMerge())
     prefix = [0, 15, 16, 17, 300, 5]
-    q_lens = [1, 1, 0, 1, 1, 1]
     check(*make_case(2, 64, 16, torch.float32, prefix, q_lens), torch.float32, num_splits=splits)
+    assert merges, "the step's keys were not split"
 
 
 def test_prefill_from_empty():
