@@ -219,6 +219,24 @@ class PageAllocator:
             needed += 1
         return needed
 
+    def _pages_needed_together(self, seq_ids: Sequence[Hashable], counts: Sequence[int]) -> int:
+        """Free pages that `append(seq_ids, counts)` takes: as `pages_needed` per sequence, except that
+        of the writers of one shared partly filled page, the last one left holding it (the others
+        have copied it away, in order) writes in place (forks of one request all writing their first
+        token)."""
+        needed, copied = 0, {}
+        for seq_id, count in zip(seq_ids, counts):
+            if count <= 0:
+                continue
+            seq = self._get(seq_id)
+            needed += max(0, -(-(seq.length + count) // self.page_size) - len(seq.pages))
+            if seq.length % self.page_size:
+                page = seq.pages[seq.length // self.page_size]
+                if self._refs[page] - copied.get(page, 0) > 1:
+                    copied[page] = copied.get(page, 0) + 1
+                    needed += 1
+        return needed
+
     def _shared_partial_page(self, seq: _Sequence) -> int | None:
         """Index in `seq.pages` of its partly filled last page when another sequence shares it (the
         next write must copy it first), else None."""
@@ -300,7 +318,7 @@ class PageAllocator:
             raise ValueError(f"duplicate sequence ids in one step: {list(seq_ids)}")
         if not all(is_integer(c) and c >= 0 for c in counts):
             raise InvalidArgumentError(f"new-token counts must be integers >= 0, got {list(counts)}")
-        needed = sum(self.pages_needed(s, c) for s, c in zip(seq_ids, counts))
+        needed = self._pages_needed_together(seq_ids, counts)
         if needed > len(self._free):
             raise OutOfPagesError(
                 f"paged KV cache out of pages: this step needs {needed} free pages, "

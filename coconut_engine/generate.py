@@ -73,6 +73,7 @@ class _Seq:
     pending: list[int] = field(default_factory=list)  # token inputs of the next step (after its thought, if any)
     thought: torch.Tensor | None = None  # thought input embedding of the next step (its first row)
     thoughts_done: int = 0
+    markers: bool = True  # <eot> follows the last thought (thought_markers)
     out: list[int] = field(default_factory=list)
     forks: int = 0  # copies to fork off once the shared part (prompt + thoughts) is computed
     trace: list[ThoughtTrace] | None = None
@@ -84,7 +85,8 @@ class _Request:
     prompt: list[int]
     max_thoughts: int
     adaptive: bool
-    thinking: bool  # the prompt ends with <bot> and thoughts follow it
+    thinking: bool  # thoughts follow the prompt (which ends with <bot> where there are markers)
+    markers: bool  # <bot> ends the prompt and <eot> follows the last thought
     pages: int  # pages reserved for the request's whole life, all samples included
     tokens: int  # the most tokens one sample can hold: its pages are reserved as one run at admission
 
@@ -231,7 +233,8 @@ class Generator:
             return None, f"request {index}: num_thoughts='auto' needs the thought markers (thought_markers=False)"
         k = params.max_thoughts if adaptive else int(k)
         markers = (adaptive or k > 0) if thought_markers is None else thought_markers
-        if markers and self.special_tokens is None:
+        thinking = adaptive or k > 0
+        if (markers or thinking) and self.special_tokens is None:
             return None, (f"request {index}: thoughts need the special tokens {SPECIAL_TOKEN_TEXTS}: pass a "
                           "CoconutModel, special_tokens=, or a tokenizer that has them")
         if isinstance(prompt, str):
@@ -248,7 +251,6 @@ class Generator:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             return None, f"request {index}: token ids {bad[:5]} are outside the vocabulary of {vocab}"
-        thinking = adaptive or k > 0
         if markers:  # <bot>; <eot> follows at once without thoughts, else after the last thought
             ids = ids + [self.special_tokens.bot] + ([] if thinking else [self.special_tokens.eot])
         length = len(ids) + k + (1 if thinking else 0) + params.max_new_tokens
@@ -260,7 +262,7 @@ class Generator:
         if pages > self.cache.num_pages:
             return None, (f"request {index}: needs up to {pages} pages ({len(ids)} prompt tokens + {k} thoughts + "
                           f"{params.max_new_tokens} new tokens, n={params.n}) but the pool has {self.cache.num_pages}")
-        return _Request(index, ids, k, adaptive, thinking, pages, length), None
+        return _Request(index, ids, k, adaptive, thinking, markers, pages, length), None
 
     def _position_error(self, positions: int) -> str | None:
         """Why a sequence may not use `positions` positions on this model, or None."""
@@ -278,7 +280,8 @@ class Generator:
     def _admit(self, request: _Request, params: _Params) -> _Seq:
         seq = _Seq(key=(request.index, 0), prompt_tokens=len(request.prompt), max_thoughts=request.max_thoughts,
                    adaptive=request.adaptive, thinking=request.thinking, generator=_sample_generator(params.seed, 0),
-                   pending=list(request.prompt), forks=params.n - 1, trace=[] if params.return_thoughts else None)
+                   pending=list(request.prompt), forks=params.n - 1, trace=[] if params.return_thoughts else None,
+                   markers=request.markers)
         self.cache.add_sequence(seq.key)
         try:
             # the pages `generate` holds back for it anyway, taken now as one run where the pool has one:
@@ -358,9 +361,9 @@ class Generator:
             s = thinking[j][0]
             s.thought = inputs[n]
             s.thoughts_done += 1
-            if s.thoughts_done == s.max_thoughts:
+            if s.thoughts_done == s.max_thoughts:  # without markers, the last thought's output is sampled
                 s.thinking = False
-                s.pending = [self.special_tokens.eot]
+                s.pending = [self.special_tokens.eot] if s.markers else []
             if traces is not None:
                 s.trace.append(traces[n])
 

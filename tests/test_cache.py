@@ -121,6 +121,29 @@ def test_fork_shares_pages_and_copies_partial_page_on_write():
     assert cache.allocator.ref_count(shared_last) == 3
 
 
+def test_writers_of_a_shared_partial_page_need_one_copy_fewer_than_writers():
+    """All forks of a sequence write their next token in one step: each copies the shared partly
+    filled page except the last one left holding it, which writes in place, so the step fits a
+    pool with one free page per copy (it was refused: n > 1 generation with a tight pool)."""
+    cache = PagedKVCache(CONFIG, num_pages=4, page_size=4)
+    cache.add_sequence(0)
+    cache.prepare([0], [6])
+    for child in (1, 2):
+        cache.fork(0, child)
+    first, shared_last = cache.allocator.pages(0)
+    cache.kv[:, :, shared_last] = 7.0
+    assert cache.num_free_pages == 2 and cache.allocator.pages_needed(2, 1) == 1
+    batch = cache.prepare([0, 1, 2], [1, 1, 1])
+    lasts = [cache.allocator.pages(s)[-1] for s in (0, 1, 2)]
+    assert cache.num_free_pages == 0 and len(set(lasts)) == 3 and lasts[2] == shared_last
+    assert all(cache.allocator.ref_count(page) == 1 for page in lasts) and cache.allocator.ref_count(first) == 3
+    assert all(torch.equal(cache.kv[:, :, page], cache.kv[:, :, shared_last]) for page in lasts)
+    assert sorted(batch.slot_mapping.tolist()) == sorted(page * 4 + 2 for page in lasts)
+    cache.fork(0, 3)  # a fourth holder: now every writer copies, and the pool has no page left for it
+    with pytest.raises(OutOfPagesError, match="needs 1 free pages, 0 of 4 are free"):
+        cache.prepare([3], [1])
+
+
 def test_out_of_pages_is_a_clear_error_and_changes_nothing():
     cache = PagedKVCache(CONFIG, num_pages=3, page_size=4)
     cache.add_sequence("x")

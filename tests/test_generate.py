@@ -157,6 +157,19 @@ def test_n_samples_share_the_prompt_pages(models):
     assert greedy[0].token_ids == greedy[1].token_ids == greedy[2].token_ids
 
 
+def test_n_samples_run_in_a_pool_of_exactly_their_reservation(models):
+    """A request's n copies share a partly filled last page and all write their first sampled token in
+    one step: the last copy left holding the page writes in place, so a pool of exactly the pages the
+    request reserves (one per copy here) is enough (it raised OutOfPagesError mid-generate)."""
+    _, decoder = models
+    prompt = make_prompts()[0][:3]
+    gen = Generator(decoder, max_pages=3, page_size=16, special_tokens=TOKENS)
+    results = gen.generate([prompt], num_thoughts=1, max_new_tokens=4, n=3)
+    alone = Generator(decoder, max_pages=64, page_size=16, special_tokens=TOKENS).generate([prompt], num_thoughts=1,
+                                                                                           max_new_tokens=4)[0]
+    assert [r.token_ids for r in results] == [alone.token_ids] * 3 and gen.cache.num_free_pages == 3
+
+
 def test_bad_requests_get_errors_and_the_rest_completes(models):
     _, decoder = models
     gen = Generator(decoder, max_pages=8, page_size=4, special_tokens=TOKENS)
@@ -170,7 +183,22 @@ def test_bad_requests_get_errors_and_the_rest_completes(models):
     assert bad_stop[0].finish_reason == "error" and "stop entries must be" in bad_stop[0].error
     plain = Generator(decoder, max_pages=8, page_size=4)
     assert "thoughts need the special tokens" in plain.generate([[5, 6]], num_thoughts=1, max_new_tokens=2)[0].error
+    unmarked = plain.generate([[5, 6]], num_thoughts=1, thought_markers=False, max_new_tokens=2)[0]
+    assert "thoughts need the special tokens" in unmarked.error  # it raised AttributeError
     assert gen.cache.num_free_pages == 8
+
+
+def test_thoughts_without_markers_equal_the_no_cache_reference(models):
+    """thought_markers=False: the thoughts follow the prompt with no <bot> before them and no <eot>
+    after them (the first token is sampled from the last thought's output), as the reference does."""
+    _, decoder = models
+    gen = Generator(decoder, max_pages=64, page_size=4, special_tokens=TOKENS)
+    prompts = make_prompts()[:4]
+    results = gen.generate(prompts, num_thoughts=[1, 2, 0, 3], thought_markers=False, max_new_tokens=5)
+    for prompt, k, result in zip(prompts, [1, 2, 0, 3], results):
+        assert result.token_ids == generate_no_cache(decoder, prompt, k, 5, TOKENS, eos_ids=gen.eos_ids,
+                                                     thought_markers=False)
+        assert result.num_thoughts == k
 
 
 def test_stop_tokens_and_strings(tmp_path):
