@@ -1,7 +1,8 @@
 """Host time per decoder call by step kind: the tiny shape's paged training step (forward of the
 prefill, a thought step and the suffix step; the step's backward) and a decode step of the
-smollm2-135m shape with equal and ragged (+-20 %) prompt lengths; optionally against an earlier
-revision of the engine, timed in the same process.
+smollm2-135m shape with equal and ragged (+-20 %) prompt lengths, or (`--thought-generation`) a whole
+generate call with thoughts; optionally against an earlier revision of the engine, timed in the same
+process.
 
 On CPU a call's host time is its wall time. Every number is the median over `--reps` rounds in
 which the contenders take turns (the order rotating each round). Each step is timed twice: wall
@@ -13,6 +14,7 @@ turns compare. Usage (from the repository root):
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 21 --stages 1,2,3,4,5,6 --against e993c0e
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 7 --decode-batches 1,16 --against e993c0e
     OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 5 --stages 6 --shape gpt2-6l --against e993c0e
+    OMP_NUM_THREADS=1 python benchmarks/host_overhead.py --reps 5 --thought-generation 16 --against 5c8f740
 
 `--against REV` extracts the library (`coconut_engine/`, `kernels/`) of git revision REV into a
 temporary directory, imports it as a second package and adds its paged step (and its decode step)
@@ -175,6 +177,50 @@ def decode_calls(batches, reps: int, against: str | None = None) -> dict:
     return out
 
 
+def thought_generation(batch: int, reps: int, against: str | None = None, prompt_len: int = 128,
+                       new_tokens: int = 32) -> dict:
+    """Median ms of one `Generator.generate` call of the smollm2-135m shape over `batch` ragged prompts
+    (`prompt_len` +-20 %), `new_tokens` greedy tokens after thoughts: 6 for every prompt, or 1-6 by
+    prompt (sequences end their thoughts at different steps); each engine, in turns, with the decoder
+    calls one call makes."""
+    engines = _engines(against)
+    lens = bench.prompt_lengths(batch, prompt_len, True)
+    counts = {"k=6": 6, "k=1..6": [1 + i % 6 for i in range(batch)]}
+    contenders, calls = {}, {}
+    for label, engine in engines.items():
+        package = engine.__name__.rsplit(".", 1)[0]
+        generate_module = importlib.import_module(package + ".generate")
+        tokens_cls = importlib.import_module(package + ".coconut").SpecialTokens
+        decoder = engine.build_random_model("smollm2-135m", attention_backend="torch").eval()
+        vocab = decoder.config.vocab_size
+        gen = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, vocab - 3, (n,), generator=gen).tolist() for n in lens]
+        generator = generate_module.Generator(decoder, max_pages=batch * (-(-(max(lens) + new_tokens + 8) // 16)) + 8,
+                                              page_size=16, special_tokens=tokens_cls(vocab - 3, vocab - 2, vocab - 1))
+        for kind, k in counts.items():
+            name = f"{label} {kind}"
+            made = []
+            forward = decoder.forward
+
+            def counting(batch_, *args, _made=made, _forward=forward, **kwargs):
+                _made.append(1)
+                return _forward(batch_, *args, **kwargs)
+
+            def run(generator=generator, prompts=prompts, k=k, made=made, decoder=decoder, counting=counting,
+                    name=name):
+                made.clear()
+                decoder.forward = counting
+                try:
+                    generator.generate(prompts, num_thoughts=k, max_new_tokens=new_tokens)
+                finally:
+                    del decoder.forward
+                calls[name] = len(made)
+
+            contenders[name] = run
+    out = _take_turns(contenders, reps)
+    return {name: {**times, "decoder_calls": calls[name]} for name, times in out.items()}
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
@@ -183,10 +229,16 @@ if __name__ == "__main__":
     parser.add_argument("--stages", default=None, help="instead: the training step by stage, e.g. 1,2,3,4,5,6")
     parser.add_argument("--shape", default="tiny", help="with --stages: the model shape (bench.SHAPES)")
     parser.add_argument("--against", default=None, help="a git revision whose engine runs in turns with this one")
+    parser.add_argument("--thought-generation", type=int, default=None, metavar="BATCH",
+                        help="instead: generate with thoughts and 32 tokens over BATCH ragged prompts (smollm2-135m)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     meta = {"engine": str(Path(coconut_engine.__file__).parent), "against": args.against, "reps": args.reps,
             "torch": torch.__version__}
+    if args.thought_generation:
+        print(json.dumps({**meta, "thought_generation": thought_generation(args.thought_generation, args.reps,
+                                                                           args.against)}))
+        raise SystemExit(0)
     if args.stages:
         print(json.dumps({**meta, "shape": args.shape,
                           "stages": stage_times([int(s) for s in args.stages.split(",")], args.reps, args.against,

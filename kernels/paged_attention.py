@@ -8,7 +8,8 @@ key tile is independent of the page size. Softmax is online with fp32 accumulato
 
 For decode steps (every q_len <= DECODE_MAX_Q: one token, or generation's last thought with its
 `<eot>`) the key range can be split across programs ("flash-decoding"); each split writes a partial
-output and its log-sum-exp per query row, and one merge kernel combines them on the device (nothing is built on the host per layer). The split count is a runtime argument: a new count
+output and its log-sum-exp per query row, and one merge kernel combines them on the device
+(nothing is built on the host per layer). The split count is a runtime argument: a new count
 compiles nothing new.
 """
 from __future__ import annotations

@@ -608,8 +608,8 @@ def _short_step_runs(q, k_pool, v_pool, batch, scale: float, out, lse) -> None:
     outs, lses, row = [], [], 0
     for q_len, k_len, runs in zip(batch.q_lens, batch.k_lens, batch.kv_runs):
         for i in range(q_len):
-            _one_query_over_runs(forward, q_all[row : row + 1], k_all, v_all,
-                                 runs if i == q_len - 1 else _first_keys(runs, k_len - q_len + 1 + i), scale, outs, lses)
+            seen = runs if i == q_len - 1 else _first_keys(runs, k_len - q_len + 1 + i)
+            _one_query_over_runs(forward, q_all[row : row + 1], k_all, v_all, seen, scale, outs, lses)
             row += 1
     out[:row] = torch.cat(outs).view(row, *q.shape[1:])  # one copy for the step, not one per query
     if lse is not None:
