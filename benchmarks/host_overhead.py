@@ -182,11 +182,12 @@ def thought_generation(batch: int, reps: int, against: str | None = None, prompt
     """Median ms of one `Generator.generate` call of the smollm2-135m shape over `batch` ragged prompts
     (`prompt_len` +-20 %), `new_tokens` greedy tokens after thoughts: 6 for every prompt, or 1-6 by
     prompt (sequences end their thoughts at different steps); each engine, in turns, with the decoder
-    calls one call makes."""
+    calls one generate call makes and the median ms of a call by the most new tokens a sequence feeds
+    in it (1: thoughts and decoding; 2: a sequence's last thought with its <eot>; more: prefill)."""
     engines = _engines(against)
     lens = bench.prompt_lengths(batch, prompt_len, True)
     counts = {"k=6": 6, "k=1..6": [1 + i % 6 for i in range(batch)]}
-    contenders, calls = {}, {}
+    contenders, calls, call_ms = {}, {}, {}
     for label, engine in engines.items():
         package = engine.__name__.rsplit(".", 1)[0]
         generate_module = importlib.import_module(package + ".generate")
@@ -201,10 +202,15 @@ def thought_generation(batch: int, reps: int, against: str | None = None, prompt
             name = f"{label} {kind}"
             made = []
             forward = decoder.forward
+            by_width = call_ms.setdefault(name, {})
 
-            def counting(batch_, *args, _made=made, _forward=forward, **kwargs):
+            def counting(batch_, *args, _made=made, _forward=forward, _by_width=by_width, **kwargs):
+                t0 = time.perf_counter()
+                out = _forward(batch_, *args, **kwargs)
+                width = str(batch_.max_seqlen_q) if batch_.max_seqlen_q <= 2 else "prefill"
+                _by_width.setdefault(width, []).append((time.perf_counter() - t0) * 1e3)
                 _made.append(1)
-                return _forward(batch_, *args, **kwargs)
+                return out
 
             def run(generator=generator, prompts=prompts, k=k, made=made, decoder=decoder, counting=counting,
                     name=name):
@@ -218,7 +224,9 @@ def thought_generation(batch: int, reps: int, against: str | None = None, prompt
 
             contenders[name] = run
     out = _take_turns(contenders, reps)
-    return {name: {**times, "decoder_calls": calls[name]} for name, times in out.items()}
+    return {name: {**times, "decoder_calls": calls[name],
+                   "call_ms_by_new_tokens": {w: statistics.median(t) for w, t in call_ms[name].items()}}
+            for name, times in out.items()}
 
 
 if __name__ == "__main__":
