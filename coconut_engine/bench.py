@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import resource
@@ -410,7 +411,19 @@ def _point_worker_main(kwargs_json: str) -> None:
     print("RESULT " + json.dumps(_run_point(json.loads(kwargs_json))))
 
 
-def run_train_point_subprocess(preload: Sequence[str] = ("coconut_engine.bench",), **kwargs) -> dict:
+def fork_server_preload() -> tuple[str, ...]:
+    """What the benchmark fork server imports before its first fork: this module and, where transformers
+    is installed, transformers and the model module of every `SHAPES` family (a point building the
+    transformers contender spent ~1.8 s of ~2 s importing it). One list for every point of a process:
+    a running server keeps the preload it started with, so every point carries the same imports."""
+    modules = ("coconut_engine.bench",)
+    if importlib.util.find_spec("transformers") is not None:
+        types = sorted({shape["model_type"] for shape in SHAPES.values()})
+        modules += ("transformers", *(f"transformers.models.{t}.modeling_{t}" for t in types))
+    return modules
+
+
+def run_train_point_subprocess(**kwargs) -> dict:
     """`run_train_point` in a fresh child process, so that its peak memory belongs to that point alone;
     `measure="tensor_memory"` runs `tensor_memory_point` and `measure="interleaved"`
     `interleaved_stage_timing` instead.
@@ -425,7 +438,7 @@ def run_train_point_subprocess(preload: Sequence[str] = ("coconut_engine.bench",
 
     if "forkserver" in multiprocessing.get_all_start_methods():
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(list(preload))  # takes effect when the server starts (the first point)
+        ctx.set_forkserver_preload(list(fork_server_preload()))  # takes effect when the server starts
         receive, send = ctx.Pipe(duplex=False)
         proc = ctx.Process(target=_point_worker, args=(send, kwargs))
         proc.start()
@@ -466,16 +479,9 @@ def bench_train(shape: str = "tiny", stages=range(0, 7), modes=TRAIN_MODES, batc
     profiled = {"all": stages, "last": stages[-1:], "none": []}[tensor_memory]
     if torch.device(device).type != "cpu":
         profiled = []  # the CUDA allocator's peak is exact already
-    # the fork server imports transformers and the shape's model module once if a point needs them (then every
-    # point carries them alike): a point importing the model module itself spent ~1.8 s of its ~2 s on it
-    preload = ("coconut_engine.bench",)
-    if "transformers" in modes:
-        model_type = SHAPES[shape]["model_type"]
-        preload += ("transformers", f"transformers.models.{model_type}.modeling_{model_type}")
     rows = []
     for stage in stages:
-        common = dict(shape=shape, stage=stage, batch=batch, device=device, backend=backend, prompt_len=prompt_len,
-                      preload=preload)
+        common = dict(shape=shape, stage=stage, batch=batch, device=device, backend=backend, prompt_len=prompt_len)
         timing = (run_train_point_subprocess(**common, modes=modes, reps=reps, measure="interleaved")
                   if interleave else None)
         for mode in modes:

@@ -253,16 +253,18 @@ class Generator:
             return None, f"request {index}: token ids {bad[:5]} are outside the vocabulary of {vocab}"
         if markers:  # <bot>; <eot> follows at once without thoughts, else after the last thought
             ids = ids + [self.special_tokens.bot] + ([] if thinking else [self.special_tokens.eot])
-        length = len(ids) + k + (1 if thinking else 0) + params.max_new_tokens
-        error = self._position_error(length - 1)  # the last new token is sampled, never fed back
+        # what a sample's cache holds at most: its inputs (<eot> after the thoughts only with markers) and
+        # its new tokens but the last, which is sampled and never fed back
+        stored = len(ids) + k + (1 if thinking and markers else 0) + params.max_new_tokens - 1
+        error = self._position_error(stored)
         if error:
             return None, (f"request {index}: {len(ids)} prompt tokens + {k} thoughts + {params.max_new_tokens} new "
                           f"tokens {error}")
-        pages = -(-length // self.page_size) * params.n  # conservative: every copy owns all its pages
+        pages = -(-stored // self.page_size) * params.n  # conservative: every copy owns all its pages
         if pages > self.cache.num_pages:
             return None, (f"request {index}: needs up to {pages} pages ({len(ids)} prompt tokens + {k} thoughts + "
                           f"{params.max_new_tokens} new tokens, n={params.n}) but the pool has {self.cache.num_pages}")
-        return _Request(index, ids, k, adaptive, thinking, markers, pages, length), None
+        return _Request(index, ids, k, adaptive, thinking, markers, pages, stored), None
 
     def _position_error(self, positions: int) -> str | None:
         """Why a sequence may not use `positions` positions on this model, or None."""

@@ -69,29 +69,25 @@ def test_bench_train_profiles_tensor_memory_at_the_stages_asked(tensor_memory, p
         bench_train("tiny", stages=[0], modes=["paged"], tensor_memory="some")
 
 
-@pytest.mark.parametrize("shape,module", [("tiny", "transformers.models.gpt2.modeling_gpt2"),
-                                          ("smollm2-135m", "transformers.models.llama.modeling_llama")])
-def test_bench_train_fork_server_preloads_the_transformers_model_module(shape, module, monkeypatch):
-    """With the transformers contender every point's process forks from a server that has imported the
-    shape's transformers model module (a point importing it itself spent ~1.8 s of ~2 s there); without
-    it, no transformers import at all."""
+def test_the_fork_server_preloads_every_shapes_transformers_model_module(monkeypatch):
+    """Every point process forks from a server that has imported the transformers model module of every
+    shape's family (a point importing it itself spent ~1.8 s of ~2 s there); one list whatever the
+    first point, since a running server keeps the preload it started with."""
     import importlib
+    import multiprocessing
 
-    preloads = []
-
-    def fake_point(**kwargs):
-        preloads.append(kwargs["preload"])
-        if kwargs.get("measure") == "interleaved":
-            return {mode: 1.0 for mode in kwargs["modes"]}
-        return {"stage": kwargs["stage"], "mode": kwargs["mode"], "median_ms": 1.0, "peak_mb": 1.0, "tokens": 10}
-
-    monkeypatch.setattr(bench, "run_train_point_subprocess", fake_point)
-    bench_train(shape, stages=[1], modes=["paged", "transformers"], tensor_memory="none")
-    assert preloads and all(p == ("coconut_engine.bench", "transformers", module) for p in preloads)
-    importlib.import_module(module)  # a module that exists
-    preloads.clear()
-    bench_train(shape, stages=[1], modes=["paged"], tensor_memory="none")
-    assert preloads and all(p == ("coconut_engine.bench",) for p in preloads)
+    modules = bench.fork_server_preload()
+    assert modules[:2] == ("coconut_engine.bench", "transformers")
+    assert {"transformers.models.gpt2.modeling_gpt2", "transformers.models.llama.modeling_llama",
+            "transformers.models.qwen2.modeling_qwen2"} <= set(modules[2:])
+    for module in modules:
+        importlib.import_module(module)  # each exists
+    started = []
+    context = multiprocessing.get_context("forkserver")
+    monkeypatch.setattr(type(context), "set_forkserver_preload", lambda self, names: started.append(names))
+    monkeypatch.setattr(multiprocessing, "get_context", lambda method: context)
+    point = bench.run_train_point_subprocess(shape="tiny", mode="floor", stage=0, reps=1, prompt_len=16)
+    assert started == [list(modules)] and point["mode"] == "floor"
 
 
 def test_bench_decode_steps_times_equal_and_ragged_steps():

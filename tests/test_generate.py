@@ -177,7 +177,7 @@ def test_bad_requests_get_errors_and_the_rest_completes(models):
     results = gen.generate(prompts, num_thoughts=[0, -1, 0, 1, 2], max_new_tokens=4)
     assert results[0].finish_reason == "error" and "request 0: the prompt is empty" in results[0].error
     assert "request 1: num_thoughts must be an integer >= 0" in results[1].error
-    assert "request 2: needs up to 16 pages" in results[2].error
+    assert "request 2: needs up to 15 pages" in results[2].error  # 57 + 3 fed new tokens = 60 tokens
     assert [r.finish_reason for r in results[3:]] == ["length", "length"]
     bad_stop = gen.generate([[5, 6]], max_new_tokens=4, stop=[3.5])
     assert bad_stop[0].finish_reason == "error" and "stop entries must be" in bad_stop[0].error
@@ -186,6 +186,22 @@ def test_bad_requests_get_errors_and_the_rest_completes(models):
     unmarked = plain.generate([[5, 6]], num_thoughts=1, thought_markers=False, max_new_tokens=2)[0]
     assert "thoughts need the special tokens" in unmarked.error  # it raised AttributeError
     assert gen.cache.num_free_pages == 8
+
+
+def test_thoughts_without_markers_fit_the_positions_and_pages_exactly(tmp_path):
+    """Without markers no <eot> is fed, so none is counted: 10 prompt tokens + 2 thoughts + 5 new tokens
+    (the last never fed back) take exactly a 16-position model's positions and 4 pages of 4 (the request
+    was refused, sized for an <eot>); with markers the same request needs 18 and is refused by name."""
+    build_hf_model("gpt2", tmp_path, n_positions=16)
+    decoder = load_model(tmp_path, attention_backend="torch")
+    gen = Generator(decoder, max_pages=4, page_size=4, special_tokens=TOKENS)
+    prompt = list(range(3, 13))
+    result = gen.generate([prompt], num_thoughts=2, thought_markers=False, max_new_tokens=5)[0]
+    assert result.error is None and len(result.token_ids) >= 1
+    assert result.token_ids == generate_no_cache(decoder, prompt, 2, 5, TOKENS, eos_ids=gen.eos_ids,
+                                                 thought_markers=False)
+    marked = gen.generate([prompt], num_thoughts=2, max_new_tokens=5)[0]
+    assert "need 18 positions but the model's learned positions stop at 16" in marked.error
 
 
 def test_thoughts_without_markers_equal_the_no_cache_reference(models):
