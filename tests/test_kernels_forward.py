@@ -71,6 +71,23 @@ def test_split_kv_decode_merges_by_lse(splits, q_lens, monkeypatch):
     assert merges, "the step's keys were not split"
 
 
+@pytest.mark.parametrize("group", [2, 8, 16])
+def test_split_two_token_steps_with_compiled_size_tiles(group, monkeypatch):
+    """The decode tiles a GPU compiles (the kv group's heads only: one or two tokens per tile at group
+    8 or 16) and small key blocks, under the interpreter: a two-token step over 2-3 splits, in which a
+    split can hold only the second token's key (prefix 15 + 2 new = 17 keys, 16 keys per split)."""
+    from coconut_engine.kernels import paged_attention as kernel_module
+
+    def compiled_size(group_, head_dim, dtype, ieee, decode):
+        rows = max(16, 1 << (group_ - 1).bit_length())
+        return kernel_module.TileConfig(rows if decode else max(rows, 64), 16, 4, 1)
+
+    monkeypatch.setattr(kernel_module, "forward_config", compiled_size)
+    case = make_case(group, 32, 16, torch.float32, [15, 33, 0, 16], [2, 1, 0, 2])
+    for splits in (2, 3):
+        check(*case, torch.float32, num_splits=splits)
+
+
 def test_prefill_from_empty():
     q_lens = [1, 15, 16, 17, 130]
     check(*make_case(7, 64, 16, torch.float32, [0] * 5, q_lens), torch.float32)
