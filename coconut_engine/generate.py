@@ -151,9 +151,9 @@ class Generator:
         `num_thoughts`: one count for all prompts or one per prompt; with thoughts (or
         `thought_markers=True`, as in Coconut stage 0) the prompt is followed by `<bot>`, the thoughts
         and `<eot>` (`thought_markers=False`: the thoughts follow the prompt with neither, and the first
-        token is sampled from the last thought's output). `"auto"` thinks adaptively: before each thought the sequence leaves the thought
-        phase (feeds `<eot>`) when p(`<eot>`) exceeds `eot_threshold` or it has `max_thoughts`
-        thoughts; the rest of the batch keeps thinking in the same steps. `return_thoughts`: each
+        token is sampled from the last thought's output). `"auto"` thinks adaptively: before each
+        thought the sequence leaves the thought phase (feeds `<eot>`) when p(`<eot>`) exceeds
+        `eot_threshold` or it has `max_thoughts` thoughts; the rest of the batch keeps thinking in the same steps. `return_thoughts`: each
         result carries a `ThoughtTrace` per thought (its `thought_top_k` nearest tokens).
         `stop`: token ids and/or strings. A bad request gets an "error" result that names it; the
         other requests still complete. `on_result(request, sample, result)` is called as each
