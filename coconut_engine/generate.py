@@ -153,8 +153,9 @@ class Generator:
         and `<eot>` (`thought_markers=False`: the thoughts follow the prompt with neither, and the first
         token is sampled from the last thought's output). `"auto"` thinks adaptively: before each
         thought the sequence leaves the thought phase (feeds `<eot>`) when p(`<eot>`) exceeds
-        `eot_threshold` or it has `max_thoughts` thoughts; the rest of the batch keeps thinking in the same steps. `return_thoughts`: each
-        result carries a `ThoughtTrace` per thought (its `thought_top_k` nearest tokens).
+        `eot_threshold` or it has `max_thoughts` thoughts; the rest of the batch keeps thinking in the
+        same steps. `return_thoughts`: each result carries a `ThoughtTrace` per thought (its
+        `thought_top_k` nearest tokens).
         `stop`: token ids and/or strings. A bad request gets an "error" result that names it; the
         other requests still complete. `on_result(request, sample, result)` is called as each
         result is ready (finishing order), e.g. to write it out before the rest are done.
