@@ -26,12 +26,15 @@ def to_cuda(case):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,head_dim,page", [(1, 64, 16), (2, 128, 16), (7, 64, 8), (4, 80, 64), (8, 128, 128)])
-@pytest.mark.parametrize("kind", ["extend", "decode"])
+@pytest.mark.parametrize("kind", ["extend", "decode", "last-thought"])
 def test_forward_on_gpu(dtype, group, head_dim, page, kind):
+    """Compiled forward vs the reference; "last-thought": a decode step in which some sequences feed
+    two tokens (a last thought with its <eot>), split across programs by the default split count."""
     from coconut_engine.kernels.paged_attention import paged_attention
 
     prefix = [1, page - 1, page, page + 1, 700, 0, 3000]
-    q_lens = [3, 1, 0, page + 2, 17, 64, 1] if kind == "extend" else [1, 1, 0, 1, 1, 1, 1]
+    q_lens = {"extend": [3, 1, 0, page + 2, 17, 64, 1], "decode": [1, 1, 0, 1, 1, 1, 1],
+              "last-thought": [2, 1, 0, 2, 1, 2, 2]}[kind]
     q, k_pool, v_pool, batch = to_cuda(make_case(group, head_dim, page, dtype, prefix, q_lens))
     scale = head_dim ** -0.5
     out, lse = paged_attention(q, k_pool, v_pool, batch, scale, return_lse=True, ieee=dtype == torch.float32)
