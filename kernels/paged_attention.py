@@ -339,8 +339,8 @@ def paged_attention(
 
     `batch` is the step's AttentionBatch. Returns `out` (q's dtype), plus the natural-log
     log-sum-exp (`[T, heads]` fp32) when `return_lse`. `num_splits` forces the decode split count
-    (only used when every q_len <= DECODE_MAX_Q); `ieee` asks for exact fp32 dots (default: TF32 dots for fp32
-    inputs on the GPU). `dropout` drops attention probabilities (training; `kernels/dropout.py`; the
+    (only used when every q_len <= DECODE_MAX_Q); `ieee` asks for exact fp32 dots (default: TF32 dots
+    for fp32 inputs on the GPU). `dropout` drops attention probabilities (training; `kernels/dropout.py`; the
     log-sum-exp is that of the probabilities before dropout); without it the kernel has no dropout code.
     Rows of `out` that belong to no sequence's new tokens are never written.
     Reads only device metadata and the batch's host ints: no host-device synchronisation.
