@@ -210,20 +210,12 @@ class PageAllocator:
 
     def pages_needed(self, seq_id: Hashable, num_new_tokens: int) -> int:
         """Free pages that appending `num_new_tokens` to `seq_id` would take (copy-on-write included)."""
-        seq = self._get(seq_id)
-        if num_new_tokens <= 0:
-            return 0
-        new_len = seq.length + num_new_tokens
-        needed = max(0, -(-new_len // self.page_size) - len(seq.pages))
-        if self._shared_partial_page(seq) is not None:
-            needed += 1
-        return needed
+        return self._pages_needed_together([seq_id], [num_new_tokens])
 
     def _pages_needed_together(self, seq_ids: Sequence[Hashable], counts: Sequence[int]) -> int:
-        """Free pages that `append(seq_ids, counts)` takes: as `pages_needed` per sequence, except that
-        of the writers of one shared partly filled page, the last one left holding it (the others
-        have copied it away, in order) writes in place (forks of one request all writing their first
-        token)."""
+        """Free pages that `append(seq_ids, counts)` takes: new pages past each sequence's own, and a
+        copy of a shared partly filled page for each writer but the last one left holding it (the
+        others have copied it away, in order; forks of one request all writing their first token)."""
         needed, copied = 0, {}
         for seq_id, count in zip(seq_ids, counts):
             if count <= 0:
