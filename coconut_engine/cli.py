@@ -163,26 +163,49 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _main_job_resume(overrides: dict) -> bool | None:
+    """The main job's `--resume true|false` where the overrides are that alone (or nothing); else None
+    (the overrides describe one run)."""
+    if set(overrides) - {"resume"}:
+        return None
+    text = overrides.get("resume", "false").strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise SystemExit(f"error: --resume takes true or false, got {overrides['resume']!r}")
+    return text in ("true", "1", "yes")
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    """Train: with no arguments, the main job (built-in task, Coconut vs baselines); otherwise one run
-    from --config FILE and/or --key value overrides (official Coconut key names)."""
+    """Train: with no arguments, the main job (built-in task, Coconut vs baselines; `--resume true`
+    continues an interrupted one); otherwise one run from --config FILE and/or --key value overrides
+    (official Coconut key names)."""
     from .errors import CoconutEngineError
     from .trainer import TrainConfig, train
 
     overrides = _overrides(extra)
+    main_job_resume = _main_job_resume(overrides) if args.config is None else None
+    config = None
     try:
-        if args.config is None and not overrides:
+        if main_job_resume is not None:
             from .main_job import run_main_job
 
-            run_main_job(task=args.task or "small")
+            run_main_job(task=args.task or "small", resume=main_job_resume)
             return 0
         if args.task is not None:
-            raise SystemExit("error: --task picks the main job's task; it takes no --config or --key value")
+            raise SystemExit("error: --task picks the main job's task; it takes no --config or --key value "
+                             "other than --resume")
         config = (TrainConfig.from_yaml(args.config, overrides) if args.config
                   else TrainConfig.from_dict(overrides, source="command line"))
         history = train(config)
     except CoconutEngineError as exc:
         raise SystemExit(f"error: {exc}")
+    except KeyboardInterrupt:
+        # checkpoints are written atomically: the newest complete one is the last good state
+        main_job = main_job_resume is not None
+        again = "coconut-engine train" + (f" --task {args.task}" if args.task else "") if main_job else "the command"
+        print(f"\ninterrupted: {again} with --resume true continues from the newest complete checkpoint "
+              f"(under {'runs/default' if main_job else config.save_dir if config else 'its save_dir'})",
+              file=sys.stderr)
+        return 130
     from .distributed import leave_process_group
 
     leave_process_group()  # under torchrun: before interpreter exit (see its docstring)
@@ -373,7 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     tr.add_argument("--config", type=Path, help="YAML config (official Coconut keys)")
     tr.add_argument("--task", choices=("small", "prosqa"), default=None,
-                    help="the main job's task (no other arguments): small (default, the 24-name task) or prosqa "
+                    help="the main job's task (no other arguments but --resume true): small (default, the 24-name task) or prosqa "
                          "(questions from ProsQA's own distribution, warmed up on small ProsQA graphs; see README)")
     tr.set_defaults(func=cmd_train, takes_extra=True)
 

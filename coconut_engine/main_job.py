@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from .checkpoint import checkpoint_name
 from .data import Record, load_records
+from .train_checks import prepare_save_dir
 from .trainer import TrainConfig, Trainer, TrainingError, evaluate
 
 
@@ -131,11 +132,13 @@ class MainJobRuns(NamedTuple):
 
 
 def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = True,
-                    task: str = "small") -> MainJobRuns:
-    """The runs of a task of `MAIN_JOBS`; `scale` < 1 shrinks data and epochs (for tests)."""
+                    task: str = "small", resume: bool = False) -> MainJobRuns:
+    """The runs of a task of `MAIN_JOBS`; `scale` < 1 shrinks data and epochs (for tests). A re-run of
+    the main job replaces the last one's outputs; with `resume` every run continues from its newest
+    complete checkpoint instead (a finished run trains nothing more)."""
     settings = _settings(task)
     save_dir = Path(save_dir)
-    common = dict(settings.common, progress=progress, overwrite=True)  # a re-run of the main job replaces the last one
+    common = dict(settings.common, progress=progress, **({"resume": True} if resume else {"overwrite": True}))
     common["task_train_size"] = max(64, int(common["task_train_size"] * scale))
     common["task_val_size"] = max(16, int(common["task_val_size"] * scale))
     cot_epochs = max(1, round(settings.coconut_epochs["cot"] * scale))
@@ -171,10 +174,22 @@ def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = T
     return MainJobRuns(coconut_warmup, coconut, no_cot_warmup, no_cot)
 
 
+def clear_earlier_outputs(runs: MainJobRuns) -> None:
+    """Remove what an earlier main job left in every run's folder before the first run trains, so that
+    an interrupted fresh job never leaves a later run's folder holding the job before it (which a
+    `resume` would take as that run's progress). Only run outputs go (`prepare_save_dir`)."""
+    for cfg in runs:
+        if cfg is not None:
+            prepare_save_dir(cfg, TrainingError)
+
+
 def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, progress: bool = True,
-                 real_split: str | Path | None = None, task: str = "small") -> dict:
+                 real_split: str | Path | None = None, task: str = "small", resume: bool = False) -> dict:
     """Train Coconut and the no-CoT baseline (which reuses Coconut's data and tokenizer) on a task of
     `MAIN_JOBS`, each after its warm-up where the task has one; print and return the accuracy table.
+    `resume` continues an interrupted job in `save_dir` from each run's newest complete checkpoint
+    (same task and scale: a run whose settings differ is refused, naming them); without it the job
+    starts over, replacing the earlier job's outputs.
     `real_split` (default: `real_split_path`; a default that is absent is skipped with a printed line,
     a named path that is not a file is an error) is scored with the final Coconut model
     (task `small`: failed requests count as wrong and are reported) or at the end of every stage of
@@ -191,7 +206,9 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
         print(f"The real ProsQA validation split is not scored: {missing} is not a file "
               f"(set {PROSQA_VALID_ENV} to its path).", flush=True)
     started, cpu_started = time.perf_counter(), time.process_time()
-    runs = default_configs(save_dir, scale, progress, task)
+    runs = default_configs(save_dir, scale, progress, task, resume)
+    if not resume:
+        clear_earlier_outputs(runs)
     coconut_cfg = runs.coconut
     staged = real if settings.score_every_stage else None
     warmup_history = Trainer(runs.coconut_warmup).run() if runs.coconut_warmup else []

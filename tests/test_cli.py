@@ -154,3 +154,4 @@ def test_bench_train_smoke(tmp_path):
     assert "paged tensor MB" in proc.stdout
     assert (tmp_path / "train-tiny-cpu.png").stat().st_size > 0
     assert "| stage | paged ms |" in proc.stdout
+

@@ -228,15 +228,44 @@ def test_main_job_finds_the_real_split_beside_its_checkout_from_any_directory(tm
     assert main_job.real_split_path("x.json") == (Path("x.json"), True)
 
 
-def test_train_task_picks_the_main_job_task_and_takes_nothing_else(monkeypatch):
+def test_train_task_picks_the_main_job_task_and_takes_nothing_else_but_resume(monkeypatch, capsys):
+    """`train [--task T] [--resume true]` is the main job; Ctrl-C exits 130 naming the command that continues."""
     import coconut_engine.main_job as main_job
 
     called = []
-    monkeypatch.setattr(main_job, "run_main_job", lambda **kwargs: called.append(kwargs))
+
+    def job(**kwargs):
+        called.append(kwargs)
+        if len(called) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_job, "run_main_job", job)
     assert cli.main(["train", "--task", "prosqa"]) == 0 and cli.main(["train"]) == 0
-    assert called == [{"task": "prosqa"}, {"task": "small"}]
+    assert cli.main(["train", "--resume", "true"]) == 0
+    assert called == [{"task": "prosqa", "resume": False}, {"task": "small", "resume": False},
+                      {"task": "small", "resume": True}]
+    assert cli.main(["train", "--task", "prosqa", "--resume", "true"]) == 130
+    assert ("interrupted: coconut-engine train --task prosqa with --resume true continues from the newest complete "
+            "checkpoint (under runs/default)") in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--task picks the main job's task; it takes no --config or --key value"):
         cli.main(["train", "--task", "prosqa", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match="--task picks the main job's task"):
+        cli.main(["train", "--task", "small", "--resume", "true", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match="--resume takes true or false, got 'maybe'"):
+        cli.main(["train", "--resume", "maybe"])
+    assert len(called) == 4
+
+
+def test_ctrl_c_in_a_run_names_its_save_dir(monkeypatch, capsys, tmp_path):
+    import coconut_engine.trainer as trainer
+
+    def interrupted(config):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--lr", "1e-3"]) == 130
+    assert (f"interrupted: the command with --resume true continues from the newest complete checkpoint "
+            f"(under {tmp_path / 'run'})") in capsys.readouterr().err
 
 
 def test_generate_jsonl_requests_may_think_adaptively(checkpoint, tmp_path):

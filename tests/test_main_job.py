@@ -75,3 +75,66 @@ def test_prosqa_runs_start_from_their_own_warmups_on_small_graphs(tmp_path):
     assert runs.no_cot.model == str(tmp_path / "no_cot_warmup" / last)
     assert runs.no_cot.tokenizer is None  # the warm-up checkpoint's, which is the Coconut warm-up's
     assert runs.no_cot.train_path == str(tmp_path / "coconut" / "data" / "train.json")
+
+
+def _tiny_split(tmp_path):
+    import json
+
+    from coconut_engine.tasks import ProsQAConfig
+
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps(generate_prosqa(4, ProsQAConfig.official_like(), seed=99)))
+    return split
+
+
+def test_an_interrupted_main_job_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Ctrl-C in the Coconut run's third epoch, then `resume`: the finished epochs are not trained
+    again, and the job's table equals that of a job that was never interrupted."""
+    import coconut_engine.main_job as main_job
+    from coconut_engine.trainer import Trainer
+
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")
+    split = _tiny_split(tmp_path)
+    whole = main_job.run_main_job(tmp_path / "whole", scale=0.01, progress=False, real_split=split)
+
+    train_epoch, trained = Trainer._train_epoch, []
+
+    def interrupted(self, epoch):
+        if self.cfg.name == "coconut" and epoch == 2 and "resumed" not in trained:
+            raise KeyboardInterrupt
+        trained.append((self.cfg.name, epoch))
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split)
+    trained.append("resumed")  # the hook raises only before this marker
+    resumed = main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split, resume=True)
+    assert trained[trained.index("resumed") + 1:] == [("coconut", 2), ("coconut", 3), ("no-cot", 0)]
+    assert resumed["rows"] == whole["rows"]
+    assert resumed["prosqa_valid_accuracy"] == whole["prosqa_valid_accuracy"]
+
+
+def test_a_fresh_main_job_clears_the_earlier_jobs_runs_before_it_trains(tmp_path, monkeypatch):
+    """An earlier job's no-CoT run must not survive an interrupted fresh job: a resume would take it
+    for this job's progress. Folders with files a run does not write are refused, not cleared."""
+    import coconut_engine.main_job as main_job
+
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")
+    no_cot = tmp_path / "job" / "no_cot"
+    (no_cot / "checkpoint-0001").mkdir(parents=True)
+    (no_cot / "metrics.jsonl").write_text("{}\n")
+
+    def stop(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(main_job.StageEndScoring, "run", stop)
+    with pytest.raises(KeyboardInterrupt):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
+    assert not any(no_cot.iterdir())
+    (no_cot / "checkpoint-0001").mkdir()
+    mine = tmp_path / "job" / "coconut" / "data" / "notes.txt"  # the Coconut run's data/ holds a user's file
+    mine.write_text("mine")
+    with pytest.raises(TrainingError, match=r"overwrite would remove .*coconut/data, which holds files a run does not"):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
+    assert mine.read_text() == "mine" and (no_cot / "checkpoint-0001").is_dir()  # refused before anything is removed
