@@ -162,8 +162,8 @@ def _distances(edges: list[list[int]], start: int) -> dict[int, int]:
 SMALL_PROSQA = ProsQAConfig(distribution="prosqa_small")
 
 
-@pytest.mark.parametrize("config", [ProsQAConfig(), ProsQAConfig.official_like(), SMALL_PROSQA],
-                         ids=["small", "prosqa", "prosqa_small"])
+@pytest.mark.parametrize("config", [ProsQAConfig(), ProsQAConfig(distractor_chain=True), ProsQAConfig.official_like(),
+                                    SMALL_PROSQA], ids=["small", "small-distractor-chain", "prosqa", "prosqa_small"])
 def test_generator_is_deterministic_and_consistent(config):
     a, b = generate_prosqa(20, config, seed=3), generate_prosqa(20, config, seed=3)
     assert a == b and a != generate_prosqa(20, config, seed=4)
@@ -174,6 +174,29 @@ def test_generator_is_deterministic_and_consistent(config):
         assert dist[target] == len(r["steps"])  # the steps are a shortest chain
         assert r["answer"] == f"{symbols[root]} is a {symbols[target]}."
         assert r["question"].endswith("?") and symbols[r["neg_target"]] in r["question"].split("Is ")[-1]
+
+
+def test_small_task_distractor_is_a_persons_own_concept_unless_reached_by_a_chain():
+    """The small task's one-fact distractor is always another person's own concept and the target never
+    is the asked person's (a shortcut past the chain); with `distractor_chain` another person reaches
+    it through concepts the root does not reach, as many facts as a chain of the answer can have."""
+    def own_concepts(r, asked: bool):
+        people = [i for i, s in enumerate(r["idx_to_symbol"]) if s[0].isupper()]
+        return {y for x, y in r["edges"] if x in people and (x == r["root"]) == asked}
+
+    task = dict(num_concepts=7, extra_edges=2, person_facts=0, min_steps=2, max_steps=3, concept_pool=24)
+    one_fact = generate_prosqa(300, ProsQAConfig(**task), seed=5)
+    assert all(r["neg_target"] in own_concepts(r, False) and r["target"] not in own_concepts(r, True)
+               for r in one_fact)
+    chained = generate_prosqa(300, ProsQAConfig(**task, distractor_chain=True), seed=5)
+    direct = sum(r["neg_target"] in own_concepts(r, False) for r in chained)
+    assert direct < 0.35 * len(chained)  # only where no concept precedes the distractor outside the chain
+    for r in chained:
+        people = [i for i, s in enumerate(r["idx_to_symbol"]) if s[0].isupper() and i != r["root"]]
+        reach = [d for d in (_distances(r["edges"], p).get(r["neg_target"]) for p in people) if d is not None]
+        assert reach and min(reach) <= 3 and r["neg_target"] not in _distances(r["edges"], r["root"])
+    with pytest.raises(ValueError, match="distractor_chain must be true or false, got 'yes'"):
+        ProsQAConfig(distractor_chain="yes")
 
 
 @pytest.mark.parametrize("config", [ProsQAConfig.official_like(), SMALL_PROSQA], ids=["prosqa", "prosqa_small"])

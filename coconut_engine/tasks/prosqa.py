@@ -44,6 +44,10 @@ class ProsQAConfig:
     extra_edges: int = 4
     person_facts: int = 1  # extra "X is a C." facts per person besides the root's chain start
     concept_pool: int | None = None  # draw concept names from this many fixed names (None: ~300)
+    # How another person reaches the distractor: False, one fact ("Davis is a yopus.": the distractor is
+    # then always a person's own concept and the target never is, a shortcut past the chain); True, a
+    # chain as long as the answer's can be (min_steps..max_steps facts), as in ProsQA.
+    distractor_chain: bool = False
 
     def __post_init__(self):
         if self.distribution not in ("small", "prosqa", "prosqa_small"):
@@ -56,6 +60,8 @@ class ProsQAConfig:
             raise ValueError("num_people must be >= 1")
         if self.concept_pool is not None and not self.num_concepts <= self.concept_pool <= len(_ALL_NAMES):
             raise ValueError(f"concept_pool must be in [num_concepts, {len(_ALL_NAMES)}], got {self.concept_pool}")
+        if not isinstance(self.distractor_chain, bool):
+            raise ValueError(f"distractor_chain must be true or false, got {self.distractor_chain!r}")
 
     @classmethod
     def official_like(cls) -> "ProsQAConfig":
@@ -106,7 +112,13 @@ def _one_question(rng: random.Random, cfg: ProsQAConfig) -> dict:
     # another person reaches the distractor, so it looks like a plausible answer
     others = [p for p in person_ids if p != root]
     if others:
-        edges.setdefault(rng.choice(others), set()).add(neg_target)
+        lead = [rng.choice(others)]
+        if cfg.distractor_chain:  # through concepts the root does not reach, earlier in the order
+            before = [c for c in by_order if c not in chain and order[c] < order[neg_target]]
+            length = min(rng.randint(cfg.min_steps, cfg.max_steps) - 1, len(before))
+            lead += [before[i] for i in sorted(rng.sample(range(len(before)), length))]
+        for a, b in zip(lead, lead[1:] + [neg_target]):
+            edges.setdefault(a, set()).add(b)
 
     def acceptable() -> bool:
         dist = _distances(edges, root)
