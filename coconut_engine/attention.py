@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import AttentionBatch, ContiguousKVCache
+from .errors import InvalidArgumentError
 from .kernels._launch import interpreting
 from .kernels.dropout import AttentionDropout, dropout_attention
 from .kernels.torch_backend import as_dtype
@@ -59,11 +60,12 @@ def resolve_backend(requested: str | None, device: torch.device) -> str:
     if name == "auto":
         name = os.environ.get("COCONUT_ATTENTION_BACKEND", "auto")
     if name not in BACKENDS:
-        raise ValueError(f"attention backend {name!r} is not one of {BACKENDS}")
+        source = f"COCONUT_ATTENTION_BACKEND={name!r}" if (requested or "auto") == "auto" else f"attention backend {name!r}"
+        raise InvalidArgumentError(f"{source} is not one of {BACKENDS}")
     if name == "auto":
         return "triton" if triton_preferred(device) else "torch"
     if name == "triton" and not triton_available(device):
-        raise ValueError(
+        raise InvalidArgumentError(
             f"attention backend 'triton' cannot run on {device}: use CUDA, or set TRITON_INTERPRET=1 "
             "before anything imports triton to run the kernels in the CPU interpreter"
         )

@@ -162,15 +162,22 @@ def load_checkpoint(path: str | Path, device="cpu", attention_backend: str = "au
         if not is_integer(token_id) or not 0 <= token_id < vocab:
             raise CheckpointError(f"{path / COCONUT_FILE}: special token {name}={token_id!r} is outside the "
                                   f"model's vocabulary of {vocab}")
-    state = {}
-    if (path / STATE_FILE).is_file():
-        try:
-            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc})") from exc
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{path / STATE_FILE}: expected a JSON object")
-    return decoder, tokenizer, tokens, info, state
+    return decoder, tokenizer, tokens, info, read_trainer_state(path)
+
+
+def read_trainer_state(path: str | Path) -> dict:
+    """A checkpoint's `trainer_state.json` ({} where it has none); a clear error naming the file if it is
+    not a JSON object."""
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        return {}
+    try:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE}: expected a JSON object")
+    return state
 
 
 def checkpoint_thought_transform(path: str | Path, info: dict, decoder) -> ThoughtTransform:

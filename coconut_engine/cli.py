@@ -93,7 +93,7 @@ def _generate(args: argparse.Namespace) -> int:
     # a Coconut checkpoint thinks as it was trained to (coconut.json) unless told otherwise
     trained, markers = trained_thoughts(args.model) if args.num_thoughts is None else (args.num_thoughts, None)
     thoughts = [trained if r.num_thoughts is None else r.num_thoughts for r in requests]
-    out = _open_output(args.output)  # before the work: an unwritable path fails now, not after it
+    out = _open_output(args.output, others={"--input": args.input})  # before the work: an unwritable path fails now
     failed = []
 
     def emit(index: int, sample: int, result) -> None:
@@ -139,16 +139,19 @@ def _generate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _open_output(path: Path | None):
-    """The output file opened for writing (None: stdout), or an error naming it."""
+def _open_output(path: Path | None, flag: str = "--output", others: dict | None = None):
+    """The output file opened for writing (None: stdout), or an error naming it; never the same file as
+    one of `others` ({argument: path}: the inputs, the other outputs), which opening it would empty."""
     from .errors import InvalidArgumentError
+    from .validation import check_not_an_input
 
     if path is None:
         return None
+    check_not_an_input(path, flag, others or {})
     try:
         return open(path, "w", encoding="utf-8")
     except OSError as exc:
-        raise InvalidArgumentError(f"--output {path}: cannot write ({exc.strerror or exc})") from None
+        raise InvalidArgumentError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -202,7 +205,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         # checkpoints are written atomically: the newest complete one is the last good state
         main_job = main_job_resume is not None
         again = "coconut-engine train" + (f" --task {args.task}" if args.task else "") if main_job else "the command"
-        print(f"\ninterrupted: {again} with --resume true continues from the newest complete checkpoint "
+        flags = "--resume true" + (" --overwrite false" if config is not None and config.overwrite else "")
+        print(f"\ninterrupted: {again} with {flags} continues from the newest complete checkpoint "
               f"(under {'runs/default' if main_job else config.save_dir if config else 'its save_dir'})",
               file=sys.stderr)
         return 130
@@ -233,8 +237,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.device is not None:
             check_device(args.device, "--device")
         records = load_records(args.data)
-        out = _open_output(args.output)
+        out = _open_output(args.output, others={"--data": args.data})
+        dump = None
         try:
+            # before the work, as --output: an unwritable path fails now, not after every question ran
+            dump = _open_output(args.dump, "--dump", {"--data": args.data, "--output": args.output})
             setup = load_for_scoring(args.model, method=args.method, stage=args.stage, device=args.device,
                                      attention_backend=args.backend, c_thought=args.c_thought,
                                      pad_latent_to_max=args.pad_latent_to_max)
@@ -245,12 +252,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if out is not None:
                 out.writelines(json.dumps({k: v for k, v in g.items() if k != "thought_traces"}) + "\n"
                                for g in result["generations"])
-            if args.dump:  # per question: its answer and every thought's inspection
-                with open(args.dump, "w", encoding="utf-8") as f:
-                    f.writelines(json.dumps(g) + "\n" for g in result["generations"])
+            if dump is not None:  # per question: its answer and every thought's inspection
+                dump.writelines(json.dumps(g) + "\n" for g in result["generations"])
         finally:
-            if out is not None:
-                out.close()
+            for f in (out, dump):
+                if f is not None:
+                    f.close()
     except (CoconutEngineError, KeyError) as exc:
         raise SystemExit(f"error: {exc}")
     print(json.dumps({key: result[key] for key in ("method", "stage", "accuracy", "cot_accuracy", "tokens_per_answer",
@@ -267,9 +274,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_data_convert(args: argparse.Namespace) -> int:
     """Convert GSM8K internalized-CoT text or ProntoQA's 5hop_0shot_random.json into official Coconut JSON."""
     from .convert.command import convert
-    from .data import StageRules
+    from .data import DataError, StageRules
     from .errors import CoconutEngineError
     from .loader import load_tokenizer
+    from .validation import check_not_an_input
 
     try:
         splits = None
@@ -278,6 +286,10 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
             if len(sizes) != 2 or min(sizes) < 0:
                 raise SystemExit(f"--splits takes two sizes TRAIN,VALID (the rest is test), got {args.splits!r}")
             splits = {"train": sizes[0], "valid": sizes[1]}
+        outputs = [args.output] if args.format != "prontoqa" else \
+            [args.output / f"prontoqa_{name}.json" for name in ("train", "valid", "test")]
+        for output in outputs:
+            check_not_an_input(output, "--output", {"input": args.input}, DataError)
         tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
         rules = StageRules(args.c_thought, args.max_latent_stage, args.pad_latent_to_max)
         for line in convert(args.format, args.input, args.output, splits, tokenizer, args.max_length, rules):
@@ -288,11 +300,40 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
 
 
 def _stages(text: str) -> list[int]:
-    """"0-6" or "0,2,6" -> stage list."""
-    if "-" in text:
-        lo, hi = text.split("-", 1)
-        return list(range(int(lo), int(hi) + 1))
-    return [int(x) for x in text.split(",")]
+    """`--stages` "0-6" or "0,2,6" -> stage list (a usage error unless stages >= 0, a range low to high)."""
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            stages = list(range(lo, hi + 1))
+        else:
+            stages = [int(x) for x in text.split(",")]
+    except ValueError:
+        stages = []
+    if not stages or min(stages) < 0:
+        raise argparse.ArgumentTypeError(f"expected stages >= 0 as LOW-HIGH or a comma list, got {text!r}")
+    return stages
+
+
+def _positive_ints(text: str) -> list[int]:
+    """`--batches` "1,16,64" -> [1, 16, 64] (a usage error unless every one is an integer >= 1)."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    """An integer >= 1 (a usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
 
 
 def _bench_dtype(name: str):
@@ -316,11 +357,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
     from .plots import plot_bench
 
+    from .validation import check_device
+
+    if args.device is not None:
+        check_device(args.device, "--device")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype is not None and args.what == "train":
         raise SystemExit("--dtype applies to bench generate, decode and kernels: bench train keeps fp32 weights "
                          "(with bf16 autocast on a GPU, as the trainer does)")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; it names the folder the results go to")
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{args.what}-{args.shape}-{device}"
     if args.what != "train":
@@ -337,7 +384,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"stage {row['stage']} {row['mode']:<12} {row['median_ms']:9.1f} ms  {row['peak_mb']:8.1f} MB peak "
                   f"{row['step_mb']:8.1f} MB step{tensors}", flush=True)
 
-        rows = bench.bench_train(args.shape, _stages(args.stages), modes, batch=args.batch, reps=args.reps,
+        rows = bench.bench_train(args.shape, args.stages, modes, batch=args.batch, reps=args.reps,
                                  device=device, backend=args.backend, prompt_len=args.prompt_len,
                                  tensor_memory=args.tensor_memory, interleave=args.interleave, progress=show)
         table = bench.format_train_table(rows)
@@ -348,7 +395,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         table = "\n".join(["| what | seconds | tokens/s |", "|---|---:|---:|"] +
                           [f"| {r['name']} | {r['seconds']:.2f} | {r['tokens_per_s']:.1f} |" for r in rows])
     elif args.what == "decode":
-        rows = bench.bench_decode_steps(args.shape, batches=[int(b) for b in args.batches.split(",")],
+        rows = bench.bench_decode_steps(args.shape, batches=args.batches,
                                         prompt_len=args.prompt_len, steps=args.reps, device=device,
                                         backend=args.backend, dtype=dtype,
                                         progress=lambda r: print(f"B={r['batch']} {r['contender']}: {r['median_ms']:.1f} ms",
@@ -437,13 +484,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     be = sub.add_parser("bench", help=cmd_bench.__doc__)
     be.add_argument("what", choices=["train", "generate", "decode", "kernels"])
-    be.add_argument("--shape", default="tiny", help="model shape: tiny, gpt2-6l, gpt2, smollm2-135m, qwen2.5-0.5b")
-    be.add_argument("--stages", default="0-6", help="curriculum stages, e.g. 0-6 or 0,3,6 (train)")
+    from .bench import SHAPES
+
+    be.add_argument("--shape", default="tiny", choices=sorted(SHAPES), help="model shape")
+    be.add_argument("--stages", default="0-6", type=_stages, help="curriculum stages, e.g. 0-6 or 0,3,6 (train)")
     be.add_argument("--modes", default=None, help="comma-separated train modes (default: all)")
-    be.add_argument("--batch", type=int, default=8)
-    be.add_argument("--batches", default="1,16,64", help="decode: the batch sizes whose step is timed")
-    be.add_argument("--prompt-len", type=int, default=250)
-    be.add_argument("--reps", type=int, default=3)
+    be.add_argument("--batch", type=_positive_int, default=8)
+    be.add_argument("--batches", default="1,16,64", type=_positive_ints,
+                    help="decode: the batch sizes whose step is timed")
+    be.add_argument("--prompt-len", type=_positive_int, default=250)
+    be.add_argument("--reps", type=_positive_int, default=3)
     be.add_argument("--device", default=None)
     be.add_argument("--backend", choices=["auto", "torch", "triton"], default="auto")
     be.add_argument("--dtype", default=None, type=_bench_dtype,
@@ -487,13 +537,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import CoconutEngineError
+
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if getattr(args, "takes_extra", False):
-        return args.func(args, extra)
-    if extra:
+    if not getattr(args, "takes_extra", False) and extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
+    except CoconutEngineError as exc:  # every command: a bad argument or input is one line, not a traceback
+        raise SystemExit(f"error: {exc}") from None
 
 
 if __name__ == "__main__":

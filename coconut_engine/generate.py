@@ -451,8 +451,10 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
     top_k, top_p = params.top_k, params.top_p
     logits = logits.cpu()
     scaled = logits / params.temperature
-    if not torch.isfinite(scaled).all():  # a tiny temperature overflows: shift first (softmax is shift-invariant)
-        scaled = (logits - logits.max()) / params.temperature
+    if not torch.isfinite(scaled).all():
+        # a tiny temperature overflows: shift first (softmax is shift-invariant), in float64, where one
+        # below float32's smallest (which would become 0, and 0 / 0 NaN) is still a number
+        scaled = (logits.double() - logits.max()) / params.temperature
     logits = scaled
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -461,6 +463,7 @@ def _sample(logits: torch.Tensor, params: _Params, generator: torch.Generator) -
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        keep[0] = True  # the most likely token always (a top_p below the dtype's smallest number keeps nothing)
         filtered = torch.zeros_like(probs)
         filtered[order[keep]] = sorted_probs[keep]
         probs = filtered / filtered.sum()

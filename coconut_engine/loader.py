@@ -340,10 +340,19 @@ def _atomic(target: Path, write) -> None:
 
 
 def load_tokenizer(path):
-    """The tokenizer of a model directory (its tokenizer.json, through transformers)."""
+    """The tokenizer of a model directory (its tokenizer.json, through transformers); a file that
+    transformers cannot read is a CheckpointError naming the directory's tokenizer files."""
     path = Path(path)
-    if not (path / "tokenizer.json").is_file():
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.is_dir():
+        raise CheckpointError(f"{tokenizer_file} is a folder, not the tokenizer file")
+    if not tokenizer_file.is_file():
         raise CheckpointError(f"{path}: tokenizer.json not found")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as exc:  # JSON, encoding and schema errors surface as many types (even a bare Exception)
+        files = ", ".join(p.name for p in sorted(path.glob("tokenizer*")) + sorted(path.glob("special_tokens_map.json")))
+        raise CheckpointError(f"{path}: transformers cannot load the tokenizer from {files} "
+                              f"({type(exc).__name__}: {str(exc)[:300]})") from exc

@@ -19,16 +19,19 @@ Two tasks (`run_main_job(task=...)`, `coconut-engine train --task NAME`):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import NamedTuple
 
-from .checkpoint import checkpoint_name
+from .checkpoint import checkpoint_dirs, checkpoint_name, read_trainer_state
 from .data import Record, load_records
-from .train_checks import prepare_save_dir
-from .trainer import TrainConfig, Trainer, TrainingError, evaluate
+from .distributed import DistEnv
+from .train_checks import remove_paths, run_outputs
+from .trainer import TrainConfig, Trainer, TrainingError, check_resume_config, evaluate
+from .validation import is_integer
 
 
 class Warmup(NamedTuple):
@@ -94,16 +97,21 @@ def real_split_path(real_split: str | Path | None = None) -> tuple[Path, bool]:
 
 class StageEndScoring(Trainer):
     """A Trainer that also scores a fixed question set (the real split) at the last epoch of each
-    stage; the metrics gain `real_accuracy` and `real_tokens_per_answer` there."""
+    stage; the metrics gain `real_accuracy` and `real_tokens_per_answer` there. With a `split`
+    (`ScoredSplit`, also where no file is scored) every stage end records which split it was, so a
+    resumed job can refuse to put two splits' scores in one column."""
 
-    def __init__(self, config: TrainConfig, records: list[Record] | None):
+    def __init__(self, config: TrainConfig, records: list[Record] | None, split: "ScoredSplit | None" = None):
         self.scored_records = records
+        self.split = split
         super().__init__(config)
 
     def _evaluate(self, epoch: int, model) -> dict:
         result = super()._evaluate(epoch, model)
         cfg = self.cfg
         last_of_stage = epoch + 1 == cfg.num_epochs or cfg.stage_of(epoch + 1) != cfg.stage_of(epoch)
+        if self.split is not None and last_of_stage:
+            result.update(real_split=self.split.path, real_split_sha256=self.split.sha256)
         if self.scored_records and last_of_stage:
             real = evaluate(model.decoder, self.tokenizer, self.tokens, self.scored_records, cfg.stage_of(epoch),
                             self.rules, cfg.max_new_tokens(), cfg.page_size,
@@ -174,13 +182,53 @@ def default_configs(save_dir: str | Path, scale: float = 1.0, progress: bool = T
     return MainJobRuns(coconut_warmup, coconut, no_cot_warmup, no_cot)
 
 
-def clear_earlier_outputs(runs: MainJobRuns) -> None:
-    """Remove what an earlier main job left in every run's folder before the first run trains, so that
-    an interrupted fresh job never leaves a later run's folder holding the job before it (which a
-    `resume` would take as that run's progress). Only run outputs go (`prepare_save_dir`)."""
-    for cfg in runs:
-        if cfg is not None:
-            prepare_save_dir(cfg, TrainingError)
+class ScoredSplit(NamedTuple):
+    """The split a job scores at every stage end: its path and the SHA-256 of its bytes (both None where
+    no split is scored)."""
+
+    path: str | None
+    sha256: str | None
+
+    @classmethod
+    def of(cls, path: Path | None) -> "ScoredSplit":
+        return cls(None, None) if path is None else cls(str(path), hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+def clear_outputs(runs: list[TrainConfig]) -> None:
+    """Remove the run outputs (checkpoints, metrics, generated data and tokenizer) from the folders of
+    `runs`, every folder checked before anything is removed: one holding files a run does not write is
+    an error naming it, and nothing is cleared."""
+    remove_paths([path for cfg in runs for path in run_outputs(cfg, TrainingError)])
+
+
+def runs_to_start_over(runs: MainJobRuns, split: ScoredSplit | None) -> list[TrainConfig]:
+    """For a resumed job, before anything trains: check each run's newest checkpoint against the run's
+    config (and against `split`, for a job that scores one at every stage end) and return the runs
+    that must start over: from the first one without a complete checkpoint on (its data or tokenizer
+    may be another job's), or the runs after the first unfinished one (they cannot have started)."""
+    ordered = [cfg for cfg in runs if cfg is not None]
+    for i, cfg in enumerate(ordered):
+        found = checkpoint_dirs(cfg.save_dir)
+        if not found:
+            return ordered[i:]
+        state = read_trainer_state(found[-1])
+        check_resume_config(found[-1], state, cfg)
+        if split is not None:
+            _check_scored_split(found[-1], state, split)
+        if not (is_integer(state.get("epochs_done")) and state["epochs_done"] >= cfg.num_epochs):
+            return ordered[i + 1:]
+    return []
+
+
+def _check_scored_split(checkpoint: Path, state: dict, split: ScoredSplit) -> None:
+    history = state.get("history")
+    for m in history if isinstance(history, list) else []:
+        if isinstance(m, dict) and "real_split_sha256" in m and m["real_split_sha256"] != split.sha256:
+            before = f"{m.get('real_split')} (SHA-256 {str(m['real_split_sha256'])[:12]})" \
+                if m["real_split_sha256"] else "no split"
+            now = f"{split.path} (SHA-256 {split.sha256[:12]})" if split.sha256 else "no split"
+            raise TrainingError(f"{checkpoint}: its stages were scored on {before}, this job would score {now}: "
+                                f"resume with the same split (${PROSQA_VALID_ENV}) or start the job over")
 
 
 def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, progress: bool = True,
@@ -207,17 +255,23 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
               f"(set {PROSQA_VALID_ENV} to its path).", flush=True)
     started, cpu_started = time.perf_counter(), time.process_time()
     runs = default_configs(save_dir, scale, progress, task, resume)
-    if not resume:
-        clear_earlier_outputs(runs)
     coconut_cfg = runs.coconut
     staged = real if settings.score_every_stage else None
-    warmup_history = Trainer(runs.coconut_warmup).run() if runs.coconut_warmup else []
-    trainer = StageEndScoring(coconut_cfg, staged)
-    history = trainer.run()
+    split = ScoredSplit.of(real_path if real else None) if settings.score_every_stage else None
+    start_over = runs_to_start_over(runs, split) if resume else [cfg for cfg in runs if cfg is not None]
+    if DistEnv.from_environment().is_main:  # under torchrun one rank clears; the others wait in the Trainer
+        clear_outputs(start_over)
+        if not resume:
+            for name in ("results.md", "results.json"):
+                (save_dir / name).unlink(missing_ok=True)
+    trained: list[dict] = []  # the epochs this process trains (a resumed job's earlier ones are not timed here)
+    warmup_history = _train(Trainer(runs.coconut_warmup), trained) if runs.coconut_warmup else []
+    trainer = StageEndScoring(coconut_cfg, staged, split)
+    history = _train(trainer, trained)
     coconut_seconds = time.perf_counter() - started
     if runs.no_cot_warmup:
-        warmup_history += Trainer(runs.no_cot_warmup).run()
-    no_cot_history = StageEndScoring(runs.no_cot, staged).run()
+        warmup_history += _train(Trainer(runs.no_cot_warmup), trained)
+    no_cot_history = _train(StageEndScoring(runs.no_cot, staged, split), trained)
     no_cot_seconds = time.perf_counter() - started - coconut_seconds
 
     rows = [{"method": "no-CoT", "stage": "-", "thoughts": 0, **_pick(no_cot_history[-1])}]
@@ -240,13 +294,22 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
         result["prosqa_valid_first_error"] = scored["errors"][0] if scored["errors"] else None
     result.update(seconds=time.perf_counter() - started, cpu_seconds=time.process_time() - cpu_started,
                   phases={"coconut": coconut_seconds, "no_cot": no_cot_seconds,
-                          "training": sum(m["train_seconds"] for m in warmup_history + history + no_cot_history)})
+                          "training": sum(m["train_seconds"] for m in trained)},
+                  resumed_epochs=len(warmup_history + history + no_cot_history) - len(trained))
     table = format_table(result)
     print(table)
     save_dir.mkdir(parents=True, exist_ok=True)
     (save_dir / "results.md").write_text(table + "\n")
     (save_dir / "results.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _train(trainer: Trainer, trained: list[dict]) -> list[dict]:
+    """Run `trainer`; returns its whole history and appends the epochs it trained now to `trained`."""
+    before = len(trainer.history)
+    history = trainer.run()
+    trained.extend(history[before:])
+    return history
 
 
 def _pick(m: dict) -> dict:
@@ -279,7 +342,10 @@ def format_table(result: dict) -> str:
         lines.append(f"Real ProsQA validation split not scored: {result['real_split_missing']} is not a file "
                      f"(set {PROSQA_VALID_ENV} to its path).")
     phases = result["phases"]
-    lines.append(f"Wall time: {result['seconds']:.0f} s (Coconut run {phases['coconut']:.0f} s, no-CoT run "
-                 f"{phases['no_cot']:.0f} s, of which training steps {phases['training']:.0f} s); "
-                 f"process CPU time {result['cpu_seconds']:.0f} s.")
+    resumed = result.get("resumed_epochs", 0)
+    lines.append(f"Wall time{' of this process' if resumed else ''}: {result['seconds']:.0f} s (Coconut run "
+                 f"{phases['coconut']:.0f} s, no-CoT run {phases['no_cot']:.0f} s, of which training steps "
+                 f"{phases['training']:.0f} s); process CPU time {result['cpu_seconds']:.0f} s."
+                 + (f" Resumed: {resumed} epoch(s) trained by an earlier process are not in these times." if resumed
+                    else ""))
     return "\n".join(lines)

@@ -133,6 +133,19 @@ def prepare_save_dir(cfg, error) -> None:
         found = sorted(p.name for p in out.iterdir())
         raise error(f"save_dir {out} is not empty ({', '.join(found[:5])}{' ...' if len(found) > 5 else ''}): "
                     "set resume: true to continue that run, overwrite: true to replace it, or pick another folder")
+    remove_paths(run_outputs(cfg, error))
+
+
+def run_outputs(cfg, error) -> list[Path]:
+    """What overwriting `cfg.save_dir` removes: the earlier run's outputs (checkpoints, metrics, generated
+    data and tokenizer, except those the config reads from there). An error, before anything is
+    removed, where a `data/` or `tokenizer/` to remove holds files a run does not write, or the save
+    folder is a file."""
+    out = Path(cfg.save_dir)
+    if not _is_dir(out, "save_dir", error):
+        if out.exists():
+            raise error(f"save_dir {out} exists and is not a folder")
+        return []
     keep = {"data"} if cfg.train_path is not None else set()
     keep |= {"tokenizer"} if cfg.tokenizer is not None else set()
     remove = []
@@ -148,5 +161,10 @@ def prepare_save_dir(cfg, error) -> None:
                 raise error(f"save_dir {out}: overwrite would remove {path}, which holds files a run does not write "
                             f"({', '.join(foreign[:5])}); move them or pick another folder")
         remove.append(path)
-    for path in remove:
+    return remove
+
+
+def remove_paths(paths: list[Path]) -> None:
+    """Remove files and folders (a folder with everything in it)."""
+    for path in paths:
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from .attention import resolve_backend
 from .checkpoint import (checkpoint_dirs, checkpoint_name, checkpoint_thought_transform, load_checkpoint,
                          load_optimizer_state, read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
@@ -209,8 +210,8 @@ class TrainConfig:
 
         path = Path(path)
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
             raise TrainingError(f"{path}: cannot read the config ({exc})") from exc
         if not isinstance(values, dict):
             raise TrainingError(f"{path}: expected a mapping of keys to values")
@@ -255,6 +256,22 @@ def _coerce(value, annotation, key: str, source: str):
     except (ValueError, json.JSONDecodeError) as exc:
         raise TrainingError(f"{source}: {key}={value!r} is not a valid {kind}") from exc
     return value
+
+
+def check_resume_config(latest: Path, state: dict, cfg: "TrainConfig") -> None:
+    """Refuse to resume checkpoint `latest` (its `trainer_state.json` read as `state`) with a config
+    that changes the run: a TrainingError listing each differing key with both values."""
+    saved = state.get("config", {})  # checkpoints written before the run config was recorded: {}
+    if not isinstance(saved, dict):
+        raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got {type(saved).__name__}")
+    defaults = dataclasses.asdict(TrainConfig())  # normalised as a run's own config is
+    changed = config_changes(saved, dataclasses.asdict(cfg), defaults)
+    if changed:
+        diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" if k in saved else
+                          f"{k}: not recorded (the default {defaults[k]!r}) -> {getattr(cfg, k)!r}"
+                          for k in changed)
+        raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
+                            f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
 
 
 # -- evaluation -------------------------------------------------------------------------------------
@@ -358,6 +375,10 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         check_tracker(cfg.log_with)  # on every rank, before any collective (the tracker itself: rank 0)
+        try:  # before anything is written: a backend this device cannot run is a config error
+            resolve_backend(cfg.attention_backend, self.device)
+        except ValueError as exc:
+            raise TrainingError(f"config: attention_backend: {exc}") from None
         torch.manual_seed(cfg.seed)
         if self.env.is_main:
             prepare_save_dir(cfg, TrainingError)
@@ -381,24 +402,15 @@ class Trainer:
             if transform.kind != cfg.thought_transform:
                 raise TrainingError(f"{latest}: trained with thought_transform {transform.kind!r}, config says "
                                     f"{cfg.thought_transform!r}")
-            saved = state.get("config", {})  # checkpoints written before the run config was recorded: {}
-            if not isinstance(saved, dict):
-                raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got "
-                                    f"{type(saved).__name__}")
-            defaults = dataclasses.asdict(TrainConfig())  # normalised as a run's own config is
-            changed = config_changes(saved, dataclasses.asdict(cfg), defaults)
-            if changed:
-                diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" if k in saved else
-                                  f"{k}: not recorded (the default {defaults[k]!r}) -> {getattr(cfg, k)!r}"
-                                  for k in changed)
-                raise TrainingError(f"{latest}: resume with a config that changes the run ({diffs}); only "
-                                    f"{', '.join(sorted(SAFE_RESUME_KEYS))} may change on resume")
+            check_resume_config(latest, state, cfg)
             try:
                 self.epochs_done, self.global_step = int(state["epochs_done"]), int(state["global_step"])
                 self.history = list(state["history"])
             except (KeyError, TypeError, ValueError) as exc:
                 raise TrainingError(f"{latest / 'trainer_state.json'}: cannot resume from it ({exc!r})") from exc
             self.resumed_from = latest
+            if self.env.is_main:  # a process stopped between a checkpoint and its metrics left them behind
+                self._write_metrics()
         else:
             decoder, tokenizer, tokens = self._fresh_model()
             transform = build_thought_transform(cfg.thought_transform, decoder.embed_tokens.weight)

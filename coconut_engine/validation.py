@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+from pathlib import Path
 
 import torch
 
@@ -74,3 +76,23 @@ def first_non_finite(named_tensors) -> str | None:
     bad = torch.stack([~torch.isfinite(t.detach()).all() for _, t in named]).cpu()
     hits = bad.nonzero()
     return named[int(hits[0])][0] if len(hits) else None
+
+
+def check_not_an_input(output, name: str, others: dict, error=InvalidArgumentError) -> None:
+    """Refuse to write `output` (the argument `name`) where it is the same file as one of `others`
+    ({argument: path}, None paths skipped): the inputs and outputs it must not replace. Opening it
+    for writing would empty that file before anything is read or run."""
+    if output is None:
+        return
+    out = Path(output)
+    for other_name, other in others.items():
+        if other is None:
+            continue
+        other = Path(other)
+        try:
+            same = os.path.samefile(out, other) if out.exists() and other.exists() else out.resolve() == other.resolve()
+        except OSError:
+            same = False
+        if same:
+            raise error(f"{name} {output} is the same file as {other_name} {other}: writing it would destroy "
+                        "that; pick another file")

@@ -64,6 +64,27 @@ def test_model_loads_identically_from_either_layout(layout, tmp_path):
     torch.testing.assert_close(model.rotary.inv_freq, reference.rotary.inv_freq, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_scaling": {"type": "linear", "factor": 4.0}},
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+     "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_scaling": {"rope_type": "linear",
+                                                                                        "factor": 4.0}, "rope_theta": 500.0},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 500.0, "rope_scaling": None},
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0},
+], ids=["scaling-over-default", "scaling-over-linear", "hub-theta-with-scaling", "parameters-theta", "hub-theta-fallback"])
+def test_a_config_with_both_rope_layouts_resolves_as_transformers_does(rope):
+    """Hand-edited or merged configs carry both layouts; transformers 5 resolves them by rules of its
+    own (the hub keys win where rope_scaling is given): the engine must compute the same RoPE."""
+    import transformers
+
+    raw = {**{k: v for k, v in LLAMA32_HUB.items() if k not in ("rope_theta", "rope_scaling")}, **rope}
+    theirs = transformers.LlamaConfig.from_dict(raw).rope_parameters
+    ours = ModelConfig.from_dict(raw)
+    assert ours.rope_theta == theirs["rope_theta"]
+    assert (ours.rope_scaling.kind, ours.rope_scaling.factor) == (theirs["rope_type"], theirs.get("factor", 1.0))
+
+
 @pytest.mark.parametrize("change,message", [
     ({"model_type": "bert"}, "model_type 'bert' is not supported"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling type 'yarn'"),

@@ -157,9 +157,10 @@ def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
     import coconut_engine.main_job as main_job
 
     class Finished:
-        def __init__(self, config, records):
-            assert records is None  # the default task does not score the split per stage
+        def __init__(self, config, records, split):
+            assert records is None and split is None  # the default task does not score the split per stage
             self.tokenizer = self.tokens = self.rules = None
+            self.history = []
             self.decoder = SimpleNamespace(eval=lambda: None)
             self.model = SimpleNamespace(thought_transform=None)  # the identity
 
@@ -185,8 +186,9 @@ def test_main_job_says_when_the_real_split_is_not_scored(tmp_path, monkeypatch, 
     import coconut_engine.main_job as main_job
 
     class Finished:
-        def __init__(self, config, records):
+        def __init__(self, config, records, split):
             self.tokenizer = self.tokens = self.rules = None
+            self.history = []
             self.decoder = SimpleNamespace(eval=lambda: None)
             self.model = SimpleNamespace(thought_transform=None)
 
@@ -266,6 +268,8 @@ def test_ctrl_c_in_a_run_names_its_save_dir(monkeypatch, capsys, tmp_path):
     assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--lr", "1e-3"]) == 130
     assert (f"interrupted: the command with --resume true continues from the newest complete checkpoint "
             f"(under {tmp_path / 'run'})") in capsys.readouterr().err
+    assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--overwrite", "true"]) == 130
+    assert "interrupted: the command with --resume true --overwrite false continues" in capsys.readouterr().err
 
 
 def test_generate_jsonl_requests_may_think_adaptively(checkpoint, tmp_path):
@@ -289,3 +293,91 @@ def test_generate_jsonl_requests_may_think_adaptively(checkpoint, tmp_path):
     gen = Generator(load_model(model, attention_backend="torch"), load_tokenizer(model), special_tokens=tokens)
     direct = gen.generate(["Is Tom a wumpus?\n"], num_thoughts="auto", max_thoughts=3, eot_threshold=1.0, max_new_tokens=2)
     assert rows[0]["token_ids"] == direct[0].token_ids
+
+
+def test_an_output_is_never_one_of_the_inputs(tmp_path):
+    """Opening an output for writing empties it: where it is the input (or the other output) the
+    command refuses before anything is opened, and the input is intact; an unwritable --dump fails
+    before the model loads, not after every question ran."""
+    data = tmp_path / "v.json"
+    data.write_text(json.dumps([{"question": "q?", "steps": ["s."], "answer": "a."}]))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"prompt": "hi"}) + "\n")
+    model = str(tmp_path / "no-model")
+    cases = [
+        (["eval", "--model", model, "--method", "cot", "--data", str(data), "--output", str(data)],
+         rf"--output {data} is the same file as --data {data}"),
+        (["eval", "--model", model, "--method", "cot", "--data", str(data), "--dump", str(tmp_path / "." / "v.json")],
+         r"--dump .*v.json is the same file as --data"),
+        (["eval", "--model", model, "--method", "cot", "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
+          "--dump", str(tmp_path / "o.jsonl")], r"--dump .*o.jsonl is the same file as --output"),
+        (["generate", "--model", model, "--input", str(questions), "--output", str(questions)],
+         r"--output .*q.jsonl is the same file as --input"),
+        (["data", "convert", "gsm8k", str(data), "-o", str(data)], r"--output .*v.json is the same file as input"),
+        (["eval", "--model", model, "--method", "cot", "--data", str(data), "--dump", str(tmp_path / "no" / "d.jsonl")],
+         r"--dump .*no/d.jsonl: cannot write"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit, match=message):
+            cli.main(argv)
+    assert json.loads(data.read_text())[0]["answer"] == "a." and json.loads(questions.read_text())["prompt"] == "hi"
+
+
+def test_a_backend_that_cannot_run_is_refused_before_a_run_writes_anything(tmp_path, monkeypatch):
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "nope")
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"attention_backend: COCONUT_ATTENTION_BACKEND='nope' is not one of"):
+        cli.main(["train", "--model", "builtin:gpt2-micro", "--task_train_size", "16", "--task_val_size", "4",
+                  "--save_dir", str(run)])
+    assert not run.exists()  # a corrected command starts in an empty folder, not one "holding a run"
+    with pytest.raises(SystemExit, match=r"error: COCONUT_ATTENTION_BACKEND='nope' is not one of"):
+        cli.main(["smoke"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--shape", "nope"], "invalid choice: 'nope'"),
+    (["--stages", "abc"], "expected stages >= 0"),
+    (["--stages", "5-2"], "expected stages >= 0"),
+    (["--batches", "0"], "expected integers >= 1"),
+    (["--reps", "0"], "expected an integer >= 1"),
+    (["--prompt-len", "-5"], "expected an integer >= 1"),
+])
+def test_bench_arguments_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "decode", *argv])
+    assert message in capsys.readouterr().err
+
+
+def test_bench_out_and_device_are_checked_first(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"--out .*file is a file"):
+        cli.main(["bench", "kernels", "--out", str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match=r"--device 'foo' is not a torch device"):
+        cli.main(["bench", "kernels", "--device", "foo"])
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1e-300, 1.0), (5e-324, 1.0), (1.0, 1e-300)])
+def test_tiny_sampling_values_sample_the_most_likely_token(temperature, top_p):
+    """A temperature or top_p below float32's smallest number became 0 there (0 / 0: NaN probabilities)."""
+    import torch
+
+    from coconut_engine.generate import _Params, _sample
+
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    params = _Params(max_new_tokens=1, temperature=temperature, top_k=0, top_p=top_p, stop_ids=frozenset(),
+                     stop_texts=(), seed=0, n=1)
+    assert _sample(logits, params, torch.Generator().manual_seed(1)) == int(logits.argmax())
+
+
+def test_an_unreadable_tokenizer_is_an_error_naming_its_files(tmp_path):
+    from coconut_engine.errors import CheckpointError
+    from coconut_engine.loader import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text("{bad")
+    with pytest.raises(CheckpointError, match=r"transformers cannot load the tokenizer from tokenizer.json "
+                                              r"\(JSONDecodeError"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"tokenizer.json is a folder"):
+        load_tokenizer(tmp_path)

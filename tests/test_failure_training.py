@@ -159,6 +159,27 @@ def test_stale_temporaries_of_crashed_runs_are_removed(tmp_path):
     assert remove_stale_tmp(root) == []
 
 
+def test_resume_rewrites_metrics_a_stopped_process_left_behind(tmp_path, monkeypatch):
+    """Stopped after a checkpoint but before its metrics.jsonl and chart: a resume of the finished run
+    trains nothing, and still writes them from the checkpoint's history."""
+    import coconut_engine.trainer as trainer_module
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    Trainer(tiny(tmp_path, num_epochs=1)).run()
+    trainer = Trainer(tiny(tmp_path, num_epochs=2, resume=True))
+    monkeypatch.setattr(trainer_module, "_atomic_text", stop)  # metrics.jsonl's write, after the checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    monkeypatch.undo()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    assert (tmp_path / "run" / "checkpoint-0002").is_dir()
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1]
+    assert Trainer(tiny(tmp_path, num_epochs=2, resume=True)).run()[-1]["epoch"] == 2
+    assert [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()] == [1, 2]
+
+
 def test_task_tokenizer_is_written_atomically(tmp_path, monkeypatch):
     import coconut_engine.tasks.tokenizer as task_tokenizer
 

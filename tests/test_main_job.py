@@ -1,4 +1,6 @@
 """The main job's per-stage scoring of a fixed question set (the real ProsQA split in the job)."""
+import json
+
 import pytest
 
 from coconut_engine.data import Record
@@ -115,26 +117,124 @@ def test_an_interrupted_main_job_resumes_where_it_stopped(tmp_path, monkeypatch)
     assert resumed["prosqa_valid_accuracy"] == whole["prosqa_valid_accuracy"]
 
 
-def test_a_fresh_main_job_clears_the_earlier_jobs_runs_before_it_trains(tmp_path, monkeypatch):
-    """An earlier job's no-CoT run must not survive an interrupted fresh job: a resume would take it
-    for this job's progress. Folders with files a run does not write are refused, not cleared."""
+def _interrupt_at(monkeypatch, run_name: str, epoch: int) -> list:
+    """Make the Trainer raise KeyboardInterrupt before epoch `epoch` of run `run_name`; returns the list of
+    (run, epoch) trained since (cleared by the caller to count a later call's epochs)."""
+    from coconut_engine.trainer import Trainer
+
+    train_epoch, trained, armed = Trainer._train_epoch, [], [True]
+
+    def hooked(self, e):
+        if (self.cfg.name, e) == (run_name, epoch) and armed:
+            armed.clear()
+            raise KeyboardInterrupt
+        trained.append((self.cfg.name, e))
+        return train_epoch(self, e)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", hooked)
+    return trained
+
+
+def test_a_resume_starts_over_a_run_without_a_checkpoint_and_refuses_other_settings(tmp_path, monkeypatch):
+    """Interrupted before the Coconut run's first checkpoint, its generated data must not outlive the
+    settings it was drawn for: a resume at another scale draws new data; a run with a checkpoint
+    and other settings is refused before anything trains; the timing line says what it covers."""
     import coconut_engine.main_job as main_job
 
     monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")
-    no_cot = tmp_path / "job" / "no_cot"
-    (no_cot / "checkpoint-0001").mkdir(parents=True)
-    (no_cot / "metrics.jsonl").write_text("{}\n")
+    split = _tiny_split(tmp_path)
+    trained = _interrupt_at(monkeypatch, "coconut", 0)
+    with pytest.raises(KeyboardInterrupt):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split)
+    data = tmp_path / "job" / "coconut" / "data" / "train.json"
+    assert len(json.loads(data.read_text())) == 64
+    result = main_job.run_main_job(tmp_path / "job", scale=0.015, progress=False, real_split=split, resume=True)
+    assert len(json.loads(data.read_text())) == 90 and result["resumed_epochs"] == 0
+    trained.clear()
+    with pytest.raises(TrainingError, match=r"coconut/checkpoint-0004: resume with a config that changes the run "
+                                            r"\(task_train_size: 90 -> 64\)"):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split, resume=True)
+    assert trained == []  # refused before anything trained
+
+
+def test_a_resumed_job_times_only_its_own_epochs(tmp_path, monkeypatch, capsys):
+    import coconut_engine.main_job as main_job
+
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")
+    split = _tiny_split(tmp_path)
+    _interrupt_at(monkeypatch, "no-cot", 0)
+    with pytest.raises(KeyboardInterrupt):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split)
+    result = main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split, resume=True)
+    assert result["resumed_epochs"] == 4  # the Coconut run's, trained before the interruption
+    assert result["phases"]["training"] <= result["seconds"]
+    assert "Wall time of this process:" in capsys.readouterr().out
+    assert "Resumed: 4 epoch(s) trained by an earlier process are not in these times." in (
+        tmp_path / "job" / "results.md").read_text()
+
+
+def test_a_resume_refuses_to_score_stages_on_another_split(tmp_path, monkeypatch):
+    """A job that scores the real split at every stage end (here the small task made to) records which
+    split each stage end saw; a resume with another split, or none, is refused before it trains."""
+    import coconut_engine.main_job as main_job
+
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")
+    monkeypatch.setitem(main_job.MAIN_JOBS, "small", main_job.MAIN_JOBS["small"]._replace(score_every_stage=True))
+    split, other = _tiny_split(tmp_path), tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(split.read_text())[:3]))
+    trained = _interrupt_at(monkeypatch, "no-cot", 0)
+    with pytest.raises(KeyboardInterrupt):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split)
+    trained.clear()
+    with pytest.raises(TrainingError, match=rf"its stages were scored on {split} \(SHA-256 [0-9a-f]{{12}}\), this job "
+                                            rf"would score {other} \(SHA-256 [0-9a-f]{{12}}\)"):
+        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=other, resume=True)
+    with monkeypatch.context() as absent:
+        absent.setattr(main_job, "real_split_path", lambda real_split=None: (tmp_path / "absent.json", False))
+        with pytest.raises(TrainingError, match=r"this job would score no split"):
+            main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, resume=True)
+    assert trained == []
+    result = main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=split, resume=True)
+    assert all("real_accuracy" in r for r in result["rows"])
+
+
+def test_a_fresh_main_job_clears_the_earlier_jobs_runs_before_it_trains(tmp_path, monkeypatch):
+    """An earlier job's no-CoT run must not survive an interrupted fresh job: a resume would take it
+    for this job's progress. Every folder is checked before anything is removed: one with files a run
+    does not write is refused and nothing is cleared. Under torchrun only rank 0 clears."""
+    import coconut_engine.main_job as main_job
+
+    monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "torch")
+    job = tmp_path / "job"
+    for run in ("coconut", "no_cot"):
+        (job / run / "checkpoint-0001").mkdir(parents=True)
+        (job / run / "metrics.jsonl").write_text("{}\n")
+    (job / "results.md").write_text("the earlier job's table")
 
     def stop(self):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(main_job.StageEndScoring, "run", stop)
-    with pytest.raises(KeyboardInterrupt):
-        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
-    assert not any(no_cot.iterdir())
-    (no_cot / "checkpoint-0001").mkdir()
-    mine = tmp_path / "job" / "coconut" / "data" / "notes.txt"  # the Coconut run's data/ holds a user's file
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(Exception):  # rank 1 goes straight to the Trainer (here: no process group to join)
+        main_job.run_main_job(job, scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
+    assert (job / "no_cot" / "checkpoint-0001").is_dir()  # rank 1 cleared nothing
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    refused = tmp_path / "refused"
+    (refused / "coconut" / "checkpoint-0001").mkdir(parents=True)
+    (refused / "no_cot").write_text("a file where a run's folder goes")
+    with pytest.raises(TrainingError, match=r"save_dir .*refused/no_cot exists and is not a folder"):
+        main_job.run_main_job(refused, scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
+    assert (refused / "coconut" / "checkpoint-0001").is_dir()  # checked every folder before removing anything
+    mine = job / "no_cot" / "data" / "notes.txt"  # a user's file where a run writes: never removed
+    mine.parent.mkdir()
     mine.write_text("mine")
-    with pytest.raises(TrainingError, match=r"overwrite would remove .*coconut/data, which holds files a run does not"):
-        main_job.run_main_job(tmp_path / "job", scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
-    assert mine.read_text() == "mine" and (no_cot / "checkpoint-0001").is_dir()  # refused before anything is removed
+    (job / "coconut" / "notes.txt").write_text("mine too")  # beside the run outputs: kept
+    with pytest.raises(KeyboardInterrupt):
+        main_job.run_main_job(job, scale=0.01, progress=False, real_split=_tiny_split(tmp_path))
+    assert [p.name for p in (job / "no_cot").iterdir()] == ["data"]  # no_cot reads the Coconut run's data: kept
+    assert not (job / "coconut" / "checkpoint-0001").exists() and not (job / "coconut" / "metrics.jsonl").exists()
+    assert (job / "coconut" / "notes.txt").read_text() == "mine too"  # (data/ and tokenizer/ are this job's)
+    assert not (job / "results.md").exists()
