@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -93,7 +94,8 @@ def _generate(args: argparse.Namespace) -> int:
     # a Coconut checkpoint thinks as it was trained to (coconut.json) unless told otherwise
     trained, markers = trained_thoughts(args.model) if args.num_thoughts is None else (args.num_thoughts, None)
     thoughts = [trained if r.num_thoughts is None else r.num_thoughts for r in requests]
-    out = _open_output(args.output, others={"--input": args.input})  # before the work: an unwritable path fails now
+    # before the work: an unwritable path fails now, not after it
+    out = _open_outputs({"--output": args.output}, {"--input": args.input}, args.model)["--output"]
     failed = []
 
     def emit(index: int, sample: int, result) -> None:
@@ -139,19 +141,40 @@ def _generate(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def _open_output(path: Path | None, flag: str = "--output", others: dict | None = None):
-    """The output file opened for writing (None: stdout), or an error naming it; never the same file as
-    one of `others` ({argument: path}: the inputs, the other outputs), which opening it would empty."""
+def _open_outputs(outputs: dict, inputs: dict, model: Path | None = None) -> dict:
+    """Open every output ({flag: path}; None: stdout) for writing, after checking them all: none is the
+    same file as an input, another output or an existing file of the `model` directory (opening it
+    would empty it). Files are opened without truncating and emptied only once every one has
+    opened, so a failure leaves every existing file as it was. Returns {flag: file or None}."""
     from .errors import InvalidArgumentError
     from .validation import check_not_an_input
 
-    if path is None:
-        return None
-    check_not_an_input(path, flag, others or {})
+    for flag, path in outputs.items():
+        check_not_an_input(path, flag, {**inputs, **{f: p for f, p in outputs.items() if f != flag}})
+        if path is not None and model is not None and Path(path).exists() \
+                and Path(model).resolve() in Path(path).resolve().parents:
+            raise InvalidArgumentError(f"{flag} {path} is a file of --model {model}: writing it would destroy it; "
+                                       "pick another file")
+    opened = {}
     try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise InvalidArgumentError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+        for flag, path in outputs.items():
+            if path is None:
+                opened[flag] = None
+                continue
+            try:
+                opened[flag] = open(path, "a", encoding="utf-8")
+            except OSError as exc:
+                raise InvalidArgumentError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from None
+    except BaseException:
+        for f in opened.values():
+            if f is not None:
+                f.close()
+        raise
+    for f in opened.values():
+        if f is not None and os.path.isfile(f.name):
+            f.seek(0)
+            f.truncate()
+    return opened
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -237,11 +260,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.device is not None:
             check_device(args.device, "--device")
         records = load_records(args.data)
-        out = _open_output(args.output, others={"--data": args.data})
-        dump = None
+        # before the work: an unwritable path fails now, not after every question ran
+        opened = _open_outputs({"--output": args.output, "--dump": args.dump}, {"--data": args.data}, args.model)
+        out, dump = opened["--output"], opened["--dump"]
         try:
-            # before the work, as --output: an unwritable path fails now, not after every question ran
-            dump = _open_output(args.dump, "--dump", {"--data": args.data, "--output": args.output})
             setup = load_for_scoring(args.model, method=args.method, stage=args.stage, device=args.device,
                                      attention_backend=args.backend, c_thought=args.c_thought,
                                      pad_latent_to_max=args.pad_latent_to_max)
@@ -368,7 +390,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; it names the folder the results go to")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"error: --out {out}: cannot make the folder ({exc.strerror or exc})") from None
     stamp = f"{args.what}-{args.shape}-{device}"
     if args.what != "train":
         dtype = bench.serving_dtype(device, args.dtype)

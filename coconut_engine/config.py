@@ -245,14 +245,18 @@ def _probability(raw: dict, key: str, source: str) -> float:
 
 def _parse_rope(raw: dict, source: str) -> tuple[float, RopeScaling]:
     """RoPE theta and scaling from either `rope_parameters` (transformers 5) or the hub layout; a config
-    with both resolves as transformers 5 does (a non-empty `rope_scaling` and its `rope_theta` win)."""
+    with both resolves as transformers 5 does (a non-empty `rope_scaling`, with the `rope_theta` in it or
+    beside it, wins over `rope_parameters`)."""
     params = raw.get("rope_parameters")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{source}: rope_parameters must be an object, got {type(params).__name__}")
-    if raw.get("rope_scaling"):  # where both are given, transformers takes the hub keys (rope_scaling, rope_theta)
-        theta = _positive_float(raw, "rope_theta", source, _positive_float(
-            params, "rope_theta", f"{source}: rope_parameters", 10000.0) if params else 10000.0)
-        scaling, key = raw["rope_scaling"], "rope_scaling"
+    legacy = raw.get("rope_scaling")
+    if legacy:  # where given, transformers 5 takes the hub layout alone: rope_scaling, then its or the top rope_theta
+        if not isinstance(legacy, dict):
+            raise ConfigError(f"{source}: rope_scaling must be an object, got {type(legacy).__name__} {legacy!r}")
+        theta = _positive_float(legacy, "rope_theta", f"{source}: rope_scaling",
+                                _positive_float(raw, "rope_theta", source, 10000.0))
+        scaling, key = legacy, "rope_scaling"
     elif params:
         theta = _positive_float(params, "rope_theta", f"{source}: rope_parameters",
                                 _positive_float(raw, "rope_theta", source, 10000.0))

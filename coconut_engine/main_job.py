@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
+from .attention import resolve_backend
 from .checkpoint import checkpoint_dirs, checkpoint_name, read_trainer_state
 from .data import Record, load_records
 from .distributed import DistEnv
@@ -207,14 +210,18 @@ def runs_to_start_over(runs: MainJobRuns, split: ScoredSplit | None) -> list[Tra
     that must start over: from the first one without a complete checkpoint on (its data or tokenizer
     may be another job's), or the runs after the first unfinished one (they cannot have started)."""
     ordered = [cfg for cfg in runs if cfg is not None]
-    for i, cfg in enumerate(ordered):
+    states = []
+    for cfg in ordered:  # every run with a checkpoint, also those after a gap: none is cleared unchecked
         found = checkpoint_dirs(cfg.save_dir)
-        if not found:
+        state = read_trainer_state(found[-1]) if found else None
+        if state is not None:
+            check_resume_config(found[-1], state, cfg)
+            if split is not None:
+                _check_scored_split(found[-1], state, split)
+        states.append(state)
+    for i, (cfg, state) in enumerate(zip(ordered, states)):
+        if state is None:
             return ordered[i:]
-        state = read_trainer_state(found[-1])
-        check_resume_config(found[-1], state, cfg)
-        if split is not None:
-            _check_scored_split(found[-1], state, split)
         if not (is_integer(state.get("epochs_done")) and state["epochs_done"] >= cfg.num_epochs):
             return ordered[i + 1:]
     return []
@@ -258,6 +265,11 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
     coconut_cfg = runs.coconut
     staged = real if settings.score_every_stage else None
     split = ScoredSplit.of(real_path if real else None) if settings.score_every_stage else None
+    device = torch.device(coconut_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:  # before anything is cleared: a backend this machine cannot run stops the job first
+        resolve_backend(coconut_cfg.attention_backend, device)
+    except ValueError as exc:
+        raise TrainingError(f"main job: attention backend {coconut_cfg.attention_backend!r}: {exc}") from None
     start_over = runs_to_start_over(runs, split) if resume else [cfg for cfg in runs if cfg is not None]
     if DistEnv.from_environment().is_main:  # under torchrun one rank clears; the others wait in the Trainer
         clear_outputs(start_over)

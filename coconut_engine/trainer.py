@@ -378,7 +378,7 @@ class Trainer:
         try:  # before anything is written: a backend this device cannot run is a config error
             resolve_backend(cfg.attention_backend, self.device)
         except ValueError as exc:
-            raise TrainingError(f"config: attention_backend: {exc}") from None
+            raise TrainingError(f"attention_backend {cfg.attention_backend!r}: {exc}") from None
         torch.manual_seed(cfg.seed)
         if self.env.is_main:
             prepare_save_dir(cfg, TrainingError)

@@ -72,7 +72,11 @@ def test_model_loads_identically_from_either_layout(layout, tmp_path):
                                                                                         "factor": 4.0}, "rope_theta": 500.0},
     {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}, "rope_theta": 500.0, "rope_scaling": None},
     {"rope_parameters": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0},
-], ids=["scaling-over-default", "scaling-over-linear", "hub-theta-with-scaling", "parameters-theta", "hub-theta-fallback"])
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 777.0}, "rope_theta": 1e6},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "rope_scaling": {}},
+], ids=["scaling-over-default", "scaling-over-linear", "hub-theta-with-scaling", "parameters-theta", "hub-theta-fallback",
+        "scaling-without-theta", "theta-inside-scaling", "empty-scaling"])
 def test_a_config_with_both_rope_layouts_resolves_as_transformers_does(rope):
     """Hand-edited or merged configs carry both layouts; transformers 5 resolves them by rules of its
     own (the hub keys win where rope_scaling is given): the engine must compute the same RoPE."""

@@ -310,28 +310,51 @@ def test_an_output_is_never_one_of_the_inputs(tmp_path):
         (["eval", "--model", model, "--method", "cot", "--data", str(data), "--dump", str(tmp_path / "." / "v.json")],
          r"--dump .*v.json is the same file as --data"),
         (["eval", "--model", model, "--method", "cot", "--data", str(data), "--output", str(tmp_path / "o.jsonl"),
-          "--dump", str(tmp_path / "o.jsonl")], r"--dump .*o.jsonl is the same file as --output"),
+          "--dump", str(tmp_path / "o.jsonl")], r"o.jsonl is the same file as --(dump|output) "),
         (["generate", "--model", model, "--input", str(questions), "--output", str(questions)],
          r"--output .*q.jsonl is the same file as --input"),
         (["data", "convert", "gsm8k", str(data), "-o", str(data)], r"--output .*v.json is the same file as input"),
         (["eval", "--model", model, "--method", "cot", "--data", str(data), "--dump", str(tmp_path / "no" / "d.jsonl")],
          r"--dump .*no/d.jsonl: cannot write"),
     ]
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("earlier results\n")
+    cases += [
+        (["eval", "--model", str(model_dir), "--method", "cot", "--data", str(data), "--dump",
+          str(model_dir / "config.json")], r"--dump .*m/config.json is a file of --model"),
+        (["generate", "--model", str(model_dir), "--output", str(model_dir / "config.json"), "hi"],
+         r"--output .*m/config.json is a file of --model"),
+        (["eval", "--model", model, "--method", "cot", "--data", str(data), "--output", str(kept),
+          "--dump", str(tmp_path / "no" / "d.jsonl")], r"--dump .*d.jsonl: cannot write"),
+    ]
     for argv, message in cases:
         with pytest.raises(SystemExit, match=message):
             cli.main(argv)
     assert json.loads(data.read_text())[0]["answer"] == "a." and json.loads(questions.read_text())["prompt"] == "hi"
+    assert (model_dir / "config.json").read_text() == "{}"
+    assert kept.read_text() == "earlier results\n"  # a failed --dump empties no other output
 
 
 def test_a_backend_that_cannot_run_is_refused_before_a_run_writes_anything(tmp_path, monkeypatch):
     monkeypatch.setenv("COCONUT_ATTENTION_BACKEND", "nope")
     run = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"attention_backend: COCONUT_ATTENTION_BACKEND='nope' is not one of"):
+    with pytest.raises(SystemExit, match=r"attention_backend 'auto': COCONUT_ATTENTION_BACKEND='nope' is not one of"):
         cli.main(["train", "--model", "builtin:gpt2-micro", "--task_train_size", "16", "--task_val_size", "4",
                   "--save_dir", str(run)])
     assert not run.exists()  # a corrected command starts in an empty folder, not one "holding a run"
     with pytest.raises(SystemExit, match=r"error: COCONUT_ATTENTION_BACKEND='nope' is not one of"):
         cli.main(["smoke"])
+    # the main job checks it before it clears the earlier job's outputs
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "runs" / "default"
+    (earlier / "coconut" / "checkpoint-0012").mkdir(parents=True)
+    (earlier / "results.md").write_text("the earlier job's table")
+    with pytest.raises(SystemExit, match=r"main job: attention backend 'auto': COCONUT_ATTENTION_BACKEND='nope'"):
+        cli.main(["train"])
+    assert (earlier / "coconut" / "checkpoint-0012").is_dir() and (earlier / "results.md").is_file()
 
 
 @pytest.mark.parametrize("argv,message", [

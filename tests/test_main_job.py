@@ -238,3 +238,23 @@ def test_a_fresh_main_job_clears_the_earlier_jobs_runs_before_it_trains(tmp_path
     assert not (job / "coconut" / "checkpoint-0001").exists() and not (job / "coconut" / "metrics.jsonl").exists()
     assert (job / "coconut" / "notes.txt").read_text() == "mine too"  # (data/ and tokenizer/ are this job's)
     assert not (job / "results.md").exists()
+
+
+def test_a_resume_checks_every_runs_checkpoint_before_clearing_any(tmp_path):
+    """`--task prosqa --resume true` over a finished small-task job: its warm-up folder is empty, but the
+    later runs' checkpoints belong to another job: refused, nothing removed (they were cleared unchecked)."""
+    import dataclasses
+
+    import coconut_engine.main_job as main_job
+
+    small = main_job.default_configs(tmp_path / "job", progress=False)
+    for cfg in (small.coconut, small.no_cot):
+        last = tmp_path / "job" / cfg.save_dir.rsplit("/", 1)[-1] / f"checkpoint-{cfg.num_epochs:04d}"
+        last.mkdir(parents=True)
+        (last / "trainer_state.json").write_text(json.dumps(
+            {"epochs_done": cfg.num_epochs, "global_step": 1, "history": [], "config": dataclasses.asdict(cfg)}))
+    with pytest.raises(TrainingError, match=r"coconut/checkpoint-0012: resume with a config that changes the run"):
+        main_job.run_main_job(tmp_path / "job", progress=False, task="prosqa", resume=True,
+                              real_split=_tiny_split(tmp_path))
+    assert (tmp_path / "job" / "coconut" / "checkpoint-0012").is_dir()
+    assert (tmp_path / "job" / "no_cot" / "checkpoint-0012").is_dir()
