@@ -126,10 +126,18 @@ def load_records(path: str | Path) -> list[Record]:
         question, steps, answer = item.get("question"), item.get("steps"), item.get("answer")
         if not isinstance(question, str) or not question.strip():
             raise DataError(f"{path}: record {i} has no 'question' string")
+        if "steps" not in item:
+            raise DataError(f"{path}: record {i} has no 'steps' key (a list of strings, [] for none)")
         if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
             raise DataError(f"{path}: record {i}: 'steps' must be a list of strings")
         if not isinstance(answer, str) or not answer.strip():
             raise DataError(f"{path}: record {i} has no 'answer' string")
+        for key, text in (("question", question), ("answer", answer), *((f"steps[{j}]", s) for j, s in enumerate(steps))):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:  # a lone surrogate, which no tokenizer takes
+                raise DataError(f"{path}: record {i}: '{key}' is not valid Unicode text ({exc.reason} at {exc.start})") \
+                    from None
         records.append(Record(question, tuple(steps), answer))
     return records
 

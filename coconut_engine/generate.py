@@ -242,6 +242,10 @@ class Generator:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 return None, f"request {index}: a text prompt needs a tokenizer"
+            try:
+                prompt.encode("utf-8")  # a lone surrogate (from undecodable bytes) is no text a tokenizer takes
+            except UnicodeEncodeError as exc:
+                return None, f"request {index}: the prompt is not valid Unicode text ({exc.reason} at {exc.start})"
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
         elif isinstance(prompt, (list, tuple)) and all(is_integer(t) for t in prompt):
             ids = [int(t) for t in prompt]

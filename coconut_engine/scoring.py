@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import COCONUT_FILE, checkpoint_thought_transform, coconut_rules, load_checkpoint
+from .checkpoint import COCONUT_FILE, checkpoint_dirs, checkpoint_thought_transform, coconut_rules, load_checkpoint
 from .coconut import SpecialTokens, add_special_tokens
 from .data import DATA_MODES, Record, StageRules
 from .errors import CheckpointError
@@ -66,6 +66,12 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
         raise CheckpointError(f"{path}: method {method!r} is not one of {', '.join(METHODS)}")
     if stage is not None and stage < 0:
         raise CheckpointError(f"{path}: stage must be >= 0, got {stage}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'not a folder' if path.exists() else 'model directory does not exist'} "
+                              "(a checkpoint-NNNN folder of a run, or a model directory)")
+    if not is_coconut_checkpoint(path) and not (path / "config.json").is_file() and checkpoint_dirs(path):
+        raise CheckpointError(f"{path}: a run's folder, not a model: pick one of its checkpoints "
+                              f"({', '.join(p.name for p in checkpoint_dirs(path)[-3:])})")
     device = default_device(device)
     if is_coconut_checkpoint(path):
         decoder, tokenizer, tokens, info, _ = load_checkpoint(path, device=device, attention_backend=attention_backend)

@@ -117,6 +117,9 @@ def test_eval_prompt():
      "record 1: 'steps' must be a list"),
     ('[{"question": "q", "steps": []}]', "record 0 has no 'answer'"),
     ('[3]', "record 0 is a int"),
+    ('[{"question": "q", "answer": "a"}]', "record 0 has no 'steps' key"),
+    ('[{"question": "q \\ud800", "steps": [], "answer": "a"}]', r"record 0: 'question' is not valid Unicode text"),
+    ('[{"question": "q", "steps": ["s", "\\udfff"], "answer": "a"}]', r"record 0: 'steps\[1\]' is not valid Unicode"),
 ])
 def test_malformed_files(tmp_path, content, message):
     path = tmp_path / "data.json"

@@ -379,19 +379,6 @@ def test_bench_out_and_device_are_checked_first(tmp_path):
         cli.main(["bench", "kernels", "--device", "foo"])
 
 
-@pytest.mark.parametrize("temperature,top_p", [(1e-300, 1.0), (5e-324, 1.0), (1.0, 1e-300)])
-def test_tiny_sampling_values_sample_the_most_likely_token(temperature, top_p):
-    """A temperature or top_p below float32's smallest number became 0 there (0 / 0: NaN probabilities)."""
-    import torch
-
-    from coconut_engine.generate import _Params, _sample
-
-    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
-    params = _Params(max_new_tokens=1, temperature=temperature, top_k=0, top_p=top_p, stop_ids=frozenset(),
-                     stop_texts=(), seed=0, n=1)
-    assert _sample(logits, params, torch.Generator().manual_seed(1)) == int(logits.argmax())
-
-
 def test_an_unreadable_tokenizer_is_an_error_naming_its_files(tmp_path):
     from coconut_engine.errors import CheckpointError
     from coconut_engine.loader import load_tokenizer
@@ -404,3 +391,15 @@ def test_an_unreadable_tokenizer_is_an_error_naming_its_files(tmp_path):
     (tmp_path / "tokenizer.json").mkdir()
     with pytest.raises(CheckpointError, match=r"tokenizer.json is a folder"):
         load_tokenizer(tmp_path)
+
+
+def test_eval_names_what_is_wrong_with_the_model_path(tmp_path):
+    data = tmp_path / "v.json"
+    data.write_text(json.dumps([{"question": "q?", "steps": [], "answer": "a."}]))
+    run = tmp_path / "run"
+    (run / "checkpoint-0003").mkdir(parents=True)
+    (run / "checkpoint-0003" / "trainer_state.json").write_text("{}")
+    for model, message in [(tmp_path / "nope", "model directory does not exist"), (data, "not a folder"),
+                           (run, r"a run's folder, not a model: pick one of its checkpoints \(checkpoint-0003\)")]:
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["eval", "--model", str(model), "--data", str(data)])

@@ -124,9 +124,23 @@ def test_a_tiny_temperature_samples_the_argmax_instead_of_crashing(gpt2):
     # logits / 1e-39 overflowed to inf in float32 and torch.multinomial killed the whole batch
     gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
     greedy = gen.generate([[5, 6], [7, 8]], max_new_tokens=3)
-    for temperature in (1e-39, 1e-45):
+    for temperature in (1e-39, 1e-45, 1e-300, 5e-324):  # the last two are 0 in float32: 0 / 0 was NaN
         sampled = gen.generate([[5, 6], [7, 8]], max_new_tokens=3, temperature=temperature)
         assert [r.token_ids for r in sampled] == [r.token_ids for r in greedy]
+    nucleus = gen.generate([[5, 6], [7, 8]], max_new_tokens=3, temperature=1.0, top_p=1e-300)  # keeps the top token
+    assert [r.token_ids for r in nucleus] == [r.token_ids for r in greedy]
+
+
+def test_a_prompt_that_is_not_valid_unicode_is_a_request_error(gpt2, tmp_path):
+    # a lone surrogate (what undecodable command-line bytes become) made the tokenizer raise for the whole batch
+    from coconut_engine.loader import load_tokenizer
+    from test_tokenizer import build_gpt2_tokenizer_dir
+
+    build_gpt2_tokenizer_dir(tmp_path)
+    gen = Generator(gpt2, load_tokenizer(tmp_path), max_pages=16, page_size=4, special_tokens=TOKENS)
+    bad, good = gen.generate(["! \ud800", "!"], max_new_tokens=2)  # "!" is token 0, inside the tiny vocabulary
+    assert bad.finish_reason == "error" and "request 0: the prompt is not valid Unicode text" in bad.error
+    assert good.error is None and len(good.token_ids) == 2
 
 
 def test_one_string_as_prompts_is_refused_not_split_into_characters(gpt2):
