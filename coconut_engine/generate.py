@@ -24,7 +24,7 @@ from .coconut import SPECIAL_TOKEN_TEXTS, CoconutModel, SpecialTokens
 from .errors import InvalidArgumentError
 from .model import Decoder
 from .thoughts import ThoughtTransform
-from .validation import check_sampling, is_integer
+from .validation import check_float, check_sampling, is_integer
 
 
 @dataclass
@@ -118,6 +118,12 @@ class Generator:
         """`allow_long_context`: let a RoPE model run past `max_position_embeddings` (its trained
         length); without it such a request is an error. Learned positions never allow it.
         `thought_transform`: what a thought feeds back (default: a CoconutModel's, else the identity)."""
+        if not isinstance(model, (Decoder, CoconutModel)):
+            raise InvalidArgumentError(f"model must be a Decoder (coconut_engine.loader.load_model) or a CoconutModel, "
+                                       f"got {type(model).__name__}")
+        if tokenizer is not None and not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
+            raise InvalidArgumentError(f"tokenizer must have encode/decode (a transformers tokenizer), got "
+                                       f"{type(tokenizer).__name__}")
         if isinstance(model, CoconutModel):
             special_tokens = special_tokens or model.tokens
             thought_transform = model.thought_transform if thought_transform is None else thought_transform
@@ -164,10 +170,13 @@ class Generator:
         if isinstance(prompts, (str, bytes)):  # would be one request per character
             raise InvalidArgumentError(f"prompts must be a list of prompts, got one {type(prompts).__name__} "
                                        f"{prompts!r:.40}: pass [prompt]")
+        if not hasattr(prompts, "__len__") or not hasattr(prompts, "__iter__"):
+            raise InvalidArgumentError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
         if not is_integer(max_thoughts) or max_thoughts < 0:
             raise InvalidArgumentError(f"max_thoughts must be an integer >= 0, got {max_thoughts!r}")
-        if not 0.0 <= eot_threshold <= 1.0:
-            raise InvalidArgumentError(f"eot_threshold must be a probability in [0, 1], got {eot_threshold!r}")
+        check_float(eot_threshold, "eot_threshold", 0.0, 1.0)
+        if thought_markers is not None and not isinstance(thought_markers, bool):
+            raise InvalidArgumentError(f"thought_markers must be True, False or None, got {thought_markers!r}")
         if not is_integer(thought_top_k) or thought_top_k < 1:
             raise InvalidArgumentError(f"thought_top_k must be an integer >= 1, got {thought_top_k!r}")
         counts = _per_request(num_thoughts, len(prompts))

@@ -228,6 +228,15 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
     """
     from safetensors import SafetensorError, safe_open
 
+    from .attention import BACKENDS
+    from .errors import InvalidArgumentError
+    from .validation import check_device
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise InvalidArgumentError(f"load_model: path must be a folder path, got {type(path).__name__} {path!r:.40}")
+    if attention_backend not in BACKENDS:
+        raise InvalidArgumentError(f"load_model: attention_backend {attention_backend!r} is not one of {BACKENDS}")
+    check_device(device, "load_model: device")
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: model directory does not exist")

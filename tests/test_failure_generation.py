@@ -148,3 +148,25 @@ def test_one_string_as_prompts_is_refused_not_split_into_characters(gpt2):
     with pytest.raises(InvalidArgumentError, match=r"prompts must be a list of prompts, got one str 'hello'"):
         gen.generate("hello", max_new_tokens=2)
     assert gen.cache.num_free_pages == 16
+
+
+def test_api_arguments_of_the_wrong_kind_are_clear_errors(gpt2, tmp_path):
+    with pytest.raises(InvalidArgumentError, match="model must be a Decoder .* or a CoconutModel, got NoneType"):
+        Generator(None)
+    with pytest.raises(InvalidArgumentError, match="model must be a Decoder .* got str"):
+        Generator("some/folder")
+    with pytest.raises(InvalidArgumentError, match="tokenizer must have encode/decode .* got str"):
+        Generator(gpt2, "some/folder")
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    with pytest.raises(InvalidArgumentError, match="prompts must be a list of prompts, got NoneType"):
+        gen.generate(None)
+    with pytest.raises(InvalidArgumentError, match="eot_threshold must be a number, got str '0.5'"):
+        gen.generate([[5, 6]], eot_threshold="0.5")
+    with pytest.raises(InvalidArgumentError, match="thought_markers must be True, False or None, got 'no'"):
+        gen.generate([[5, 6]], thought_markers="no")
+    with pytest.raises(InvalidArgumentError, match="load_model: path must be a folder path, got NoneType"):
+        load_model(None)
+    with pytest.raises(InvalidArgumentError, match="load_model: attention_backend 'nope' is not one of"):
+        load_model(tmp_path, attention_backend="nope")
+    with pytest.raises(InvalidArgumentError, match="load_model: device 'foo' is not a torch device"):
+        load_model(tmp_path, device="foo")
