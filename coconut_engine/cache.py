@@ -8,6 +8,8 @@ differ only in how many new tokens each sequence gets.
 """
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
@@ -347,6 +349,28 @@ class PageAllocator:
         return self._seqs[self._check(seq_id)]
 
 
+def _cache_bytes(shape: tuple, dtype: torch.dtype, requires_grad: bool) -> int:
+    """Bytes of a paged cache's pools (and of its fp32 gradient pages when it trains)."""
+    elements = math.prod(shape)
+    return elements * (torch.empty((), dtype=dtype).element_size() + (4 if requires_grad else 0))
+
+
+def _check_fits(shape: tuple, dtype: torch.dtype, requires_grad: bool, device: torch.device) -> None:
+    """Refuse, before anything is built, a cache larger than the device's whole memory (the page
+    list alone of an absurd page count would exhaust the host first)."""
+    need = _cache_bytes(shape, dtype, requires_grad)
+    if device.type == "cuda" and torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(device).total_memory
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if need > total:
+        raise InvalidArgumentError(f"a paged KV cache of {shape[2]} pages x {shape[3]} tokens needs "
+                                   f"{need / 2**30:.1f} GiB, more than the {total / 2**30:.1f} GiB of {device}: use "
+                                   "fewer or smaller pages")
+
+
 class PagedKVCache:
     """K/V page pools for every layer (one tensor `[2, layers, pages, page_size, kv_heads, head_dim]`)
     plus the allocator that maps sequences onto pages."""
@@ -364,15 +388,21 @@ class PagedKVCache:
         self.page_size = page_size
         self.dtype = dtype
         self.device = torch.device(device)
+        check_int(num_pages, "num_pages", minimum=1)
+        check_int(page_size, "page_size", minimum=1)
+        shape = (2, config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim)
+        _check_fits(shape, dtype, requires_grad, self.device)
         self.allocator = PageAllocator(num_pages, page_size)
-        self.kv = torch.zeros(
-            (2, config.num_layers, num_pages, page_size, config.num_kv_heads, config.head_dim),
-            dtype=dtype,
-            device=self.device,
-        )
-        # Training: fp32 gradient pages mirroring the pools, and the 0-d token that orders the
-        # backward of every store after the backward of every attention that read its slots.
-        self.grad_kv = torch.zeros(self.kv.shape, dtype=torch.float32, device=self.device) if requires_grad else None
+        try:
+            self.kv = torch.zeros(shape, dtype=dtype, device=self.device)
+            # Training: fp32 gradient pages mirroring the pools, and the 0-d token that orders the
+            # backward of every store after the backward of every attention that read its slots.
+            self.grad_kv = torch.zeros(shape, dtype=torch.float32, device=self.device) if requires_grad else None
+        except (RuntimeError, MemoryError) as exc:  # CPU: "can't allocate memory"; CUDA: OutOfMemoryError
+            raise InvalidArgumentError(f"a paged KV cache of {num_pages} pages x {page_size} tokens "
+                                       f"({_cache_bytes(shape, dtype, requires_grad) / 2**30:.2f} GiB on {self.device}) "
+                                       f"cannot be allocated ({str(exc).splitlines()[0][:120]}): use fewer or smaller "
+                                       "pages") from None
         self.dependency: torch.Tensor | None = None
         self.generation = 0
 

@@ -274,3 +274,22 @@ def test_one_token_step_metadata_equals_the_general_steps():
     assert seq.tolist() == derived[0].tolist() == [0, 1, 3, 4]
     assert row.tolist() == derived[1].tolist() == [0, 0, 0, 0]
     assert batch.seq_lens_k.tolist() == [4, 5, 5, 3, 8] and batch.every_slot_valid
+
+
+def test_a_cache_too_large_to_allocate_is_a_clear_error(monkeypatch):
+    from coconut_engine.errors import InvalidArgumentError
+
+    # more than the machine's whole memory: refused before the page list (one entry per page) is built
+    with pytest.raises(InvalidArgumentError, match=r"a paged KV cache of 1000000000000 pages x 16 tokens needs "
+                                                   r"[0-9.]+ GiB, more than the [0-9.]+ GiB of cpu"):
+        PagedKVCache(CONFIG, num_pages=10**12, page_size=16)
+    with pytest.raises(InvalidArgumentError, match="num_pages must be an integer"):
+        PagedKVCache(CONFIG, num_pages=2.5, page_size=16)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
+
+    monkeypatch.setattr(torch, "zeros", refuse)  # what an allocation that does not fit raises
+    with pytest.raises(InvalidArgumentError, match=r"a paged KV cache of 4 pages x 16 tokens \(0.00 GiB on cpu\) "
+                                                   r"cannot be allocated \(DefaultCPUAllocator"):
+        PagedKVCache(CONFIG, num_pages=4, page_size=16)
