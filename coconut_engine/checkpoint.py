@@ -121,7 +121,7 @@ def read_coconut_info(path: str | Path) -> tuple[SpecialTokens, dict]:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
         tokens = SpecialTokens(**info.pop("special_tokens"))
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed ({exc})") from exc
     for key, kind in _INFO_FIELDS.items():  # optional (a model trained elsewhere has only the tokens)
         value = info.get(key)
@@ -173,7 +173,7 @@ def read_trainer_state(path: str | Path) -> dict:
         return {}
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path / STATE_FILE}: not valid JSON ({exc})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path / STATE_FILE}: expected a JSON object")

@@ -105,7 +105,7 @@ def read_json(path: str | Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     except OSError as exc:  # a folder, no permission, ...
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc

@@ -131,7 +131,7 @@ def _read_weight_map(index: Path) -> dict[str, str]:
     """The index's `weight_map` (tensor name -> shard file name); shards must lie inside the model folder."""
     try:
         raw = json.loads(index.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{index}: not valid JSON ({exc})") from exc
     weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:

@@ -50,7 +50,7 @@ def read_requests(path: str | Path) -> list[PromptRequest]:
 def _parse_line(line: str, where: str) -> PromptRequest:
     try:
         record = json.loads(line)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's stack
         raise DataError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(record, dict) or not ("prompt" in record or "question" in record):
         raise DataError(f"{where}: expected an object with a 'prompt' or 'question' field")

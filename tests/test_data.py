@@ -118,6 +118,7 @@ def test_eval_prompt():
     ('[{"question": "q", "steps": []}]', "record 0 has no 'answer'"),
     ('[3]', "record 0 is a int"),
     ('[{"question": "q", "answer": "a"}]', "record 0 has no 'steps' key"),
+    ("[" * 100000 + "]" * 100000, "not valid JSON .*recursion"),  # deeper than Python's stack
     ('[{"question": "q \\ud800", "steps": [], "answer": "a"}]', r"record 0: 'question' is not valid Unicode text"),
     ('[{"question": "q", "steps": ["s", "\\udfff"], "answer": "a"}]', r"record 0: 'steps\[1\]' is not valid Unicode"),
 ])
