@@ -123,6 +123,10 @@ def read_coconut_info(path: str | Path) -> tuple[SpecialTokens, dict]:
         tokens = SpecialTokens(**info.pop("special_tokens"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{path}: malformed ({exc})") from exc
+    ids = asdict(tokens)
+    clashes = sorted({f"{a} and {b}" for a in ids for b in ids if a < b and ids[a] == ids[b] and is_integer(ids[a])})
+    if clashes:  # <bot> = <eot> would end every thought as it began
+        raise CheckpointError(f"{path}: special_tokens {', '.join(clashes)} have the same id; each needs its own token")
     for key, kind in _INFO_FIELDS.items():  # optional (a model trained elsewhere has only the tokens)
         value = info.get(key)
         ok = isinstance(value, str) if kind is str else isinstance(value, bool) if kind is bool else \

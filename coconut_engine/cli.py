@@ -96,7 +96,9 @@ def _generate(args: argparse.Namespace) -> int:
     thoughts = [trained if r.num_thoughts is None else r.num_thoughts for r in requests]
     # before the work: an unwritable path fails now, not after it
     out = _open_outputs({"--output": args.output}, {"--input": args.input}, args.model)["--output"]
+    max_thoughts, eot_threshold = _adaptive_settings(args, adaptive_possible=True)  # an --input line may ask for auto
     failed = []
+    printed_errors: dict[int, str] = {}  # a request's error once, not once per sample (--n)
 
     def emit(index: int, sample: int, result) -> None:
         if result.error is not None:
@@ -104,7 +106,12 @@ def _generate(args: argparse.Namespace) -> int:
         if out is None:
             if args.show_thoughts and result.thoughts:
                 print("\n".join(format_thoughts(result.thoughts)))
-            print(result.text if result.error is None else f"ERROR: {result.error}", flush=True)
+            if result.error is None:
+                print(result.text, flush=True)
+            elif printed_errors.get(index) != result.error:
+                printed_errors[index] = result.error
+                print(f"ERROR: {result.error}" + (f" (every one of its {args.n} samples)" if args.n > 1 else ""),
+                      flush=True)
             return
         row = {"index": index, "sample": sample, "prompt": prompts[index], "text": result.text,
                "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -129,7 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                      stop=args.stop, n=args.n, seed=args.seed, progress=bool(args.input),
                                      thought_markers=markers, on_result=InOrder(emit, args.n),
-                                     max_thoughts=args.max_thoughts, eot_threshold=args.eot_threshold,
+                                     max_thoughts=max_thoughts, eot_threshold=eot_threshold,
                                      return_thoughts=args.show_thoughts)
     finally:
         if out is not None:
@@ -260,6 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.device is not None:
             check_device(args.device, "--device")
         records = load_records(args.data)
+        max_thoughts, eot_threshold = _adaptive_settings(args, adaptive_possible=args.num_thoughts == "auto")
         # before the work: an unwritable path fails now, not after every question ran
         opened = _open_outputs({"--output": args.output, "--dump": args.dump}, {"--data": args.data}, args.model)
         out, dump = opened["--output"], opened["--dump"]
@@ -269,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                      pad_latent_to_max=args.pad_latent_to_max)
             max_new_tokens = args.max_new_tokens or official_max_new_tokens(args.data)
             result = setup.evaluate(records, max_new_tokens, progress=True, num_thoughts=args.num_thoughts,
-                                    max_thoughts=args.max_thoughts, eot_threshold=args.eot_threshold,
+                                    max_thoughts=max_thoughts, eot_threshold=eot_threshold,
                                     return_thoughts=args.dump is not None)
             if out is not None:
                 out.writelines(json.dumps({k: v for k, v in g.items() if k != "thought_traces"}) + "\n"
@@ -452,8 +460,24 @@ def _thought_arguments(parser: argparse.ArgumentParser, default, help_default: s
     parser.add_argument("--num-thoughts", type=thought_count, default=default,
                         help=f"thoughts per question, or 'auto' to stop when p(<eot>) > --eot-threshold "
                              f"(default {help_default})")
-    parser.add_argument("--max-thoughts", type=int, default=8, help="upper bound for --num-thoughts auto")
-    parser.add_argument("--eot-threshold", type=float, default=0.5, help="p(<eot>) that ends thinking (auto)")
+    parser.add_argument("--max-thoughts", type=int, default=None, help="upper bound for --num-thoughts auto (default 8)")
+    parser.add_argument("--eot-threshold", type=float, default=None,
+                        help="p(<eot>) that ends thinking (auto; default 0.5)")
+
+
+def _adaptive_settings(args: argparse.Namespace, adaptive_possible: bool) -> tuple[int, float]:
+    """(max_thoughts, eot_threshold) of an eval or generate command; given where nothing thinks
+    adaptively (`adaptive_possible` False: eval without --num-thoughts auto) they would be ignored:
+    an error saying so."""
+    from .errors import InvalidArgumentError
+
+    given = [flag for flag, value in (("--max-thoughts", args.max_thoughts), ("--eot-threshold", args.eot_threshold))
+             if value is not None]
+    if given and not adaptive_possible:
+        raise InvalidArgumentError(f"{' and '.join(given)} appl{'y' if len(given) > 1 else 'ies'} only with "
+                                   "--num-thoughts auto")
+    return (8 if args.max_thoughts is None else args.max_thoughts,
+            0.5 if args.eot_threshold is None else args.eot_threshold)
 
 
 def build_parser() -> argparse.ArgumentParser:

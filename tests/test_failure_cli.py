@@ -130,6 +130,7 @@ def test_eval_data_that_cannot_be_read_is_an_error_naming_it(checkpoint, tmp_pat
     ({"mode": "weird"}, r"coconut\.json: mode 'weird' is not one of"),
     ({"c_thought": None}, r"coconut\.json: c_thought must be an integer >= 0, got None"),
     ("c_thought", r"coconut\.json lacks c_thought \(needed to evaluate\)"),
+    ({"special_tokens": {"bot": 5, "thought": 6, "eot": 5}}, r"coconut\.json: special_tokens bot and eot have the same id"),
 ])
 def test_eval_names_malformed_curriculum_settings_in_coconut_json(checkpoint, tmp_path, change, message):
     # before: raw TypeErrors, "error: 'c_thought'", or "no" taken as true
@@ -403,3 +404,18 @@ def test_eval_names_what_is_wrong_with_the_model_path(tmp_path):
                            (run, r"a run's folder, not a model: pick one of its checkpoints \(checkpoint-0003\)")]:
         with pytest.raises(SystemExit, match=message):
             cli.main(["eval", "--model", str(model), "--data", str(data)])
+
+
+def test_adaptive_settings_without_adaptive_thinking_and_errors_once_per_request(checkpoint, capsys):
+    """eval ignored --max-thoughts / --eot-threshold without --num-thoughts auto: now an error. generate
+    printed a request's error once per sample (--n): now once, saying it covers every sample."""
+    path, val = checkpoint
+    code, message = run("eval", "--model", str(path), "--data", str(val), "--max-thoughts", "3")
+    assert code == 1 and "--max-thoughts applies only with --num-thoughts auto" in message
+    code, message = run("eval", "--model", str(path), "--data", str(val), "--max-thoughts", "3", "--eot-threshold", "0.4")
+    assert "--max-thoughts and --eot-threshold apply only with --num-thoughts auto" in message
+    capsys.readouterr()
+    code, _ = run("generate", "--model", str(path), "Is Tom a wumpus?", "--n", "5", "--max-pages", "1")
+    lines = capsys.readouterr().out.splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("ERROR: request 0: needs up to")
+    assert lines[0].endswith("(every one of its 5 samples)")
