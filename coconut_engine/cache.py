@@ -360,7 +360,10 @@ def _check_fits(shape: tuple, dtype: torch.dtype, requires_grad: bool, device: t
     list alone of an absurd page count would exhaust the host first)."""
     need = _cache_bytes(shape, dtype, requires_grad)
     if device.type == "cuda" and torch.cuda.is_available():
-        total = torch.cuda.get_device_properties(device).total_memory
+        try:
+            total = torch.cuda.get_device_properties(device).total_memory
+        except (AssertionError, RuntimeError, ValueError):  # a device index that does not exist: torch says so next
+            return
     elif device.type == "cpu" and hasattr(os, "sysconf"):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     else:
@@ -399,10 +402,10 @@ class PagedKVCache:
             # backward of every store after the backward of every attention that read its slots.
             self.grad_kv = torch.zeros(shape, dtype=torch.float32, device=self.device) if requires_grad else None
         except (RuntimeError, MemoryError) as exc:  # CPU: "can't allocate memory"; CUDA: OutOfMemoryError
-            raise InvalidArgumentError(f"a paged KV cache of {num_pages} pages x {page_size} tokens "
-                                       f"({_cache_bytes(shape, dtype, requires_grad) / 2**30:.2f} GiB on {self.device}) "
-                                       f"cannot be allocated ({str(exc).splitlines()[0][:120]}): use fewer or smaller "
-                                       "pages") from None
+            # the type stays (an out-of-memory handler must still see one); the note says what was allocated
+            exc.add_note(f"while allocating a paged KV cache of {num_pages} pages x {page_size} tokens "
+                         f"({_cache_bytes(shape, dtype, requires_grad) / 2**30:.2f} GiB on {self.device})")
+            raise
         self.dependency: torch.Tensor | None = None
         self.generation = 0
 

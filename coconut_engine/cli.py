@@ -96,7 +96,8 @@ def _generate(args: argparse.Namespace) -> int:
     thoughts = [trained if r.num_thoughts is None else r.num_thoughts for r in requests]
     # before the work: an unwritable path fails now, not after it
     out = _open_outputs({"--output": args.output}, {"--input": args.input}, args.model)["--output"]
-    max_thoughts, eot_threshold = _adaptive_settings(args, adaptive_possible=True)  # an --input line may ask for auto
+    # an --input line may ask for auto: the settings apply there too
+    max_thoughts, eot_threshold = _adaptive_settings(args, args.num_thoughts == "auto" or args.input is not None)
     failed = []
     printed_errors: dict[int, str] = {}  # a request's error once, not once per sample (--n)
 

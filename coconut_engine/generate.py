@@ -118,13 +118,14 @@ class Generator:
         """`allow_long_context`: let a RoPE model run past `max_position_embeddings` (its trained
         length); without it such a request is an error. Learned positions never allow it.
         `thought_transform`: what a thought feeds back (default: a CoconutModel's, else the identity)."""
-        if not isinstance(model, (Decoder, CoconutModel)):
+        base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper passes attributes through: keep it
+        if not isinstance(base, (Decoder, CoconutModel)):
             raise InvalidArgumentError(f"model must be a Decoder (coconut_engine.loader.load_model) or a CoconutModel, "
                                        f"got {type(model).__name__}")
         if tokenizer is not None and not all(callable(getattr(tokenizer, m, None)) for m in ("encode", "decode")):
             raise InvalidArgumentError(f"tokenizer must have encode/decode (a transformers tokenizer), got "
                                        f"{type(tokenizer).__name__}")
-        if isinstance(model, CoconutModel):
+        if isinstance(base, CoconutModel):
             special_tokens = special_tokens or model.tokens
             thought_transform = model.thought_transform if thought_transform is None else thought_transform
             model = model.decoder
@@ -174,9 +175,13 @@ class Generator:
             raise InvalidArgumentError(f"prompts must be a list of prompts, got {type(prompts).__name__}")
         if not is_integer(max_thoughts) or max_thoughts < 0:
             raise InvalidArgumentError(f"max_thoughts must be an integer >= 0, got {max_thoughts!r}")
-        check_float(eot_threshold, "eot_threshold", 0.0, 1.0)
-        if thought_markers is not None and not isinstance(thought_markers, bool):
-            raise InvalidArgumentError(f"thought_markers must be True, False or None, got {thought_markers!r}")
+        if isinstance(eot_threshold, torch.Tensor) and eot_threshold.numel() == 1:
+            eot_threshold = eot_threshold.item()
+        eot_threshold = check_float(eot_threshold, "eot_threshold", 0.0, 1.0)
+        if thought_markers is not None:
+            if isinstance(thought_markers, str) or thought_markers not in (True, False):  # numpy bools pass
+                raise InvalidArgumentError(f"thought_markers must be True, False or None, got {thought_markers!r}")
+            thought_markers = bool(thought_markers)
         if not is_integer(thought_top_k) or thought_top_k < 1:
             raise InvalidArgumentError(f"thought_top_k must be an integer >= 1, got {thought_top_k!r}")
         counts = _per_request(num_thoughts, len(prompts))

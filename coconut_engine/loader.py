@@ -234,7 +234,7 @@ def load_model(path, dtype=None, device="cpu", attention_backend: str = "auto",
 
     if not isinstance(path, (str, os.PathLike)):
         raise InvalidArgumentError(f"load_model: path must be a folder path, got {type(path).__name__} {path!r:.40}")
-    if attention_backend not in BACKENDS:
+    if attention_backend is not None and attention_backend not in BACKENDS:  # None: "auto", as Decoder takes it
         raise InvalidArgumentError(f"load_model: attention_backend {attention_backend!r} is not one of {BACKENDS}")
     check_device(device, "load_model: device")
     path = Path(path)

@@ -290,6 +290,6 @@ def test_a_cache_too_large_to_allocate_is_a_clear_error(monkeypatch):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes")
 
     monkeypatch.setattr(torch, "zeros", refuse)  # what an allocation that does not fit raises
-    with pytest.raises(InvalidArgumentError, match=r"a paged KV cache of 4 pages x 16 tokens \(0.00 GiB on cpu\) "
-                                                   r"cannot be allocated \(DefaultCPUAllocator"):
+    with pytest.raises(RuntimeError, match="DefaultCPUAllocator") as failed:  # the type stays: OOM handlers see it
         PagedKVCache(CONFIG, num_pages=4, page_size=16)
+    assert failed.value.__notes__ == ["while allocating a paged KV cache of 4 pages x 16 tokens (0.00 GiB on cpu)"]

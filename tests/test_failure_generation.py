@@ -170,3 +170,29 @@ def test_api_arguments_of_the_wrong_kind_are_clear_errors(gpt2, tmp_path):
         load_model(tmp_path, attention_backend="nope")
     with pytest.raises(InvalidArgumentError, match="load_model: device 'foo' is not a torch device"):
         load_model(tmp_path, device="foo")
+
+
+def test_api_values_that_worked_before_the_type_checks_still_do(gpt2, tmp_path):
+    """A torch.compile'd model (its wrapper passes attributes through), numpy bools, 0-d tensors and
+    attention_backend=None were accepted before the argument checks; they still are."""
+    import numpy as np
+
+    class Compiled:  # what torch.compile returns, without the compile time: the module under `_orig_mod`
+        def __init__(self, module):
+            self._orig_mod = module
+
+        def __getattr__(self, name):
+            return getattr(self._orig_mod, name)
+
+        def __call__(self, *args, **kwargs):
+            return self._orig_mod(*args, **kwargs)
+
+    expected = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS).generate([[5, 6]], max_new_tokens=3)
+    wrapped = Generator(Compiled(gpt2), max_pages=16, page_size=4, special_tokens=TOKENS)
+    assert wrapped.generate([[5, 6]], max_new_tokens=3)[0].token_ids == expected[0].token_ids
+    gen = Generator(gpt2, max_pages=16, page_size=4, special_tokens=TOKENS)
+    odd = gen.generate([[5, 6]], max_new_tokens=3, thought_markers=np.bool_(False), eot_threshold=torch.tensor(0.5))
+    assert odd[0].token_ids == expected[0].token_ids
+    build_hf_model("gpt2", tmp_path, n_positions=64)
+    auto = load_model(tmp_path, attention_backend=None)  # None is "auto", as Decoder takes it
+    assert Generator(auto, max_pages=16, page_size=4, special_tokens=TOKENS).generate([[5, 6]], max_new_tokens=3)[0].error is None
