@@ -352,7 +352,7 @@ class PageAllocator:
 def _cache_bytes(shape: tuple, dtype: torch.dtype, requires_grad: bool) -> int:
     """Bytes of a paged cache's pools (and of its fp32 gradient pages when it trains)."""
     elements = math.prod(shape)
-    return elements * (torch.empty((), dtype=dtype).element_size() + (4 if requires_grad else 0))
+    return elements * (dtype.itemsize + (4 if requires_grad else 0))
 
 
 def _check_fits(shape: tuple, dtype: torch.dtype, requires_grad: bool, device: torch.device) -> None:

@@ -330,16 +330,21 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str, sep: str = ",", maxsplit: int = -1) -> list[int]:
+    """The integers of `text` split at `sep`; [] where one is not an integer."""
+    try:
+        return [int(x) for x in text.split(sep, maxsplit)]
+    except ValueError:
+        return []
+
+
 def _stages(text: str) -> list[int]:
     """`--stages` "0-6" or "0,2,6" -> stage list (a usage error unless stages >= 0, a range low to high)."""
-    try:
-        if "-" in text:
-            lo, hi = (int(x) for x in text.split("-", 1))
-            stages = list(range(lo, hi + 1))
-        else:
-            stages = [int(x) for x in text.split(",")]
-    except ValueError:
-        stages = []
+    if "-" in text:
+        bounds = _ints(text, "-", 1)
+        stages = list(range(bounds[0], bounds[1] + 1)) if bounds else []
+    else:
+        stages = _ints(text)
     if not stages or min(stages) < 0:
         raise argparse.ArgumentTypeError(f"expected stages >= 0 as LOW-HIGH or a comma list, got {text!r}")
     return stages
@@ -347,10 +352,7 @@ def _stages(text: str) -> list[int]:
 
 def _positive_ints(text: str) -> list[int]:
     """`--batches` "1,16,64" -> [1, 16, 64] (a usage error unless every one is an integer >= 1)."""
-    try:
-        values = [int(x) for x in text.split(",")]
-    except ValueError:
-        values = []
+    values = _ints(text)
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"expected integers >= 1 separated by commas, got {text!r}")
     return values
@@ -358,13 +360,10 @@ def _positive_ints(text: str) -> list[int]:
 
 def _positive_int(text: str) -> int:
     """An integer >= 1 (a usage error otherwise)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
+    values = _ints(text)
+    if len(values) != 1 or values[0] < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+    return values[0]
 
 
 def _bench_dtype(name: str):
@@ -387,7 +386,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from . import bench
     from .plots import plot_bench
-
     from .validation import check_device
 
     if args.device is not None:

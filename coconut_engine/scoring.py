@@ -69,9 +69,10 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
     if not path.is_dir():
         raise CheckpointError(f"{path}: {'not a folder' if path.exists() else 'model directory does not exist'} "
                               "(a checkpoint-NNNN folder of a run, or a model directory)")
-    if not is_coconut_checkpoint(path) and not (path / "config.json").is_file() and checkpoint_dirs(path):
+    run_checkpoints = [] if (path / "config.json").is_file() or is_coconut_checkpoint(path) else checkpoint_dirs(path)
+    if run_checkpoints:
         raise CheckpointError(f"{path}: a run's folder, not a model: pick one of its checkpoints "
-                              f"({', '.join(p.name for p in checkpoint_dirs(path)[-3:])})")
+                              f"({', '.join(p.name for p in run_checkpoints[-3:])})")
     device = default_device(device)
     if is_coconut_checkpoint(path):
         decoder, tokenizer, tokens, info, _ = load_checkpoint(path, device=device, attention_backend=attention_backend)
