@@ -237,9 +237,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         main_job = main_job_resume is not None
         again = "coconut-engine train" + (f" --task {args.task}" if args.task else "") if main_job else "the command"
         flags = "--resume true" + (" --overwrite false" if config is not None and config.overwrite else "")
-        print(f"\ninterrupted: {again} with {flags} continues from the newest complete checkpoint "
-              f"(under {'runs/default' if main_job else config.save_dir if config else 'its save_dir'})",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one line, not one a rank
+            print(f"\ninterrupted: {again} with {flags} continues from the newest complete checkpoint "
+                  f"(under {'runs/default' if main_job else config.save_dir if config else 'its save_dir'})",
+                  file=sys.stderr)
         return 130
     from .distributed import leave_process_group
 

@@ -93,9 +93,10 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
                        trained.max_latent_stage if max_latent_stage is None else max_latent_stage,
                        trained.pad_latent_to_max if pad_latent_to_max is None else pad_latent_to_max,
                        0.0, mode)
-    stage = trained_stage if stage is None else stage
-    if mode in ("cot", "no_cot"):
-        stage = 0
+    if mode in ("cot", "no_cot") and stage:
+        raise CheckpointError(f"{path}: stage {stage} given, but {mode} scoring has no stages (it feeds no "
+                              "thoughts); score with method 'coconut' to use a stage's thoughts")
+    stage = 0 if mode in ("cot", "no_cot") else trained_stage if stage is None else stage
     label = f"{path.name}: {mode}" + (f" stage {stage}" if mode not in ("cot", "no_cot") else "")
     return ScoringSetup(decoder.eval(), tokenizer, tokens, rules, stage, label, transform)
 

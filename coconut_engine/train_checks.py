@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -117,7 +118,22 @@ def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> 
         return []
     known = {**(defaults or {}), **saved}
     return sorted(key for key in known.keys() & current.keys()
-                  if key not in SAFE_RESUME_KEYS and known[key] != current[key])
+                  if key not in SAFE_RESUME_KEYS and not _same_setting(key, known[key], current[key]))
+
+
+# Config keys that name files: one file named another way (relative / absolute, through a link) is the same
+PATH_KEYS = frozenset({"model", "tokenizer", "train_path", "val_path"})
+
+
+def _same_setting(key: str, saved, current) -> bool:
+    if saved == current:
+        return True
+    if key in PATH_KEYS and isinstance(saved, str) and isinstance(current, str):
+        try:
+            return os.path.samefile(saved, current)
+        except OSError:  # either is missing (or not a path, e.g. builtin:NAME): they differ
+            return False
+    return False
 
 
 def prepare_save_dir(cfg, error) -> None:

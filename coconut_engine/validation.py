@@ -44,14 +44,22 @@ def check_float(value, name: str, minimum: float | None = None, maximum: float |
     return value
 
 
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")  # the torch backend runs on both, the Triton kernels on CUDA
+
+
 def check_device(value: str, name: str, error=InvalidArgumentError) -> torch.device:
     """`value` as a torch device this machine has; an error naming `name` otherwise."""
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise error(f"{name} {value!r} is not a torch device ({exc})") from None
+    if device.type not in SUPPORTED_DEVICE_TYPES:
+        raise error(f"{name} {value!r}: coconut-engine runs on {' or '.join(SUPPORTED_DEVICE_TYPES)} devices, "
+                    f"not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise error(f"{name} {value!r}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise error(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

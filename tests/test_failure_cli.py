@@ -151,6 +151,9 @@ def test_a_bad_device_is_an_error_naming_the_argument(checkpoint):
     assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
     code, error = run("eval", "--model", model, "--data", data, "--device", "gpu9")
     assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
+    # a torch device the engine cannot run on (it failed inside torch with a trace)
+    code, error = run("generate", "--model", model, "--device", "meta", "hi")
+    assert code != 0 and error.startswith("error: --device 'meta': coconut-engine runs on cpu or cuda devices"), error
 
 
 def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
@@ -271,6 +274,9 @@ def test_ctrl_c_in_a_run_names_its_save_dir(monkeypatch, capsys, tmp_path):
             f"(under {tmp_path / 'run'})") in capsys.readouterr().err
     assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--overwrite", "true"]) == 130
     assert "interrupted: the command with --resume true --overwrite false continues" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--lr", "1e-3"]) == 130
+    assert "interrupted" not in capsys.readouterr().err
 
 
 def test_generate_jsonl_requests_may_think_adaptively(checkpoint, tmp_path):

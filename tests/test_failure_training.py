@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,6 +89,7 @@ def test_non_finite_gradient_norm_stops_before_the_update(tmp_path, monkeypatch)
     ({"lr": float("inf")}, r"lr must be finite and > 0.0, got inf"),
     ({"keep_checkpoints": -1}, r"keep_checkpoints must be >= 0"),
     ({"device": "gpu9"}, r"device 'gpu9' is not a torch device"),
+    ({"device": "meta"}, r"device 'meta': coconut-engine runs on cpu or cuda devices, not meta"),
     ({"attention_backend": "cuda"}, r"attention_backend 'cuda' is not one of"),
     ({"task_config": {"num_nodes": 3}}, r"task_config \{'num_nodes': 3\}: .*num_nodes"),
     ({"model": "builtin:gpt5"}, r"model 'builtin:gpt5': unknown builtin model"),
@@ -139,6 +141,18 @@ def test_resume_refuses_config_changes_that_break_the_run(tmp_path):
     resumed = Trainer(tiny(tmp_path, num_epochs=3, resume=True, keep_checkpoints=5, eval_max_new_tokens=4))
     assert resumed.epochs_done == 1
     assert {"num_epochs", "keep_checkpoints", "eval_max_new_tokens"} <= SAFE_RESUME_KEYS
+
+
+def test_resume_accepts_the_same_files_named_another_way(tmp_path, monkeypatch):
+    """A run started with absolute paths resumes from a relative save_dir and tokenizer path naming
+    the same files (it was refused: the strings differ); another file is still refused."""
+    Trainer(tiny(tmp_path, "a", num_epochs=1)).run()
+    Trainer(tiny(tmp_path, num_epochs=1, tokenizer=str(tmp_path / "a" / "tokenizer"))).run()
+    monkeypatch.chdir(tmp_path)
+    resumed = Trainer(tiny(Path("."), num_epochs=2, resume=True, tokenizer="a/tokenizer"))
+    assert resumed.epochs_done == 1
+    with pytest.raises(TrainingError, match=r"changes the run \(tokenizer: '.*a/tokenizer' -> 'run/tokenizer'\)"):
+        Trainer(tiny(Path("."), num_epochs=2, resume=True, tokenizer="run/tokenizer"))
 
 
 def test_stale_temporaries_of_crashed_runs_are_removed(tmp_path):

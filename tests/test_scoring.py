@@ -72,6 +72,12 @@ def test_eval_a_checkpoint_at_its_own_and_other_stages(trained, plain, capsys):
     out = run_cli(capsys, "eval", "--model", trained, "--data", data, "--method", "no_cot", "--max-new-tokens", "3",
                   "--backend", "torch")
     assert json.loads(out.strip().splitlines()[-1])["method"] == "no_cot"
+    # a stage means thoughts: with a method that feeds none it was ignored (and reported as stage 0)
+    with pytest.raises(SystemExit, match="stage 2 given, but cot scoring has no stages"):
+        cli.main(["eval", "--model", str(trained), "--data", str(data), "--method", "cot", "--stage", "2"])
+    out = run_cli(capsys, "eval", "--model", trained, "--data", data, "--method", "cot", "--stage", "0",
+                  "--max-new-tokens", "3", "--backend", "torch")
+    assert json.loads(out.strip().splitlines()[-1])["stage"] == 0
 
 
 def test_compare_models_accepts_plain_directories_and_methods(trained, plain, capsys, monkeypatch):
