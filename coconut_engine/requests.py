@@ -3,10 +3,12 @@
 Each line of a requests file is an object with "prompt" (used as is) or "question" (the official
 Coconut format: followed by a newline), and optionally "num_thoughts": an integer >= 0, or "auto"
 (adaptive thinking: think until p(<eot>) passes the command line's --eot-threshold or --max-thoughts
-is reached). Any other line is a DataError naming the file, the line and the key.
+is reached). Other keys are not read (an official record's "answer", "steps", ...), but a near miss of
+these ("num_thought") is an error. Any other line is a DataError naming the file, the line and the key.
 """
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +16,9 @@ from typing import Callable
 
 from .data import DataError
 from .validation import is_integer
+
+
+REQUEST_KEYS = ("prompt", "question", "num_thoughts")
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,13 @@ def _parse_line(line: str, where: str) -> PromptRequest:
         raise DataError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(record, dict) or not ("prompt" in record or "question" in record):
         raise DataError(f"{where}: expected an object with a 'prompt' or 'question' field")
+    if "prompt" in record and "question" in record:
+        raise DataError(f"{where}: both 'prompt' and 'question': give one")
+    for name in record:  # other keys (an official record's answer, steps, ...) are not read
+        if name not in REQUEST_KEYS:
+            near = difflib.get_close_matches(name.lower(), REQUEST_KEYS, n=1, cutoff=0.8)
+            if near:
+                raise DataError(f"{where}: unknown key {name!r} (did you mean {near[0]!r}?)")
     key = "prompt" if "prompt" in record else "question"
     text = record[key]
     if not isinstance(text, str):

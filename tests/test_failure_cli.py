@@ -35,12 +35,25 @@ def run(*argv):
     ({"prompt": "hi", "num_thoughts": "abc"}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0 or .auto., got str 'abc'"),
     ({"prompt": "hi", "num_thoughts": 2.7}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0 or .auto., got float 2\.7"),
     ({"prompt": "hi", "num_thoughts": True}, r"q\.jsonl:2: 'num_thoughts' must be an integer >= 0 or .auto., got bool True"),
+    # a misspelt key was ignored (the command line's thoughts were used); two texts, one silently dropped
+    ({"prompt": "hi", "num_thought": 3}, r"q\.jsonl:2: unknown key 'num_thought' \(did you mean 'num_thoughts'\?\)"),
+    ({"prompt": "hi", "Prompt": "hi"}, r"q\.jsonl:2: unknown key 'Prompt' \(did you mean 'prompt'\?\)"),
+    ({"prompt": "hi", "question": "ho"}, r"q\.jsonl:2: both 'prompt' and 'question': give one"),
 ])
 def test_generate_rejects_malformed_request_lines(checkpoint, tmp_path, line, message):
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps(line) + "\n")
     code, error = run("generate", "--model", str(checkpoint[0]), "--input", str(path))
     assert code != 0 and error.startswith("error: ") and __import__("re").search(message, error)
+
+
+def test_request_lines_may_be_official_records(tmp_path):
+    from coconut_engine.requests import PromptRequest, read_requests
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "Is Tom a wumpus?", "answer": "Yes.", "steps": ["Tom is a wumpus."],
+                                "num_thoughts": 2}) + "\n")
+    assert read_requests(path) == [PromptRequest("Is Tom a wumpus?\n", 2)]
 
 
 def test_generate_input_and_model_errors_are_clear(checkpoint, tmp_path):
