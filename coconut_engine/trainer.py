@@ -251,10 +251,19 @@ def _coerce(value, annotation, key: str, source: str):
             return int(value)
         if kind.startswith("float"):
             return float(value)
-        if kind.startswith("dict"):
-            return json.loads(value)
-    except (ValueError, json.JSONDecodeError) as exc:
-        raise TrainingError(f"{source}: {key}={value!r} is not a valid {kind}") from exc
+        if kind.startswith("dict"):  # a YAML flow mapping as a config file writes it, or JSON
+            import yaml
+
+            try:
+                mapping = yaml.safe_load(value)
+            except yaml.YAMLError as exc:
+                raise ValueError(str(exc)) from None
+            if not isinstance(mapping, dict):
+                raise ValueError(value)
+            return mapping
+    except ValueError as exc:
+        example = " (a mapping, e.g. '{distribution: prosqa}')" if kind.startswith("dict") else ""
+        raise TrainingError(f"{source}: {key}={value!r} is not a valid {kind}{example}") from exc
     return value
 
 

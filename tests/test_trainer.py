@@ -141,6 +141,13 @@ def test_bad_configs_and_model_directories(tmp_path):
     with pytest.raises(TrainingError, match="lr='fast' is not a valid float"):
         TrainConfig.from_dict({"lr": "fast"})
     assert TrainConfig.from_dict({"lr": "3e-4", "bf16": "true", "max_batch_tokens": "none"}).lr == 3e-4
+    # a mapping on the command line: JSON, or YAML as the config files write it (it was JSON only)
+    for text in ('{"distribution": "prosqa_small", "min_steps": 1}', "{distribution: prosqa_small, min_steps: 1}"):
+        assert TrainConfig.from_dict({"task_config": text}).task_config == {"distribution": "prosqa_small",
+                                                                             "min_steps": 1}
+    for text in ("[1, 2]", "{a: [", "prosqa"):
+        with pytest.raises(TrainingError, match=r"task_config=.* is not a valid dict \| None \(a mapping, e\.g\."):
+            TrainConfig.from_dict({"task_config": text})
     with pytest.raises(CheckpointError, match="no Coconut special tokens"):
         read_coconut_info(tmp_path)
     trainer = Trainer(tiny(tmp_path, num_epochs=1))
