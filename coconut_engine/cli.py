@@ -70,7 +70,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .errors import CoconutEngineError
 
     if bool(args.prompts) == bool(args.input):
-        raise SystemExit("give prompts as arguments or --input FILE, not both (and not neither)")
+        raise SystemExit("error: give prompts as arguments or --input FILE, not both (and not neither)")
     try:
         return _generate(args)
     except CoconutEngineError as exc:
@@ -191,7 +191,7 @@ def _overrides(pairs: list[str]) -> dict:
     while i < len(pairs):
         key = pairs[i]
         if not key.startswith("--") or i + 1 >= len(pairs) or pairs[i + 1].startswith("--"):
-            raise SystemExit(f"expected '--key value' pairs, got {pairs[i:i + 2]}")
+            raise SystemExit(f"error: expected '--key value' pairs, got {pairs[i:i + 2]}")
         out[key[2:].replace("-", "_")] = pairs[i + 1]
         i += 2
     return out
@@ -314,9 +314,12 @@ def cmd_data_convert(args: argparse.Namespace) -> int:
     try:
         splits = None
         if args.splits:
-            sizes = [int(x) for x in args.splits.split(",")]
+            try:
+                sizes = [int(x) for x in args.splits.split(",")]
+            except ValueError:
+                sizes = []
             if len(sizes) != 2 or min(sizes) < 0:
-                raise SystemExit(f"--splits takes two sizes TRAIN,VALID (the rest is test), got {args.splits!r}")
+                raise SystemExit(f"error: --splits takes two sizes TRAIN,VALID (the rest is test), got {args.splits!r}")
             splits = {"train": sizes[0], "valid": sizes[1]}
         outputs = [args.output] if args.format != "prontoqa" else \
             [args.output / f"prontoqa_{name}.json" for name in ("train", "valid", "test")]
@@ -393,7 +396,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_device(args.device, "--device")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.dtype is not None and args.what == "train":
-        raise SystemExit("--dtype applies to bench generate, decode and kernels: bench train keeps fp32 weights "
+        raise SystemExit("error: --dtype applies to bench generate, decode and kernels: bench train keeps fp32 weights "
                          "(with bf16 autocast on a GPU, as the trainer does)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -410,7 +413,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         modes = args.modes.split(",") if args.modes else list(bench.TRAIN_MODES)
         unknown = sorted(set(modes) - set(bench.TRAIN_MODES))
         if unknown:
-            raise SystemExit(f"unknown mode(s) {unknown}; known: {', '.join(bench.TRAIN_MODES)}")
+            raise SystemExit(f"error: unknown mode(s) {unknown}; known: {', '.join(bench.TRAIN_MODES)}")
 
         def show(row):
             tensors = f"  {row['tensor_mb']:8.1f} MB tensors" if "tensor_mb" in row else ""

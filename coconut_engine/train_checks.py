@@ -26,7 +26,9 @@ _MIN = {  # integer keys: smallest allowed value
     "num_epochs": 1, "eval_max_new_tokens": 1, "max_eval_questions": 1, "keep_checkpoints": 0, "page_size": 1,
 }
 _FLOAT_RANGE = {  # float keys: (low, low excluded, high)
-    "lr": (0.0, True, None), "weight_decay": (0.0, False, None), "max_grad_norm": (0.0, True, None),
+    # AdamW moves a weight by about lr a step: past 1e3 nothing trains, and near float32's limit the
+    # step itself overflows inside torch (lr 1e38 ended in a RuntimeError traceback)
+    "lr": (0.0, True, 1e3), "weight_decay": (0.0, False, None), "max_grad_norm": (0.0, True, None),
     "uniform_prob": (0.0, False, 1.0), "eot_loss_weight": (0.0, False, None),
 }
 ATTENTION_BACKENDS = ("auto", "torch", "triton")

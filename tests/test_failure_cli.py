@@ -391,6 +391,22 @@ def test_bench_arguments_are_usage_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["generate", "--model", "m", "--input", "q.jsonl", "hi"], "give prompts as arguments or --input FILE"),
+    (["train", "--lr"], "expected '--key value' pairs"),
+    (["data", "convert", "gsm8k", "in.txt", "--output", "o", "--splits", "1"], "--splits takes two sizes"),
+    (["data", "convert", "gsm8k", "in.txt", "--output", "o", "--splits", "a,b"], "--splits takes two sizes"),
+    (["bench", "train", "--dtype", "bfloat16"], "--dtype applies to bench generate, decode and kernels"),
+    (["bench", "train", "--modes", "fast"], "unknown mode(s) ['fast']"),
+])
+def test_every_refusal_is_one_error_line(argv, message, tmp_path, monkeypatch):
+    # these printed their message without the "error: " every other refusal starts with
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert str(exc.value.code).startswith("error: ") and message in str(exc.value.code)
+
+
 def test_bench_out_and_device_are_checked_first(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=r"--out .*file is a file"):
