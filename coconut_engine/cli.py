@@ -237,7 +237,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         main_job = main_job_resume is not None
         again = "coconut-engine train" + (f" --task {args.task}" if args.task else "") if main_job else "the command"
         flags = "--resume true" + (" --overwrite false" if config is not None and config.overwrite else "")
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank is interrupted: one line, not one a rank
+        if _is_main_process():  # under torchrun every rank is interrupted: one line, not one a rank
             print(f"\ninterrupted: {again} with {flags} continues from the newest complete checkpoint "
                   f"(under {'runs/default' if main_job else config.save_dir if config else 'its save_dir'})",
                   file=sys.stderr)
@@ -340,6 +340,17 @@ def _ints(text: str, sep: str = ",", maxsplit: int = -1) -> list[int]:
         return [int(x) for x in text.split(sep, maxsplit)]
     except ValueError:
         return []
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a process outside one (also where its environment is malformed)."""
+    from .distributed import DistEnv
+    from .errors import CoconutEngineError
+
+    try:
+        return DistEnv.from_environment().is_main
+    except CoconutEngineError:
+        return True
 
 
 def _stages(text: str) -> list[int]:

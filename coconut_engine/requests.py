@@ -3,12 +3,11 @@
 Each line of a requests file is an object with "prompt" (used as is) or "question" (the official
 Coconut format: followed by a newline), and optionally "num_thoughts": an integer >= 0, or "auto"
 (adaptive thinking: think until p(<eot>) passes the command line's --eot-threshold or --max-thoughts
-is reached). Other keys are not read (an official record's "answer", "steps", ...), but a near miss of
-these ("num_thought") is an error. Any other line is a DataError naming the file, the line and the key.
+is reached). Other keys are not read (an official record's "answer", "steps", a "question_id"), but a
+misspelling of these ("num_thought", "Prompt") is an error. Any other line is a DataError naming the file, the line and the key.
 """
 from __future__ import annotations
 
-import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +56,14 @@ def _parse_line(line: str, where: str) -> PromptRequest:
         record = json.loads(line)
     except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nesting deeper than Python's stack
         raise DataError(f"{where}: not valid JSON ({exc})") from None
+    for name in record if isinstance(record, dict) else ():
+        meant = _misspelt_request_key(name)
+        if meant:
+            raise DataError(f"{where}: unknown key {name!r} (did you mean {meant!r}?)")
     if not isinstance(record, dict) or not ("prompt" in record or "question" in record):
         raise DataError(f"{where}: expected an object with a 'prompt' or 'question' field")
     if "prompt" in record and "question" in record:
         raise DataError(f"{where}: both 'prompt' and 'question': give one")
-    for name in record:  # other keys (an official record's answer, steps, ...) are not read
-        if name not in REQUEST_KEYS:
-            near = difflib.get_close_matches(name.lower(), REQUEST_KEYS, n=1, cutoff=0.8)
-            if near:
-                raise DataError(f"{where}: unknown key {name!r} (did you mean {near[0]!r}?)")
     key = "prompt" if "prompt" in record else "question"
     text = record[key]
     if not isinstance(text, str):
@@ -75,6 +73,25 @@ def _parse_line(line: str, where: str) -> PromptRequest:
         raise DataError(f"{where}: 'num_thoughts' must be an integer >= 0 or \"auto\", got {type(thoughts).__name__} "
                         f"{thoughts!r:.60}")
     return PromptRequest(text if key == "prompt" else text + "\n", thoughts)
+
+
+def _misspelt_request_key(name: str) -> str | None:
+    """The request key `name` misspells: the same but for case, '-' for '_', or one letter added,
+    dropped or changed ("num_thought", "Prompt", "questions"). Other keys (an official record's
+    "answer" and "steps", a "question_id") are not read and not errors."""
+    if name in REQUEST_KEYS:
+        return None
+    plain = name.lower().replace("-", "_")
+    return next((key for key in REQUEST_KEYS if plain == key or _one_edit_apart(plain, key)), None)
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        return sum(x != y for x, y in zip(a, b)) == 1
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
 
 
 @dataclass

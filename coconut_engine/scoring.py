@@ -66,6 +66,7 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
         raise CheckpointError(f"{path}: method {method!r} is not one of {', '.join(METHODS)}")
     if stage is not None and stage < 0:
         raise CheckpointError(f"{path}: stage must be >= 0, got {stage}")
+    _check_stage_has_thoughts(path, method, stage)  # before anything loads
     if not path.is_dir():
         raise CheckpointError(f"{path}: {'not a folder' if path.exists() else 'model directory does not exist'} "
                               "(a checkpoint-NNNN folder of a run, or a model directory)")
@@ -93,12 +94,16 @@ def load_for_scoring(path: str | Path, method: str | None = None, stage: int | N
                        trained.max_latent_stage if max_latent_stage is None else max_latent_stage,
                        trained.pad_latent_to_max if pad_latent_to_max is None else pad_latent_to_max,
                        0.0, mode)
-    if mode in ("cot", "no_cot") and stage:
-        raise CheckpointError(f"{path}: stage {stage} given, but {mode} scoring has no stages (it feeds no "
-                              "thoughts); score with method 'coconut' to use a stage's thoughts")
+    _check_stage_has_thoughts(path, mode, stage)  # the checkpoint's own method
     stage = 0 if mode in ("cot", "no_cot") else trained_stage if stage is None else stage
     label = f"{path.name}: {mode}" + (f" stage {stage}" if mode not in ("cot", "no_cot") else "")
     return ScoringSetup(decoder.eval(), tokenizer, tokens, rules, stage, label, transform)
+
+
+def _check_stage_has_thoughts(path: Path, mode: str | None, stage: int | None) -> None:
+    if mode in ("cot", "no_cot") and stage:
+        raise CheckpointError(f"{path}: stage {stage} given, but {mode} scoring has no stages (it feeds no "
+                              "thoughts); score with method 'coconut' to use a stage's thoughts")
 
 
 def trained_thoughts(path: str | Path) -> tuple[int, bool | None]:

@@ -111,31 +111,39 @@ def _is_dir(path, key: str, error) -> bool:
         raise error(f"{key} {name if len(name) <= 80 else name[:80] + '...'!r} is not a usable path ({exc})") from None
 
 
-def config_changes(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+def config_changes(saved: dict, current: dict, defaults: dict | None = None, saved_dir: str | None = None) -> list[str]:
     """The keys that differ between a checkpoint's run config and this one and are not safe to change. A
     key the saved config lacks (added to the engine after that run) counts as its default from
     `defaults`, so a resume cannot switch a newer option on part-way; an empty saved config (a
-    checkpoint from before configs were recorded) is compared with nothing."""
+    checkpoint from before configs were recorded) is compared with nothing. A path key names the same
+    file if both name one file: the saved path read from `saved_dir`, the working directory of the run
+    that saved it (None, for checkpoints that did not record it: only an absolute saved path is read)."""
     if not saved:
         return []
     known = {**(defaults or {}), **saved}
     return sorted(key for key in known.keys() & current.keys()
-                  if key not in SAFE_RESUME_KEYS and not _same_setting(key, known[key], current[key]))
+                  if key not in SAFE_RESUME_KEYS and not _same_setting(key, known[key], current[key], saved_dir))
 
 
 # Config keys that name files: one file named another way (relative / absolute, through a link) is the same
 PATH_KEYS = frozenset({"model", "tokenizer", "train_path", "val_path"})
 
 
-def _same_setting(key: str, saved, current) -> bool:
+def _same_setting(key: str, saved, current, saved_dir: str | None) -> bool:
     if saved == current:
         return True
-    if key in PATH_KEYS and isinstance(saved, str) and isinstance(current, str):
-        try:
-            return os.path.samefile(saved, current)
-        except OSError:  # either is missing (or not a path, e.g. builtin:NAME): they differ
+    if key not in PATH_KEYS or not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    if saved.startswith("builtin:") or current.startswith("builtin:"):
+        return False  # a model name, not a path
+    if not os.path.isabs(saved):
+        if saved_dir is None:
             return False
-    return False
+        saved = os.path.join(saved_dir, saved)
+    try:
+        return os.path.samefile(saved, current)
+    except OSError:  # either is missing: they differ
+        return False
 
 
 def prepare_save_dir(cfg, error) -> None:

@@ -251,13 +251,16 @@ def _coerce(value, annotation, key: str, source: str):
             return int(value)
         if kind.startswith("float"):
             return float(value)
-        if kind.startswith("dict"):  # a YAML flow mapping as a config file writes it, or JSON
+        if kind.startswith("dict"):  # JSON, else a YAML flow mapping as a config file writes it
             import yaml
 
             try:
-                mapping = yaml.safe_load(value)
-            except yaml.YAMLError as exc:
-                raise ValueError(str(exc)) from None
+                mapping = json.loads(value)
+            except json.JSONDecodeError:
+                try:
+                    mapping = yaml.safe_load(value)
+                except yaml.YAMLError as exc:
+                    raise ValueError(str(exc)) from None
             if not isinstance(mapping, dict):
                 raise ValueError(value)
             return mapping
@@ -274,7 +277,9 @@ def check_resume_config(latest: Path, state: dict, cfg: "TrainConfig") -> None:
     if not isinstance(saved, dict):
         raise TrainingError(f"{latest / 'trainer_state.json'}: 'config' must be an object, got {type(saved).__name__}")
     defaults = dataclasses.asdict(TrainConfig())  # normalised as a run's own config is
-    changed = config_changes(saved, dataclasses.asdict(cfg), defaults)
+    working_dir = state.get("working_dir")
+    changed = config_changes(saved, dataclasses.asdict(cfg), defaults,
+                             saved_dir=working_dir if isinstance(working_dir, str) else None)
     if changed:
         diffs = "; ".join(f"{k}: {saved[k]!r} -> {getattr(cfg, k)!r}" if k in saved else
                           f"{k}: not recorded (the default {defaults[k]!r}) -> {getattr(cfg, k)!r}"
@@ -769,7 +774,8 @@ class Trainer:
             return
         best = self.best_checkpoint
         state = {"epochs_done": epochs_done, "global_step": self.global_step, "history": self.history,
-                 "best_checkpoint": best, "config": dataclasses.asdict(self.cfg)}
+                 "best_checkpoint": best, "config": dataclasses.asdict(self.cfg),
+                 "working_dir": os.getcwd()}  # what the config's relative paths were relative to
         save_checkpoint(self.out, epochs_done, model.decoder, self.tokenizer, self.tokens,
                         self.coconut_info(self.cfg.stage_of(epochs_done - 1)), optimizer, state,
                         keep_last=self.cfg.keep_checkpoints, keep=[best] if best else [],

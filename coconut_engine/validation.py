@@ -44,22 +44,22 @@ def check_float(value, name: str, minimum: float | None = None, maximum: float |
     return value
 
 
-SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")  # the torch backend runs on both, the Triton kernels on CUDA
-
-
 def check_device(value: str, name: str, error=InvalidArgumentError) -> torch.device:
-    """`value` as a torch device this machine has; an error naming `name` otherwise."""
+    """`value` as a torch device this machine has; an error naming `name` otherwise (the engine is
+    tested on cpu and cuda; other types torch has a backend module for are checked the same way)."""
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise error(f"{name} {value!r} is not a torch device ({exc})") from None
-    if device.type not in SUPPORTED_DEVICE_TYPES:
-        raise error(f"{name} {value!r}: coconut-engine runs on {' or '.join(SUPPORTED_DEVICE_TYPES)} devices, "
-                    f"not {device.type}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise error(f"{name} {value!r}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise error(f"{name} {value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "meta":
+        raise error(f"{name} {value!r}: a meta device holds no data to compute with (use cpu or cuda)")
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    label = "CUDA" if device.type == "cuda" else device.type
+    if callable(getattr(backend, "is_available", None)) and not backend.is_available():
+        raise error(f"{name} {value!r}: {label} is not available on this machine")
+    count = getattr(backend, "device_count", None)
+    if device.type != "cpu" and device.index is not None and callable(count) and device.index >= count():
+        raise error(f"{name} {value!r}: this machine has {count()} {label} device(s)")
     return device
 
 

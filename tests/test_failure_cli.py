@@ -6,9 +6,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from coconut_engine import cli
 from coconut_engine.checkpoint import checkpoint_dirs
+from coconut_engine.errors import InvalidArgumentError
 from coconut_engine.generate import Generator
 from coconut_engine.trainer import Trainer
 from test_trainer import tiny
@@ -39,6 +41,8 @@ def run(*argv):
     ({"prompt": "hi", "num_thought": 3}, r"q\.jsonl:2: unknown key 'num_thought' \(did you mean 'num_thoughts'\?\)"),
     ({"prompt": "hi", "Prompt": "hi"}, r"q\.jsonl:2: unknown key 'Prompt' \(did you mean 'prompt'\?\)"),
     ({"prompt": "hi", "question": "ho"}, r"q\.jsonl:2: both 'prompt' and 'question': give one"),
+    ({"questions": "hi"}, r"q\.jsonl:2: unknown key 'questions' \(did you mean 'question'\?\)"),
+    ({"prompt": "hi", "num-thoughts": 2}, r"q\.jsonl:2: unknown key 'num-thoughts' \(did you mean 'num_thoughts'\?\)"),
 ])
 def test_generate_rejects_malformed_request_lines(checkpoint, tmp_path, line, message):
     path = tmp_path / "q.jsonl"
@@ -52,7 +56,8 @@ def test_request_lines_may_be_official_records(tmp_path):
 
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps({"question": "Is Tom a wumpus?", "answer": "Yes.", "steps": ["Tom is a wumpus."],
-                                "num_thoughts": 2}) + "\n")
+                                "num_thoughts": 2, "question_id": 7, "prompt_id": "a", "subquestion": "x",
+                                "idx_to_symbol": ["Tom"], "target": 1, "neg_target": 2}) + "\n")
     assert read_requests(path) == [PromptRequest("Is Tom a wumpus?\n", 2)]
 
 
@@ -166,7 +171,18 @@ def test_a_bad_device_is_an_error_naming_the_argument(checkpoint):
     assert code != 0 and error.startswith("error: --device 'gpu9' is not a torch device")
     # a torch device the engine cannot run on (it failed inside torch with a trace)
     code, error = run("generate", "--model", model, "--device", "meta", "hi")
-    assert code != 0 and error.startswith("error: --device 'meta': coconut-engine runs on cpu or cuda devices"), error
+    assert code != 0 and error.startswith("error: --device 'meta': a meta device holds no data"), error
+
+
+def test_a_device_index_past_the_last_gpu_is_refused(monkeypatch):
+    from coconut_engine.validation import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert check_device("cuda:1", "--device") == torch.device("cuda:1")
+    with pytest.raises(InvalidArgumentError, match=r"--device 'cuda:2': this machine has 2 CUDA device\(s\)"):
+        check_device("cuda:2", "--device")
+    assert check_device("cpu:0", "--device") == torch.device("cpu:0")
 
 
 def test_main_job_reports_failed_prosqa_requests(tmp_path, monkeypatch):
@@ -287,7 +303,8 @@ def test_ctrl_c_in_a_run_names_its_save_dir(monkeypatch, capsys, tmp_path):
             f"(under {tmp_path / 'run'})") in capsys.readouterr().err
     assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--overwrite", "true"]) == 130
     assert "interrupted: the command with --resume true --overwrite false continues" in capsys.readouterr().err
-    monkeypatch.setenv("RANK", "1")  # under torchrun only rank 0 says it
+    monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun only rank 0 says it
+    monkeypatch.setenv("RANK", "1")
     assert cli.main(["train", "--save_dir", str(tmp_path / "run"), "--lr", "1e-3"]) == 130
     assert "interrupted" not in capsys.readouterr().err
 

@@ -2,6 +2,7 @@
 resume compatibility, stale temporaries, the atomic task tokenizer, over-long records."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,7 @@ def test_non_finite_gradient_norm_stops_before_the_update(tmp_path, monkeypatch)
     ({"lr": 1e38}, r"lr must be finite and > 0.0 and <= 1000.0, got 1e\+38"),
     ({"keep_checkpoints": -1}, r"keep_checkpoints must be >= 0"),
     ({"device": "gpu9"}, r"device 'gpu9' is not a torch device"),
-    ({"device": "meta"}, r"device 'meta': coconut-engine runs on cpu or cuda devices, not meta"),
+    ({"device": "meta"}, r"device 'meta': a meta device holds no data"),
     ({"attention_backend": "cuda"}, r"attention_backend 'cuda' is not one of"),
     ({"task_config": {"num_nodes": 3}}, r"task_config \{'num_nodes': 3\}: .*num_nodes"),
     ({"model": "builtin:gpt5"}, r"model 'builtin:gpt5': unknown builtin model"),
@@ -146,7 +147,8 @@ def test_resume_refuses_config_changes_that_break_the_run(tmp_path):
 
 def test_resume_accepts_the_same_files_named_another_way(tmp_path, monkeypatch):
     """A run started with absolute paths resumes from a relative save_dir and tokenizer path naming
-    the same files (it was refused: the strings differ); another file is still refused."""
+    the same files (it was refused: the strings differ), and one started with relative paths resumes
+    from another directory with absolute ones; another file, even of the same relative name, is refused."""
     Trainer(tiny(tmp_path, "a", num_epochs=1)).run()
     Trainer(tiny(tmp_path, num_epochs=1, tokenizer=str(tmp_path / "a" / "tokenizer"))).run()
     monkeypatch.chdir(tmp_path)
@@ -154,6 +156,15 @@ def test_resume_accepts_the_same_files_named_another_way(tmp_path, monkeypatch):
     assert resumed.epochs_done == 1
     with pytest.raises(TrainingError, match=r"changes the run \(tokenizer: '.*a/tokenizer' -> 'run/tokenizer'\)"):
         Trainer(tiny(Path("."), num_epochs=2, resume=True, tokenizer="run/tokenizer"))
+
+    Trainer(tiny(Path("."), "rel", num_epochs=1, tokenizer="a/tokenizer")).run()  # relative, from tmp_path
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path / "a" / "tokenizer", elsewhere / "a" / "tokenizer")  # same relative name, other file
+    monkeypatch.chdir(elsewhere)
+    resumed = Trainer(tiny(tmp_path, "rel", num_epochs=2, resume=True, tokenizer=str(tmp_path / "a" / "tokenizer")))
+    assert resumed.epochs_done == 1
+    with pytest.raises(TrainingError, match=r"changes the run \(tokenizer: 'a/tokenizer' -> '.*elsewhere/a/tokenizer'\)"):
+        Trainer(tiny(tmp_path, "rel", num_epochs=2, resume=True, tokenizer=str(elsewhere / "a" / "tokenizer")))
 
 
 def test_stale_temporaries_of_crashed_runs_are_removed(tmp_path):

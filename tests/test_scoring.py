@@ -75,9 +75,21 @@ def test_eval_a_checkpoint_at_its_own_and_other_stages(trained, plain, capsys):
     # a stage means thoughts: with a method that feeds none it was ignored (and reported as stage 0)
     with pytest.raises(SystemExit, match="stage 2 given, but cot scoring has no stages"):
         cli.main(["eval", "--model", str(trained), "--data", str(data), "--method", "cot", "--stage", "2"])
+    with pytest.raises(scoring.CheckpointError, match="stage 1 given, but no_cot scoring"):  # before any load
+        scoring.load_for_scoring(trained.parent / "missing", method="no_cot", stage=1)
     out = run_cli(capsys, "eval", "--model", trained, "--data", data, "--method", "cot", "--stage", "0",
                   "--max-new-tokens", "3", "--backend", "torch")
     assert json.loads(out.strip().splitlines()[-1])["stage"] == 0
+
+
+def test_a_stage_with_a_checkpoint_trained_without_thoughts_is_refused(trained, tmp_path):
+    no_cot = tmp_path / "no_cot"
+    shutil.copytree(trained, no_cot)
+    info = json.loads((no_cot / "coconut.json").read_text())
+    (no_cot / "coconut.json").write_text(json.dumps({**info, "mode": "no_cot", "stage": 0}))
+    assert scoring.load_for_scoring(no_cot, attention_backend="torch").stage == 0
+    with pytest.raises(scoring.CheckpointError, match="stage 2 given, but no_cot scoring has no stages"):
+        scoring.load_for_scoring(no_cot, stage=2, attention_backend="torch")
 
 
 def test_compare_models_accepts_plain_directories_and_methods(trained, plain, capsys, monkeypatch):

@@ -145,6 +145,8 @@ def test_bad_configs_and_model_directories(tmp_path):
     for text in ('{"distribution": "prosqa_small", "min_steps": 1}', "{distribution: prosqa_small, min_steps: 1}"):
         assert TrainConfig.from_dict({"task_config": text}).task_config == {"distribution": "prosqa_small",
                                                                              "min_steps": 1}
+    # JSON is read as JSON (a tab between tokens is not YAML)
+    assert TrainConfig.from_dict({"task_config": '{"num_concepts":\t8}'}).task_config == {"num_concepts": 8}
     for text in ("[1, 2]", "{a: [", "prosqa"):
         with pytest.raises(TrainingError, match=r"task_config=.* is not a valid dict \| None \(a mapping, e\.g\."):
             TrainConfig.from_dict({"task_config": text})
