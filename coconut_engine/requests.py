@@ -4,7 +4,8 @@ Each line of a requests file is an object with "prompt" (used as is) or "questio
 Coconut format: followed by a newline), and optionally "num_thoughts": an integer >= 0, or "auto"
 (adaptive thinking: think until p(<eot>) passes the command line's --eot-threshold or --max-thoughts
 is reached). Other keys are not read (an official record's "answer", "steps", a "question_id"), but a
-misspelling of these ("num_thought", "Prompt") is an error. Any other line is a DataError naming the file, the line and the key.
+misspelling of these ("num_thought", "Prompt") is an error. Any other line is a DataError naming the
+file, the line and the key.
 """
 from __future__ import annotations
 
