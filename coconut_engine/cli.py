@@ -494,8 +494,26 @@ def _adaptive_settings(args: argparse.Namespace, adaptive_possible: bool) -> tup
             0.5 if args.eot_threshold is None else args.eot_threshold)
 
 
+class _PrintVersion(argparse.Action):
+    """`--version`: the engine's version and the torch build it runs on (what a bug report needs
+    first); torch is imported only when asked, so every other command starts as fast as before."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, help="print the version and the torch build, then exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        from . import __version__
+
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
+        print(f"coconut-engine {__version__} (torch {torch.__version__}, {build})")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coconut-engine", description=__doc__)
+    parser.add_argument("--version", action=_PrintVersion)
     sub = parser.add_subparsers(dest="command", required=True)
     smoke = sub.add_parser("smoke", help=cmd_smoke.__doc__)
     smoke.add_argument("--family", choices=sorted(_TINY), default="gpt2")

@@ -116,6 +116,16 @@ def test_smoke_command():
     assert proc.returncode == 0 and "logits shape (3, 256)" in proc.stdout
 
 
+def test_version_names_the_engine_and_its_torch_build():
+    import torch
+
+    import coconut_engine
+
+    proc = cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.strip().startswith(f"coconut-engine {coconut_engine.__version__} (torch {torch.__version__}, ")
+
+
 def test_bench_dtype_is_checked_before_any_work(tmp_path):
     """A bad or inapplicable `--dtype` is a usage error naming the argument; a good one names the results file."""
     from coconut_engine.cli import build_parser
