@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 
 from .coconut import CoconutSample, SpecialTokens
 from .errors import CoconutEngineError
+from .validation import unicode_problem
 
 DATA_MODES = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought")
 
@@ -133,11 +134,9 @@ def load_records(path: str | Path) -> list[Record]:
         if not isinstance(answer, str) or not answer.strip():
             raise DataError(f"{path}: record {i} has no 'answer' string")
         for key, text in (("question", question), ("answer", answer), *((f"steps[{j}]", s) for j, s in enumerate(steps))):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as exc:  # a lone surrogate, which no tokenizer takes
-                raise DataError(f"{path}: record {i}: '{key}' is not valid Unicode text ({exc.reason} at {exc.start})") \
-                    from None
+            problem = unicode_problem(text)
+            if problem:
+                raise DataError(f"{path}: record {i}: '{key}' is not valid Unicode text ({problem})")
         records.append(Record(question, tuple(steps), answer))
     return records
 

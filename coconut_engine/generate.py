@@ -24,7 +24,7 @@ from .coconut import SPECIAL_TOKEN_TEXTS, CoconutModel, SpecialTokens
 from .errors import InvalidArgumentError
 from .model import Decoder
 from .thoughts import ThoughtTransform
-from .validation import check_float, check_sampling, is_integer
+from .validation import check_float, check_sampling, is_integer, unicode_problem
 
 
 @dataclass
@@ -256,10 +256,9 @@ class Generator:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 return None, f"request {index}: a text prompt needs a tokenizer"
-            try:
-                prompt.encode("utf-8")  # a lone surrogate (from undecodable bytes) is no text a tokenizer takes
-            except UnicodeEncodeError as exc:
-                return None, f"request {index}: the prompt is not valid Unicode text ({exc.reason} at {exc.start})"
+            problem = unicode_problem(prompt)
+            if problem:
+                return None, f"request {index}: the prompt is not valid Unicode text ({problem})"
             ids = list(self.tokenizer.encode(prompt, add_special_tokens=False)) if prompt else []
         elif isinstance(prompt, (list, tuple)) and all(is_integer(t) for t in prompt):
             ids = [int(t) for t in prompt]

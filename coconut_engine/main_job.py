@@ -28,11 +28,10 @@ from typing import NamedTuple
 
 import torch
 
-from .attention import resolve_backend
 from .checkpoint import checkpoint_dirs, checkpoint_name, read_trainer_state
 from .data import Record, load_records
 from .distributed import DistEnv
-from .train_checks import remove_paths, run_outputs
+from .train_checks import check_backend_runs, remove_paths, run_outputs
 from .trainer import TrainConfig, Trainer, TrainingError, check_resume_config, evaluate
 from .validation import is_integer
 
@@ -266,10 +265,8 @@ def run_main_job(save_dir: str | Path = "runs/default", scale: float = 1.0, prog
     staged = real if settings.score_every_stage else None
     split = ScoredSplit.of(real_path if real else None) if settings.score_every_stage else None
     device = torch.device(coconut_cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:  # before anything is cleared: a backend this machine cannot run stops the job first
-        resolve_backend(coconut_cfg.attention_backend, device)
-    except ValueError as exc:
-        raise TrainingError(f"main job: attention backend {coconut_cfg.attention_backend!r}: {exc}") from None
+    # before anything is cleared: a backend this machine cannot run stops the job first
+    check_backend_runs(coconut_cfg.attention_backend, device, "main job: attention backend", TrainingError)
     start_over = runs_to_start_over(runs, split) if resume else [cfg for cfg in runs if cfg is not None]
     if DistEnv.from_environment().is_main:  # under torchrun one rank clears; the others wait in the Trainer
         clear_outputs(start_over)

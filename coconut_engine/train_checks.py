@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+from .attention import resolve_backend
 from .validation import check_device, is_integer
 
 # Keys whose change on resume does not change the weights the remaining epochs compute (up to float
@@ -144,6 +145,15 @@ def _same_setting(key: str, saved, current, saved_dir: str | None) -> bool:
         return os.path.samefile(saved, current)
     except OSError:  # either is missing: they differ
         return False
+
+
+def check_backend_runs(backend: str, device, what: str, error) -> None:
+    """Refuse, as `error` naming `what`, an attention backend this device cannot run: before a run
+    writes into its folder or the main job clears its runs' folders."""
+    try:
+        resolve_backend(backend, device)
+    except ValueError as exc:
+        raise error(f"{what} {backend!r}: {exc}") from None
 
 
 def prepare_save_dir(cfg, error) -> None:

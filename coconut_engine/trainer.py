@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from .attention import resolve_backend
 from .checkpoint import (checkpoint_dirs, checkpoint_name, checkpoint_thought_transform, load_checkpoint,
                          load_optimizer_state, read_optimizer_state, remove_stale_tmp, save_checkpoint)
 from .coconut import CoconutModel, SpecialTokens, add_special_tokens
@@ -42,7 +41,8 @@ from .model import Decoder, DropoutRates
 from .schedule import LRSchedule
 from .thoughts import THOUGHT_TRANSFORMS, ThoughtTransform, build_thought_transform
 from .tracking import TRACKERS, check_tracker, make_tracker
-from .train_checks import SAFE_RESUME_KEYS, check_types_and_ranges, config_changes, prepare_save_dir
+from .train_checks import (SAFE_RESUME_KEYS, check_backend_runs, check_types_and_ranges, config_changes,
+                           prepare_save_dir)
 from .validation import first_non_finite
 
 
@@ -389,10 +389,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.cfg
         check_tracker(cfg.log_with)  # on every rank, before any collective (the tracker itself: rank 0)
-        try:  # before anything is written: a backend this device cannot run is a config error
-            resolve_backend(cfg.attention_backend, self.device)
-        except ValueError as exc:
-            raise TrainingError(f"attention_backend {cfg.attention_backend!r}: {exc}") from None
+        check_backend_runs(cfg.attention_backend, self.device, "attention_backend", TrainingError)  # before any write
         torch.manual_seed(cfg.seed)
         if self.env.is_main:
             prepare_save_dir(cfg, TrainingError)

@@ -86,6 +86,16 @@ def first_non_finite(named_tensors) -> str | None:
     return named[int(hits[0])][0] if len(hits) else None
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode text (a lone surrogate, from undecodable bytes, which no tokenizer
+    takes), or None where it is."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"{exc.reason} at {exc.start}"
+    return None
+
+
 def check_not_an_input(output, name: str, others: dict, error=InvalidArgumentError) -> None:
     """Refuse to write `output` (the argument `name`) where it is the same file as one of `others`
     ({argument: path}, None paths skipped): the inputs and outputs it must not replace. Opening it
